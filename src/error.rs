@@ -1,0 +1,91 @@
+//! The error type shared by every part of Ember.
+//!
+//! Each variant maps onto one status code of the C API, so the boundary never has to guess
+//! what kind of failure a message describes.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong inside Ember.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The caller passed a value that cannot be used (bad token id, zero threads, ...).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// A file could not be opened, mapped or read.
+    #[error("I/O error on {path}: {source}")]
+    Io {
+        /// The file or folder involved.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A file was read but its contents are malformed or inconsistent.
+    #[error("bad model format: {0}")]
+    BadFormat(String),
+
+    /// The file is well formed but uses something Ember does not implement.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+
+    /// The session's context window cannot hold the tokens given.
+    #[error("context full: {needed} positions needed, the session holds {capacity}")]
+    ContextFull {
+        /// Positions the call would need in total.
+        needed: usize,
+        /// The session's context length.
+        capacity: usize,
+    },
+
+    /// An output buffer is too small; `needed` elements are required.
+    #[error("buffer too small: {needed} elements needed")]
+    BufferTooSmall {
+        /// The number of elements the caller must provide.
+        needed: usize,
+    },
+
+    /// The operation was cancelled from another thread.
+    #[error("cancelled")]
+    Cancelled,
+
+    /// An allocation failed.
+    #[error("out of memory allocating {0}")]
+    OutOfMemory(String),
+
+    /// The object is in use by another thread.
+    #[error("busy: {0}")]
+    Busy(String),
+
+    /// A bug inside Ember (for example a caught panic).
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// Shorthand for results carrying an Ember [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An I/O error about `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A malformed-file error.
+    pub fn format(message: impl Into<String>) -> Self {
+        Error::BadFormat(message.into())
+    }
+}
+
+/// Allocates a zeroed `Vec<f32>` of `len` elements, reporting failure instead of aborting.
+pub fn try_zeroed_f32(len: usize, what: &str) -> Result<Vec<f32>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| Error::OutOfMemory(format!("{what} ({len} floats)")))?;
+    v.resize(len, 0.0);
+    Ok(v)
+}

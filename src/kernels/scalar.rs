@@ -1,0 +1,47 @@
+//! Portable kernels: plain Rust that runs on every CPU, and the reference the SIMD kernels are
+//! tested against.
+//!
+//! The dot product keeps eight partial sums, like one 8-lane SIMD register, and reduces them
+//! in the same order as the SIMD kernels, so both give the same result up to the rounding of
+//! a fused multiply-add.
+
+use super::WeightElement;
+
+/// Number of partial sums a dot product keeps (the width of one AVX register of f32).
+pub const LANES: usize = 8;
+
+/// Sums eight partial sums in the fixed order all kernels use.
+#[inline(always)]
+pub fn reduce_lanes(l: [f32; LANES]) -> f32 {
+    ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
+}
+
+/// Dot product of a weight row with an activation row: eight lanes over whole groups of
+/// eight, reduced, then the leftover elements added one by one.
+#[inline(always)]
+pub fn dot<W: WeightElement>(w: &[W], x: &[f32]) -> f32 {
+    debug_assert_eq!(w.len(), x.len());
+    let whole = w.len() / LANES * LANES;
+    let mut lanes = [0.0f32; LANES];
+    for (wc, xc) in w[..whole]
+        .chunks_exact(LANES)
+        .zip(x[..whole].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            lanes[l] += wc[l].to_f32() * xc[l];
+        }
+    }
+    let mut sum = reduce_lanes(lanes);
+    for (wv, xv) in w[whole..].iter().zip(&x[whole..]) {
+        sum += wv.to_f32() * xv;
+    }
+    sum
+}
+
+/// `y[j] += a * w[j]` over a weight row.
+#[inline(always)]
+pub fn axpy<W: WeightElement>(a: f32, w: &[W], y: &mut [f32]) {
+    for (yv, wv) in y.iter_mut().zip(w) {
+        *yv += a * wv.to_f32();
+    }
+}

@@ -1,0 +1,254 @@
+//! Each kernel against a plain scalar version computed in f64.
+
+use std::sync::Arc;
+
+use half::{bf16, f16};
+
+use super::*;
+use crate::tensor::{DType, Storage};
+use crate::threading::ThreadPool;
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// A tensor holding `data` converted to `dtype`, and the values it really holds as f32.
+fn tensor(data: &[f32], dtype: DType, shape: Vec<usize>) -> (Tensor, Vec<f32>) {
+    let (bytes, exact): (Vec<u8>, Vec<f32>) = match dtype {
+        DType::F32 => (
+            data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            data.to_vec(),
+        ),
+        DType::F16 => {
+            let h: Vec<f16> = data.iter().map(|&v| f16::from_f32(v)).collect();
+            (
+                h.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                h.iter().map(|v| v.to_f32()).collect(),
+            )
+        }
+        DType::BF16 => {
+            let h: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
+            (
+                h.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                h.iter().map(|v| v.to_f32()).collect(),
+            )
+        }
+    };
+    let storage = Arc::new(Storage::owned(&bytes).unwrap());
+    (
+        Tensor::new(storage, 0, dtype, shape, "test").unwrap(),
+        exact,
+    )
+}
+
+fn isas() -> Vec<Isa> {
+    let mut v = vec![Isa::Portable];
+    if Isa::detect() != Isa::Portable {
+        v.push(Isa::detect());
+    }
+    v
+}
+
+fn assert_close(got: &[f32], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (*g as f64 - w).abs() <= tol * (1.0 + w.abs()),
+            "{what}: element {i}: got {g}, want {w}"
+        );
+    }
+}
+
+#[test]
+fn matmul_matches_scalar_for_every_dtype_isa_and_shape() {
+    let pool = ThreadPool::new(3).unwrap();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for &(n_out, k, n_tok) in &[
+            (1, 1, 1),
+            (7, 13, 3),
+            (16, 64, 1),
+            (37, 100, 5),
+            (64, 24, 2),
+        ] {
+            let (w, exact) = tensor(&values(n_out * k, 1), dtype, vec![n_out, k]);
+            let x = values(n_tok * k, 2);
+            let want: Vec<f64> = (0..n_tok)
+                .flat_map(|t| {
+                    let (exact, x) = (&exact, &x);
+                    (0..n_out).map(move |r| {
+                        (0..k)
+                            .map(|i| exact[r * k + i] as f64 * x[t * k + i] as f64)
+                            .sum()
+                    })
+                })
+                .collect();
+            let mut results = Vec::new();
+            for isa in isas() {
+                let mut y = vec![0.0; n_tok * n_out];
+                pool.install(|par| matmul_isa(isa, par, &w, &x, n_tok, &mut y));
+                assert_close(
+                    &y,
+                    &want,
+                    1e-5,
+                    &format!("{dtype:?} {isa:?} {n_out}x{k}x{n_tok}"),
+                );
+                results.push(y);
+            }
+            // Single-token and batched products agree bit for bit on the same ISA.
+            for isa in isas() {
+                let mut batched = vec![0.0; n_tok * n_out];
+                matmul_isa(isa, Par::sequential(), &w, &x, n_tok, &mut batched);
+                for t in 0..n_tok {
+                    let mut single = vec![0.0; n_out];
+                    matmul_isa(
+                        isa,
+                        Par::sequential(),
+                        &w,
+                        &x[t * k..(t + 1) * k],
+                        1,
+                        &mut single,
+                    );
+                    assert_eq!(
+                        single,
+                        batched[t * n_out..(t + 1) * n_out],
+                        "{isa:?} token {t}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn conv1d_matmul_matches_scalar() {
+    let pool = ThreadPool::new(2).unwrap();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let (k, total, n_tok) = (19, 90, 3);
+        let (w, exact) = tensor(&values(k * total, 3), dtype, vec![k, total]);
+        let x = values(n_tok * k, 4);
+        for cols in [0..30, 30..90, 5..6] {
+            let want: Vec<f64> = (0..n_tok)
+                .flat_map(|t| {
+                    let (exact, x) = (&exact, &x);
+                    cols.clone().map(move |j| {
+                        (0..k)
+                            .map(|i| exact[i * total + j] as f64 * x[t * k + i] as f64)
+                            .sum()
+                    })
+                })
+                .collect();
+            for isa in isas() {
+                let mut y = vec![0.0; n_tok * cols.len()];
+                pool.install(|par| {
+                    matmul_in_out_isa(isa, par, &w, cols.clone(), &x, n_tok, &mut y)
+                });
+                assert_close(
+                    &y,
+                    &want,
+                    1e-5,
+                    &format!("conv1d {dtype:?} {isa:?} {cols:?}"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn dot_and_axpy_match_scalar() {
+    for n in [0, 1, 7, 8, 9, 64, 77] {
+        let (a, b) = (values(n, 5), values(n, 6));
+        let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        assert_close(&[dot(&a, &b)], &[want], 1e-5, "dot");
+        let mut y = b.clone();
+        axpy(0.5, &a, &mut y);
+        let want: Vec<f64> = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| 0.5 * *x as f64 + *y as f64)
+            .collect();
+        assert_close(&y, &want, 1e-6, "axpy");
+    }
+}
+
+#[test]
+fn norms_match_scalar() {
+    let (x, w, b) = (values(50, 7), values(50, 8), values(50, 9));
+    let n = x.len() as f64;
+    let ms: f64 = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / n;
+    let want: Vec<f64> = x
+        .iter()
+        .zip(&w)
+        .map(|(v, w)| *w as f64 * *v as f64 / (ms + 1e-5).sqrt())
+        .collect();
+    let mut out = vec![0.0; 50];
+    rms_norm(&x, &w, 1e-5, &mut out);
+    assert_close(&out, &want, 1e-5, "rms_norm");
+    let mean: f64 = x.iter().map(|v| *v as f64).sum::<f64>() / n;
+    let var: f64 = x.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let want: Vec<f64> = (0..50)
+        .map(|i| (x[i] as f64 - mean) / (var + 1e-5).sqrt() * w[i] as f64 + b[i] as f64)
+        .collect();
+    layer_norm(&x, &w, &b, 1e-5, &mut out);
+    assert_close(&out, &want, 1e-5, "layer_norm");
+}
+
+#[test]
+fn softmax_and_activations_match_scalar() {
+    let x: Vec<f32> = values(33, 10).iter().map(|v| v * 20.0).collect();
+    let max = x.iter().fold(f64::NEG_INFINITY, |m, v| m.max(*v as f64));
+    let sum: f64 = x.iter().map(|v| (*v as f64 - max).exp()).sum();
+    let want: Vec<f64> = x.iter().map(|v| (*v as f64 - max).exp() / sum).collect();
+    let mut y = x.clone();
+    softmax(&mut y);
+    assert_close(&y, &want, 1e-6, "softmax");
+
+    let up = values(33, 11);
+    let want: Vec<f64> = x
+        .iter()
+        .zip(&up)
+        .map(|(g, u)| *g as f64 / (1.0 + (-*g as f64).exp()) * *u as f64)
+        .collect();
+    let mut g = x.clone();
+    silu_mul(&mut g, &up);
+    assert_close(&g, &want, 1e-6, "silu_mul");
+
+    let want: Vec<f64> = x
+        .iter()
+        .map(|&v| {
+            let v = v as f64;
+            0.5 * v
+                * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (v + 0.044715 * v.powi(3))).tanh())
+        })
+        .collect();
+    let mut g = x.clone();
+    gelu_tanh(&mut g);
+    assert_close(&g, &want, 1e-6, "gelu_tanh");
+}
+
+#[test]
+fn rope_rotates_pairs_half_a_head_apart() {
+    let head = values(16, 12);
+    let angles: Vec<f64> = (0..8).map(|i| 0.3 * (i + 1) as f64).collect();
+    let cos: Vec<f32> = angles.iter().map(|a| a.cos() as f32).collect();
+    let sin: Vec<f32> = angles.iter().map(|a| a.sin() as f32).collect();
+    let mut want = vec![0.0f64; 16];
+    for i in 0..8 {
+        let (a, b) = (head[i] as f64, head[i + 8] as f64);
+        want[i] = a * angles[i].cos() - b * angles[i].sin();
+        want[i + 8] = b * angles[i].cos() + a * angles[i].sin();
+    }
+    let mut got = head.clone();
+    rope(&mut got, &cos, &sin);
+    assert_close(&got, &want, 1e-6, "rope");
+}

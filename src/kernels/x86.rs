@@ -1,0 +1,192 @@
+//! AVX2 + FMA + F16C kernels for x86-64, used only after run-time detection of those features.
+//!
+//! Every dot product here keeps one 8-lane accumulator per (weight row, token) pair and
+//! reduces it exactly as [`scalar::dot`] does, so a result does not depend on how rows and
+//! tokens were grouped into tiles, nor on the thread that computed it.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use half::{bf16, f16};
+
+use super::scalar::{self, reduce_lanes, LANES};
+use super::{Gemm, WeightElement};
+
+/// Weight element types that AVX2 can load eight at a time as f32.
+pub trait Avx2Load: WeightElement {
+    /// Loads eight consecutive elements starting at `p`, widened to f32.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading eight elements, and the CPU must support AVX2 and F16C.
+    unsafe fn load8(p: *const Self) -> __m256;
+}
+
+impl Avx2Load for f32 {
+    #[inline(always)]
+    unsafe fn load8(p: *const f32) -> __m256 {
+        // SAFETY: the caller guarantees eight readable f32 at `p`; loadu has no alignment need.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+}
+
+impl Avx2Load for f16 {
+    #[inline(always)]
+    unsafe fn load8(p: *const f16) -> __m256 {
+        // SAFETY: eight f16 are 16 readable bytes at `p` (caller's guarantee); F16C is present.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+}
+
+impl Avx2Load for bf16 {
+    #[inline(always)]
+    unsafe fn load8(p: *const bf16) -> __m256 {
+        // SAFETY: eight bf16 are 16 readable bytes at `p` (caller's guarantee). A bf16 is the
+        // upper half of an f32, so widening to 32 bits and shifting left by 16 converts exactly.
+        unsafe {
+            let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(wide))
+        }
+    }
+}
+
+/// Horizontal sum in the order of [`reduce_lanes`].
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    // SAFETY: `lanes` has room for eight f32; storeu has no alignment need.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
+    reduce_lanes(lanes)
+}
+
+/// Computes the dot products of weight rows `r..r + R` with tokens `t..t + C`.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; the rows and tokens must exist in `g`, and this
+/// task must own the corresponding elements of `g.y`.
+#[inline(always)]
+// Indexing keeps the R x C accumulator grid in registers after unrolling.
+#[allow(clippy::needless_range_loop)]
+unsafe fn tile<W: Avx2Load, const R: usize, const C: usize>(g: &Gemm<'_, W>, r: usize, t: usize) {
+    let k = g.k;
+    let whole = k / LANES * LANES;
+    let wp = g.w.as_ptr();
+    let xp = g.x.as_ptr();
+    // SAFETY: all pointer offsets stay within rows r..r+R of `w` and tokens t..t+C of `x`,
+    // which the caller guarantees exist; the features are enabled by the caller.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        let mut kk = 0;
+        while kk < whole {
+            let mut wv = [_mm256_setzero_ps(); R];
+            for (i, v) in wv.iter_mut().enumerate() {
+                *v = W::load8(wp.add((r + i) * k + kk));
+            }
+            for c in 0..C {
+                let xv = _mm256_loadu_ps(xp.add((t + c) * k + kk));
+                for i in 0..R {
+                    acc[i][c] = _mm256_fmadd_ps(wv[i], xv, acc[i][c]);
+                }
+            }
+            kk += LANES;
+        }
+        for i in 0..R {
+            for c in 0..C {
+                let mut sum = hsum(acc[i][c]);
+                for j in whole..k {
+                    sum += (*wp.add((r + i) * k + j)).to_f32() * *xp.add((t + c) * k + j);
+                }
+                g.y.write((t + c) * g.n_out + r + i, sum);
+            }
+        }
+    }
+}
+
+/// Rows `r..r + R` against all tokens, two tokens at a time.
+#[inline(always)]
+unsafe fn row_tile<W: Avx2Load, const R: usize>(g: &Gemm<'_, W>, r: usize) {
+    let mut t = 0;
+    // SAFETY: forwarded from `gemm_rows`; every call names rows and tokens that exist.
+    unsafe {
+        while t + 2 <= g.n_tok {
+            tile::<W, R, 2>(g, r, t);
+            t += 2;
+        }
+        if t < g.n_tok {
+            tile::<W, R, 1>(g, r, t);
+        }
+    }
+}
+
+/// `y[t, rows] = w[rows, :] · x[t, :]` for every token `t`.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C; `g` must be consistent (see [`Gemm`]), and no
+/// other task may write the columns `rows` of `g.y`.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn gemm_rows<W: Avx2Load>(g: &Gemm<'_, W>, rows: Range<usize>) {
+    let mut r = rows.start;
+    // SAFETY: rows r..r+4 (or r) lie inside `rows`, which the caller guarantees are rows of
+    // `w` and columns of `y` owned by this task.
+    unsafe {
+        while r + 4 <= rows.end {
+            row_tile::<W, 4>(g, r);
+            r += 4;
+        }
+        while r < rows.end {
+            row_tile::<W, 1>(g, r);
+            r += 1;
+        }
+    }
+}
+
+/// Dot product of two f32 vectors of equal length.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let whole = n / LANES * LANES;
+    // SAFETY: every load reads eight elements below `whole <= n` of both slices.
+    unsafe {
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < whole {
+            acc = _mm256_fmadd_ps(
+                _mm256_loadu_ps(a.as_ptr().add(i)),
+                _mm256_loadu_ps(b.as_ptr().add(i)),
+                acc,
+            );
+            i += LANES;
+        }
+        let mut sum = hsum(acc);
+        for j in whole..n {
+            sum += a[j] * b[j];
+        }
+        sum
+    }
+}
+
+/// `y += a * w`, eight lanes at a time.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn axpy<W: Avx2Load>(a: f32, w: &[W], y: &mut [f32]) {
+    let n = w.len().min(y.len());
+    let whole = n / LANES * LANES;
+    // SAFETY: every access stays below `whole <= n` in both slices.
+    unsafe {
+        let av = _mm256_set1_ps(a);
+        let mut i = 0;
+        while i < whole {
+            let yp = y.as_mut_ptr().add(i);
+            _mm256_storeu_ps(
+                yp,
+                _mm256_fmadd_ps(av, W::load8(w.as_ptr().add(i)), _mm256_loadu_ps(yp)),
+            );
+            i += LANES;
+        }
+    }
+    scalar::axpy(a, &w[whole..n], &mut y[whole..n]);
+}

@@ -1,0 +1,35 @@
+//! Ember: embeddable CPU inference for GPT-style Transformer language models.
+//!
+//! The crate is organised by stage of the pipeline:
+//! - [`loader`]: reading model files (Hugging Face folders) into named, memory-mapped tensors;
+//! - [`tensor`]: typed views of weights that stay in the mapped file;
+//! - [`kernels`]: SIMD matrix products and the small vector operations of a Transformer;
+//! - [`model`]: the [`Model`] (weights per block) and its forward pass;
+//! - [`session`]: a [`Session`], one sequence's KV cache and position;
+//! - [`threading`]: the private thread pool a session computes on.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use ember::{Model, Session, SessionOptions};
+//!
+//! let model = Arc::new(Model::load("models/SmolLM2-135M-Instruct")?);
+//! let mut session = Session::new(model, &SessionOptions { n_threads: 2, ..Default::default() })?;
+//! let logits = session.step(&[1, 2, 3])?;
+//! let next = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+//! # let _ = next;
+//! # Ok::<(), ember::Error>(())
+//! ```
+
+pub mod error;
+pub mod kernels;
+pub mod loader;
+pub mod model;
+pub mod session;
+pub mod tensor;
+pub mod threading;
+
+pub use error::{Error, Result};
+pub use loader::{Architecture, ModelConfig};
+pub use model::Model;
+pub use session::{CancelHandle, Session, SessionOptions};
+pub use threading::ThreadPool;
