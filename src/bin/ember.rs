@@ -1,1 +1,249 @@
-fn main() {}
+//! `ember`: the command-line front end of the library.
+//!
+//! - `ember info MODEL`: architecture, sizes, weight dtype.
+//! - `ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--reps 3] [--json]`: load time,
+//!   resident memory, prompt-processing and generation speed.
+//!
+//! Progress and timings go to stderr, results to stdout; errors are one line and exit code 1.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ember::{Model, Session, SessionOptions};
+
+const USAGE: &str = "usage:
+  ember info MODEL
+  ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--reps 3] [--json]";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("info") => info(&args[1..]),
+        Some("bench") => bench(&args[1..]),
+        Some("-h") | Some("--help") | Some("help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => Err(format!("unknown command\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("ember: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Options of the form `--name value`, and the positional arguments.
+struct Args {
+    positional: Vec<String>,
+    options: Vec<(String, Option<String>)>,
+}
+
+impl Args {
+    fn parse(args: &[String], flags: &[&str]) -> Args {
+        let (mut positional, mut options) = (Vec::new(), Vec::new());
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if let Some(name) = a.strip_prefix("--") {
+                let value = if flags.contains(&name) {
+                    None
+                } else {
+                    it.next().cloned()
+                };
+                options.push((name.to_string(), value));
+            } else {
+                positional.push(a.clone());
+            }
+        }
+        Args {
+            positional,
+            options,
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.options
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    fn flag(&self, name: &str) -> bool {
+        self.options.iter().any(|(n, _)| n == name)
+    }
+
+    fn number(&self, name: &str, default: usize) -> Result<usize, String> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("--{name} takes a whole number, not {v:?}")),
+        }
+    }
+
+    fn model(&self) -> Result<&str, String> {
+        self.positional
+            .first()
+            .map(String::as_str)
+            .ok_or_else(|| format!("missing MODEL\n{USAGE}"))
+    }
+}
+
+fn load(path: &str) -> Result<(Arc<Model>, f64), String> {
+    let start = Instant::now();
+    let model = Model::load(path).map_err(|e| e.to_string())?;
+    Ok((Arc::new(model), start.elapsed().as_secs_f64()))
+}
+
+fn info(args: &[String]) -> Result<(), String> {
+    let args = Args::parse(args, &[]);
+    let (model, _) = load(args.model()?)?;
+    let c = model.config();
+    println!("architecture      {}", c.architecture.name());
+    println!("weights           {}", model.weight_dtype());
+    println!("vocabulary        {}", c.vocab_size);
+    println!("layers            {}", c.n_layers);
+    println!(
+        "hidden / ffn      {} / {}",
+        c.hidden_size, c.intermediate_size
+    );
+    println!(
+        "heads (kv)        {} ({}) x {}",
+        c.n_heads, c.n_kv_heads, c.head_dim
+    );
+    println!("context           {}", c.max_position_embeddings);
+    println!("bytes per token   {}", model.weight_bytes_per_token());
+    println!(
+        "bos / eos         {:?} / {:?}",
+        c.bos_token_id, c.eos_token_ids
+    );
+    Ok(())
+}
+
+/// Resident memory of this process in MiB (Linux), or NaN where unknown.
+fn resident_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// Token ids for benchmarking: a fixed pseudo-random sequence inside the vocabulary.
+fn bench_tokens(n: usize, vocab: usize) -> Vec<u32> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    (0..n)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % vocab.min(32000) as u64) as u32
+        })
+        .collect()
+}
+
+fn bench(args: &[String]) -> Result<(), String> {
+    let args = Args::parse(args, &["json"]);
+    let path = args.model()?.to_string();
+    let (pp, tg, reps) = (
+        args.number("pp", 512)?,
+        args.number("tg", 128)?,
+        args.number("reps", 3)?.max(1),
+    );
+    let threads: Vec<usize> = args
+        .get("threads")
+        .unwrap_or("1,2")
+        .split(',')
+        .map(|t| {
+            t.trim()
+                .parse()
+                .map_err(|_| format!("bad --threads value {t:?}"))
+        })
+        .collect::<Result<_, _>>()?;
+    let rss_before = resident_mib();
+    let (model, load_s) = load(&path)?;
+    let rss_loaded = resident_mib();
+    let tokens = bench_tokens(pp.max(1), model.n_vocab());
+    let mut rows = Vec::new();
+    for &n_threads in &threads {
+        let options = SessionOptions {
+            n_ctx: (pp + tg).max(1),
+            n_threads,
+            ubatch: 512,
+        };
+        let mut session = Session::new(model.clone(), &options).map_err(|e| e.to_string())?;
+        // Warm-up: page the weights in and start the workers.
+        session
+            .step(&tokens[..tokens.len().min(8)])
+            .map_err(|e| e.to_string())?;
+        let (mut best_pp, mut best_tg) = (f64::INFINITY, f64::INFINITY);
+        for rep in 0..reps {
+            eprintln!("bench: {n_threads} thread(s), run {}/{reps}", rep + 1);
+            if pp > 0 {
+                session.reset();
+                let start = Instant::now();
+                session.step(&tokens[..pp]).map_err(|e| e.to_string())?;
+                best_pp = best_pp.min(start.elapsed().as_secs_f64());
+            }
+            if tg > 0 {
+                session.reset();
+                let mut next = tokens[0];
+                let start = Instant::now();
+                for _ in 0..tg {
+                    let logits = session.step(&[next]).map_err(|e| e.to_string())?;
+                    next = argmax(logits);
+                }
+                best_tg = best_tg.min(start.elapsed().as_secs_f64());
+            }
+        }
+        rows.push((n_threads, pp as f64 / best_pp, tg as f64 / best_tg));
+    }
+    let rss_after = resident_mib();
+    let bytes = model.weight_bytes_per_token() as f64;
+    if args.flag("json") {
+        let results: Vec<String> = rows
+            .iter()
+            .map(|(t, p, g)| format!("{{\"threads\":{t},\"pp_tok_s\":{p:.3},\"tg_tok_s\":{g:.3}}}"))
+            .collect();
+        println!(
+            "{{\"model\":{:?},\"dtype\":\"{}\",\"isa\":\"{}\",\"load_s\":{load_s:.6},\"rss_before_mib\":{rss_before:.1},\"rss_loaded_mib\":{rss_loaded:.1},\"rss_after_mib\":{rss_after:.1},\"weight_bytes_per_token\":{bytes},\"pp\":{pp},\"tg\":{tg},\"results\":[{}]}}",
+            path,
+            model.weight_dtype(),
+            ember::kernels::Isa::detect().name(),
+            results.join(",")
+        );
+    } else {
+        println!(
+            "model        {path} ({}, {})",
+            model.weight_dtype(),
+            ember::kernels::Isa::detect().name()
+        );
+        println!("load         {:.2} ms", load_s * 1e3);
+        println!("resident     {rss_before:.1} MiB before load, {rss_loaded:.1} MiB after load, {rss_after:.1} MiB after the runs");
+        println!("weights/tok  {:.1} MiB", bytes / (1 << 20) as f64);
+        println!("threads  pp{pp} tok/s  tg{tg} tok/s");
+        for (t, p, g) in rows {
+            println!("{t:>7}  {p:>11.1}  {g:>10.1}");
+        }
+    }
+    Ok(())
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Ember against llama.cpp on the same weights, threads and machine, in one run.
+
+For each dtype (default F32 and BF16 of SmolLM2-135M-Instruct) and thread count, measures
+prompt processing (one 512-token batch on an empty context) and generation (128 single-token
+steps from an empty context), best of --reps runs, alternating Ember and llama.cpp so both see
+the same machine load. Also measures the machine's read bandwidth and prints the generation
+limit it implies: bandwidth / weight bytes read per token.
+
+Weights: Ember reads models/SmolLM2-135M-Instruct-{f32,bf16}/ (made from the Q4_1 GGUF by
+scripts/make_smollm2_reference.py); llama.cpp reads GGUF files of the same weights that
+llama.cpp's own quantizer writes from the Q4_1 file (llama_model_quantize with
+allow_requantize), cached in models/.
+
+Needs: pip install llama-cpp-python numpy (CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TOOLS=OFF"),
+and `cargo build --release`. Usage: python3 scripts/bench_vs_llamacpp.py [--dtypes f32,bf16]
+[--threads 1,2] [--reps 3]
+"""
+
+import argparse
+import ctypes
+import json
+import pathlib
+import subprocess
+import threading
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+Q4_1 = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBER = ROOT / "target" / "release" / "ember"
+FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "bf16": 32}
+PP, TG = 512, 128
+
+
+def bench_tokens(n, vocab):
+    """The same pseudo-random token ids as `ember bench` (xorshift64)."""
+    state, out, mask = 0x2545F4914F6CDD1D, [], (1 << 64) - 1
+    for _ in range(n):
+        state ^= (state << 13) & mask
+        state ^= state >> 7
+        state ^= (state << 17) & mask
+        out.append(state % min(vocab, 32000))
+    return out
+
+
+def gguf_for(dtype):
+    import llama_cpp
+
+    path = MODELS / f"SmolLM2-135M-Instruct.{dtype.upper()}.gguf"
+    if dtype == "q4_1":
+        return Q4_1
+    if not path.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = FTYPES[dtype]
+        params.allow_requantize = True
+        params.nthread = 2
+        rc = llama_cpp.llama_model_quantize(str(Q4_1).encode(), str(path).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise SystemExit(f"llama_model_quantize to {dtype} failed ({rc})")
+    return path
+
+
+def ember_folder(dtype):
+    folder = MODELS / f"SmolLM2-135M-Instruct-{dtype}"
+    if not (folder / "model.safetensors").exists():
+        raise SystemExit(f"{folder} missing: run python3 scripts/make_smollm2_reference.py")
+    return folder
+
+
+def run_ember(model, threads):
+    out = subprocess.run(
+        [str(EMBER), "bench", str(model), "--threads", str(threads), "--pp", str(PP), "--tg", str(TG), "--reps", "1", "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result = json.loads(out.stdout)
+    row = result["results"][0]
+    return row["pp_tok_s"], row["tg_tok_s"], result
+
+
+class LlamaCpp:
+    def __init__(self, path, threads):
+        from llama_cpp import Llama
+
+        self.llm = Llama(
+            model_path=str(path),
+            n_ctx=PP + TG,
+            n_batch=PP,
+            n_ubatch=PP,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+        self.tokens = bench_tokens(PP, self.llm.n_vocab())
+        self.llm.eval(self.tokens[:8])  # warm-up
+
+    def run(self):
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(self.tokens)
+        pp = PP / (time.perf_counter() - start)
+        self.llm.reset()
+        token = self.tokens[0]
+        start = time.perf_counter()
+        for _ in range(TG):
+            self.llm.eval([token])
+            token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        tg = TG / (time.perf_counter() - start)
+        return pp, tg
+
+
+def read_bandwidth(threads, gib=1.0):
+    """GB/s of summing a large array from memory with `threads` threads (numpy releases the GIL)."""
+    n = int(gib * (1 << 30) / 4 / threads)
+    parts = [np.ones(n, dtype=np.float32) for _ in range(threads)]
+    best = 0.0
+    for _ in range(3):
+        ts = [threading.Thread(target=np.add.reduce, args=(p,)) for p in parts]
+        start = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        best = max(best, n * 4 * threads / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtypes", default="f32,bf16")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    if not EMBER.exists():
+        raise SystemExit("build Ember first: cargo build --release")
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    bandwidth = {t: read_bandwidth(t) for t in thread_counts}
+    rows = []
+    for dtype in args.dtypes.split(","):
+        folder, gguf = ember_folder(dtype), gguf_for(dtype)
+        for threads in thread_counts:
+            peer = LlamaCpp(gguf, threads)
+            e_pp, e_tg, l_pp, l_tg = 0.0, 0.0, 0.0, 0.0
+            info = None
+            for _ in range(args.reps):
+                pp, tg, info = run_ember(folder, threads)
+                e_pp, e_tg = max(e_pp, pp), max(e_tg, tg)
+                pp, tg = peer.run()
+                l_pp, l_tg = max(l_pp, pp), max(l_tg, tg)
+            del peer
+            limit = bandwidth[threads] * 1e9 / info["weight_bytes_per_token"]
+            rows.append((dtype, threads, e_pp, l_pp, e_tg, l_tg, limit))
+            print(f"{dtype} {threads}t: pp {e_pp:.1f} vs {l_pp:.1f}, tg {e_tg:.1f} vs {l_tg:.1f} (limit {limit:.1f})", flush=True)
+    print()
+    print(f"read bandwidth: " + ", ".join(f"{t} thread(s) {bw:.1f} GB/s" for t, bw in bandwidth.items()))
+    print()
+    print(f"| dtype | threads | Ember pp{PP} tok/s | llama.cpp pp{PP} | ratio | Ember tg{TG} tok/s | llama.cpp tg{TG} | ratio | tg bandwidth limit | Ember % of limit |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for dtype, t, e_pp, l_pp, e_tg, l_tg, limit in rows:
+        print(
+            f"| {dtype.upper()} | {t} | {e_pp:.1f} | {l_pp:.1f} | {e_pp / l_pp:.2f} | {e_tg:.1f} | {l_tg:.1f} | {e_tg / l_tg:.2f} | {limit:.1f} | {100 * e_tg / limit:.0f}% |"
+        )
+
+
+if __name__ == "__main__":
+    main()
