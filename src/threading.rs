@@ -98,33 +98,29 @@ impl Par {
             .for_each(|c| f(c * per_chunk..((c + 1) * per_chunk).min(n)));
     }
 
-    /// Like [`Par::for_ranges`] but with one slice of `scratch` per task: `scratch` is cut into
-    /// `scratch.len() / per_task` pieces of `per_task` elements, and at most that many tasks run.
-    pub fn for_ranges_with_scratch<S: Send>(
+    /// Calls `f(item, scratch)` for every item of `0..n`, with one slice of `scratch` per task:
+    /// `scratch` is cut into pieces of `per_task` elements, and task `c` of `n_tasks` takes
+    /// items `c, c + n_tasks, ...` (round-robin, so uneven items spread evenly).
+    pub fn for_each_strided_with_scratch<S: Send>(
         self,
         n: usize,
         scratch: &mut [S],
         per_task: usize,
-        f: impl Fn(Range<usize>, &mut [S]) + Sync + Send,
+        f: impl Fn(usize, &mut [S]) + Sync + Send,
     ) {
-        let n_tasks = (scratch.len() / per_task.max(1)).min(n).max(1);
-        if self.n_threads == 1 || n_tasks == 1 {
-            if n > 0 {
-                f(0..n, &mut scratch[..per_task]);
-            }
+        let n_tasks = (scratch.len() / per_task.max(1))
+            .min(self.n_threads)
+            .min(n)
+            .max(1);
+        if n_tasks == 1 {
+            (0..n).for_each(|item| f(item, &mut scratch[..per_task]));
             return;
         }
-        let per_chunk = n.div_ceil(n_tasks);
         scratch
             .par_chunks_mut(per_task)
             .take(n_tasks)
             .enumerate()
-            .for_each(|(c, s)| {
-                let range = (c * per_chunk).min(n)..((c + 1) * per_chunk).min(n);
-                if !range.is_empty() {
-                    f(range, s);
-                }
-            });
+            .for_each(|(c, s)| (c..n).step_by(n_tasks).for_each(|item| f(item, s)));
     }
 }
 

@@ -274,6 +274,27 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
     axpy_typed(Isa::detect(), a, x, y)
 }
 
+/// Attention scores of one query against `out.len()` cached keys:
+/// `out[p] = scale * q · keys[p * stride..][..q.len()]`.
+pub fn attention_scores(q: &[f32], keys: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    match Isa::detect() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only returned after detecting the features.
+        Isa::Avx2 => unsafe { x86::attention_scores(q, keys, stride, scale, out) },
+        _ => scalar::attention_scores(q, keys, stride, scale, out),
+    }
+}
+
+/// The attention output of one head: `out[j] = Σ_p weights[p] * values[p * stride + j]`.
+pub fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+    match Isa::detect() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only returned after detecting the features.
+        Isa::Avx2 => unsafe { x86::weighted_sum(weights, values, stride, out) },
+        _ => scalar::weighted_sum(weights, values, stride, out),
+    }
+}
+
 /// Adds `bias` to every row of `x` (`[n_rows, bias.len()]`).
 pub fn add_bias(x: &mut [f32], bias: &[f32]) {
     for row in x.chunks_exact_mut(bias.len()) {

@@ -252,3 +252,39 @@ fn rope_rotates_pairs_half_a_head_apart() {
     rope(&mut got, &cos, &sin);
     assert_close(&got, &want, 1e-6, "rope");
 }
+
+#[test]
+fn attention_kernels_match_scalar() {
+    for (d, n, stride) in [(64, 37, 192), (12, 5, 12), (40, 1, 80), (64, 0, 64)] {
+        let q = values(d, 13);
+        let keys = values((n.max(1) - 1) * stride + d, 14);
+        let want: Vec<f64> = (0..n)
+            .map(|p| {
+                0.125
+                    * (0..d)
+                        .map(|i| q[i] as f64 * keys[p * stride + i] as f64)
+                        .sum::<f64>()
+            })
+            .collect();
+        let mut got = vec![0.0; n];
+        attention_scores(&q, &keys, stride, 0.125, &mut got);
+        assert_close(&got, &want, 1e-5, "attention_scores");
+        let mut portable = vec![0.0; n];
+        scalar::attention_scores(&q, &keys, stride, 0.125, &mut portable);
+        assert_close(&portable, &want, 1e-5, "portable attention_scores");
+
+        let weights = values(n, 15);
+        let want: Vec<f64> = (0..d)
+            .map(|j| {
+                (0..n)
+                    .map(|p| weights[p] as f64 * keys[p * stride + j] as f64)
+                    .sum()
+            })
+            .collect();
+        let mut got = vec![1.0; d];
+        weighted_sum(&weights, &keys, stride, &mut got);
+        assert_close(&got, &want, 1e-5, "weighted_sum");
+        scalar::weighted_sum(&weights, &keys, stride, &mut got);
+        assert_close(&got, &want, 1e-5, "portable weighted_sum");
+    }
+}

@@ -101,21 +101,31 @@ unsafe fn tile<W: Avx2Load, const R: usize, const C: usize>(g: &Gemm<'_, W>, r: 
     }
 }
 
-/// Rows `r..r + R` against all tokens, two tokens at a time.
+/// Rows `r..r + R` against `tokens`, `TOKEN_TILE` tokens at a time.
 #[inline(always)]
-unsafe fn row_tile<W: Avx2Load, const R: usize>(g: &Gemm<'_, W>, r: usize) {
-    let mut t = 0;
+unsafe fn row_tile<W: Avx2Load, const R: usize>(g: &Gemm<'_, W>, r: usize, tokens: Range<usize>) {
+    let mut t = tokens.start;
     // SAFETY: forwarded from `gemm_rows`; every call names rows and tokens that exist.
     unsafe {
-        while t + 2 <= g.n_tok {
-            tile::<W, R, 2>(g, r, t);
-            t += 2;
+        while t + TOKEN_TILE <= tokens.end {
+            tile::<W, R, TOKEN_TILE>(g, r, t);
+            t += TOKEN_TILE;
         }
-        if t < g.n_tok {
+        while t < tokens.end {
             tile::<W, R, 1>(g, r, t);
+            t += 1;
         }
     }
 }
+
+/// Weight rows per register tile.
+const ROW_TILE: usize = 4;
+/// Tokens per register tile.
+const TOKEN_TILE: usize = 2;
+/// Weight rows per cache block: their bytes stay in L2 while every token block passes.
+const ROW_BLOCK: usize = 64;
+/// Tokens per cache block: their activations stay in L2 while the block's rows pass.
+const TOKEN_BLOCK: usize = 128;
 
 /// `y[t, rows] = w[rows, :] · x[t, :]` for every token `t`.
 ///
@@ -124,18 +134,28 @@ unsafe fn row_tile<W: Avx2Load, const R: usize>(g: &Gemm<'_, W>, r: usize) {
 /// other task may write the columns `rows` of `g.y`.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn gemm_rows<W: Avx2Load>(g: &Gemm<'_, W>, rows: Range<usize>) {
-    let mut r = rows.start;
-    // SAFETY: rows r..r+4 (or r) lie inside `rows`, which the caller guarantees are rows of
-    // `w` and columns of `y` owned by this task.
-    unsafe {
-        while r + 4 <= rows.end {
-            row_tile::<W, 4>(g, r);
-            r += 4;
+    let mut block = rows.start;
+    while block < rows.end {
+        let block_end = (block + ROW_BLOCK).min(rows.end);
+        let mut t0 = 0;
+        while t0 < g.n_tok {
+            let tokens = t0..(t0 + TOKEN_BLOCK).min(g.n_tok);
+            let mut r = block;
+            // SAFETY: rows r..r+ROW_TILE (or r) lie inside `rows`, which the caller guarantees
+            // are rows of `w` and columns of `y` owned by this task; tokens lie in 0..n_tok.
+            unsafe {
+                while r + ROW_TILE <= block_end {
+                    row_tile::<W, ROW_TILE>(g, r, tokens.clone());
+                    r += ROW_TILE;
+                }
+                while r < block_end {
+                    row_tile::<W, 1>(g, r, tokens.clone());
+                    r += 1;
+                }
+            }
+            t0 = tokens.end;
         }
-        while r < rows.end {
-            row_tile::<W, 1>(g, r);
-            r += 1;
-        }
+        block = block_end;
     }
 }
 
@@ -189,4 +209,108 @@ pub unsafe fn axpy<W: Avx2Load>(a: f32, w: &[W], y: &mut [f32]) {
         }
     }
     scalar::axpy(a, &w[whole..n], &mut y[whole..n]);
+}
+
+/// `out[p] = scale * dot(q, keys[p * stride..][..q.len()])`, four positions at a time with `q`
+/// held in registers; each dot product is reduced exactly as [`dot_f32`] reduces it.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn attention_scores(
+    q: &[f32],
+    keys: &[f32],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let (d, n) = (q.len(), out.len());
+    assert!(
+        n == 0 || (n - 1) * stride + d <= keys.len(),
+        "attention_scores: keys too short"
+    );
+    let whole = d / LANES * LANES;
+    let mut p = 0;
+    // SAFETY: position p..p+4 rows start at p*stride and hold d elements, inside `keys`
+    // (asserted); q loads stay below `whole <= d`.
+    unsafe {
+        while p + 4 <= n {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut i = 0;
+            while i < whole {
+                let qv = _mm256_loadu_ps(q.as_ptr().add(i));
+                for (j, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(
+                        qv,
+                        _mm256_loadu_ps(keys.as_ptr().add((p + j) * stride + i)),
+                        *a,
+                    );
+                }
+                i += LANES;
+            }
+            for (j, a) in acc.iter().enumerate() {
+                let mut sum = hsum(*a);
+                for i in whole..d {
+                    sum += q[i] * keys[(p + j) * stride + i];
+                }
+                out[p + j] = sum * scale;
+            }
+            p += 4;
+        }
+        while p < n {
+            out[p] = dot_f32(q, &keys[p * stride..p * stride + d]) * scale;
+            p += 1;
+        }
+    }
+}
+
+/// `out[j] = Σ_p weights[p] * values[p * stride + j]`: 32 outputs at a time kept in registers
+/// across all positions, each summed in position order with fused multiply-adds.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+    let (d, n) = (out.len(), weights.len());
+    assert!(
+        n == 0 || (n - 1) * stride + d <= values.len(),
+        "weighted_sum: values too short"
+    );
+    let mut j = 0;
+    // SAFETY: every load reads lanes j..j+8 (or j..j+32) < d of a row inside `values`
+    // (asserted above); stores write inside `out`.
+    unsafe {
+        while j + 4 * LANES <= d {
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (p, &w) in weights.iter().enumerate() {
+                let wv = _mm256_set1_ps(w);
+                let row = values.as_ptr().add(p * stride + j);
+                for (c, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(c * LANES)), *a);
+                }
+            }
+            for (c, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(out.as_mut_ptr().add(j + c * LANES), *a);
+            }
+            j += 4 * LANES;
+        }
+        while j + LANES <= d {
+            let mut acc = _mm256_setzero_ps();
+            for (p, &w) in weights.iter().enumerate() {
+                acc = _mm256_fmadd_ps(
+                    _mm256_set1_ps(w),
+                    _mm256_loadu_ps(values.as_ptr().add(p * stride + j)),
+                    acc,
+                );
+            }
+            _mm256_storeu_ps(out.as_mut_ptr().add(j), acc);
+            j += LANES;
+        }
+    }
+    for (jj, o) in out.iter_mut().enumerate().skip(j) {
+        *o = 0.0;
+        for (p, &w) in weights.iter().enumerate() {
+            *o += w * values[p * stride + jj];
+        }
+    }
 }

@@ -374,24 +374,16 @@ fn attention(
     let scale = 1.0 / (hd as f32).sqrt();
     let (keys, values) = cache.layer(layer);
     let out = DisjointSlice::new(out);
-    par.for_ranges_with_scratch(n * n_heads, scores, cache.n_ctx, |items, scores| {
-        for item in items {
-            let (t, head) = (item / n_heads, item % n_heads);
-            let kv_off = (head / group) * hd;
-            let q_row = &q[item * hd..(item + 1) * hd];
-            let n_pos = pos0 + t + 1;
-            let scores = &mut scores[..n_pos];
-            for (p, s) in scores.iter_mut().enumerate() {
-                let k_row = &keys[p * kv_dim + kv_off..p * kv_dim + kv_off + hd];
-                *s = kernels::dot(q_row, k_row) * scale;
-            }
-            kernels::softmax(scores);
-            // SAFETY: item (t, head) owns output elements item*hd..(item+1)*hd alone.
-            let o = unsafe { out.range_mut(item * hd..(item + 1) * hd) };
-            o.fill(0.0);
-            for (p, &w) in scores.iter().enumerate() {
-                kernels::axpy(w, &values[p * kv_dim + kv_off..p * kv_dim + kv_off + hd], o);
-            }
-        }
+    // Later tokens attend to more positions: tasks take items round-robin to share the work.
+    par.for_each_strided_with_scratch(n * n_heads, scores, cache.n_ctx, |item, scores| {
+        let (t, head) = (item / n_heads, item % n_heads);
+        let kv_off = (head / group) * hd;
+        let q_row = &q[item * hd..(item + 1) * hd];
+        let scores = &mut scores[..pos0 + t + 1];
+        kernels::attention_scores(q_row, &keys[kv_off..], kv_dim, scale, scores);
+        kernels::softmax(scores);
+        // SAFETY: item (t, head) owns output elements item*hd..(item+1)*hd alone.
+        let o = unsafe { out.range_mut(item * hd..(item + 1) * hd) };
+        kernels::weighted_sum(scores, &values[kv_off..], kv_dim, o);
     });
 }
