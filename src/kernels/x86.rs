@@ -5,6 +5,7 @@
 //! tokens were grouped into tiles, nor on the thread that computed it.
 
 use std::arch::x86_64::*;
+use std::mem::size_of;
 use std::ops::Range;
 
 use half::{bf16, f16};
@@ -75,8 +76,18 @@ unsafe fn tile<W: Avx2Load, const R: usize, const C: usize>(g: &Gemm<'_, W>, r: 
     // which the caller guarantees exist; the features are enabled by the caller.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); C]; R];
+        // Single-token products are bound by memory: fetch the tile `PREFETCH_TILES` ahead
+        // (contiguous rows), a few cache lines per step, as one sequential stream.
+        let ahead = (wp as *const u8).wrapping_add((r + PREFETCH_TILES * R) * k * size_of::<W>());
+        let lines_per_step = (R * LANES * size_of::<W>()).div_ceil(64);
         let mut kk = 0;
         while kk < whole {
+            if C == 1 {
+                let line = kk / LANES * lines_per_step;
+                for l in 0..lines_per_step {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add((line + l) * 64).cast());
+                }
+            }
             let mut wv = [_mm256_setzero_ps(); R];
             for (i, v) in wv.iter_mut().enumerate() {
                 *v = W::load8(wp.add((r + i) * k + kk));
@@ -117,6 +128,9 @@ unsafe fn row_tile<W: Avx2Load, const R: usize>(g: &Gemm<'_, W>, r: usize, token
         }
     }
 }
+
+/// How many row tiles ahead single-token products prefetch.
+const PREFETCH_TILES: usize = 2;
 
 /// Weight rows per register tile.
 const ROW_TILE: usize = 4;
