@@ -10,10 +10,11 @@ use super::WeightElement;
 /// Number of partial sums a dot product keeps (the width of one AVX register of f32).
 pub const LANES: usize = 8;
 
-/// Sums eight partial sums in the fixed order all kernels use.
+/// Sums eight partial sums in the fixed order all kernels use (pairs, then quads, then the
+/// two halves: the order of AVX's horizontal adds).
 #[inline(always)]
 pub fn reduce_lanes(l: [f32; LANES]) -> f32 {
-    ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
+    ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
 }
 
 /// Dot product of a weight row with an activation row: eight lanes over whole groups of
@@ -58,5 +59,19 @@ pub fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: &mut [f
     out.fill(0.0);
     for (p, &w) in weights.iter().enumerate() {
         axpy(w, &values[p * stride..p * stride + out.len()], out);
+    }
+}
+
+/// Softmax in place.
+pub fn softmax(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
     }
 }

@@ -206,12 +206,17 @@ fn norms_match_scalar() {
 #[test]
 fn softmax_and_activations_match_scalar() {
     let x: Vec<f32> = values(33, 10).iter().map(|v| v * 20.0).collect();
-    let max = x.iter().fold(f64::NEG_INFINITY, |m, v| m.max(*v as f64));
-    let sum: f64 = x.iter().map(|v| (*v as f64 - max).exp()).sum();
-    let want: Vec<f64> = x.iter().map(|v| (*v as f64 - max).exp() / sum).collect();
-    let mut y = x.clone();
-    softmax(&mut y);
-    assert_close(&y, &want, 1e-6, "softmax");
+    for n in [33, 8, 5, 1] {
+        let mut y = x[..n].to_vec();
+        let max = y.iter().fold(f64::NEG_INFINITY, |m, v| m.max(*v as f64));
+        let sum: f64 = y.iter().map(|v| (*v as f64 - max).exp()).sum();
+        let want: Vec<f64> = y.iter().map(|v| (*v as f64 - max).exp() / sum).collect();
+        let mut portable = y.clone();
+        softmax(&mut y);
+        assert_close(&y, &want, 1e-6, "softmax");
+        scalar::softmax(&mut portable);
+        assert_close(&portable, &want, 1e-6, "portable softmax");
+    }
 
     let up = values(33, 11);
     let want: Vec<f64> = x

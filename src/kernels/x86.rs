@@ -10,7 +10,7 @@ use std::ops::Range;
 
 use half::{bf16, f16};
 
-use super::scalar::{self, reduce_lanes, LANES};
+use super::scalar::{self, LANES};
 use super::{Gemm, WeightElement};
 
 /// Weight element types that AVX2 can load eight at a time as f32.
@@ -53,10 +53,31 @@ impl Avx2Load for bf16 {
 /// Horizontal sum in the order of [`reduce_lanes`].
 #[inline(always)]
 unsafe fn hsum(v: __m256) -> f32 {
-    let mut lanes = [0.0f32; LANES];
-    // SAFETY: `lanes` has room for eight f32; storeu has no alignment need.
-    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), v) };
-    reduce_lanes(lanes)
+    // SAFETY: register-only AVX operations; the caller enabled AVX2.
+    unsafe {
+        let pairs = _mm256_hadd_ps(v, v);
+        let quads = _mm256_hadd_ps(pairs, pairs);
+        _mm_cvtss_f32(_mm_add_ss(
+            _mm256_castps256_ps128(quads),
+            _mm256_extractf128_ps::<1>(quads),
+        ))
+    }
+}
+
+/// Four horizontal sums at once, each in the order of [`reduce_lanes`].
+#[inline(always)]
+unsafe fn hsum4(a: __m256, b: __m256, c: __m256, d: __m256) -> [f32; 4] {
+    // SAFETY: register-only AVX operations, then a store into a local array of four f32.
+    unsafe {
+        let quads = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+        let sums = _mm_add_ps(
+            _mm256_castps256_ps128(quads),
+            _mm256_extractf128_ps::<1>(quads),
+        );
+        let mut out = [0.0f32; 4];
+        _mm_storeu_ps(out.as_mut_ptr(), sums);
+        out
+    }
 }
 
 /// Computes the dot products of weight rows `r..r + R` with tokens `t..t + C`.
@@ -100,9 +121,17 @@ unsafe fn tile<W: Avx2Load, const R: usize, const C: usize>(g: &Gemm<'_, W>, r: 
             }
             kk += LANES;
         }
-        for i in 0..R {
-            for c in 0..C {
-                let mut sum = hsum(acc[i][c]);
+        for c in 0..C {
+            let mut sums = [0.0f32; R];
+            if R == 4 {
+                sums.copy_from_slice(&hsum4(acc[0][c], acc[1][c], acc[2][c], acc[3][c]));
+            } else {
+                for i in 0..R {
+                    sums[i] = hsum(acc[i][c]);
+                }
+            }
+            for i in 0..R {
+                let mut sum = sums[i];
                 for j in whole..k {
                     sum += (*wp.add((r + i) * k + j)).to_f32() * *xp.add((t + c) * k + j);
                 }
@@ -262,8 +291,8 @@ pub unsafe fn attention_scores(
                 }
                 i += LANES;
             }
-            for (j, a) in acc.iter().enumerate() {
-                let mut sum = hsum(*a);
+            let sums = hsum4(acc[0], acc[1], acc[2], acc[3]);
+            for (j, mut sum) in sums.into_iter().enumerate() {
                 for i in whole..d {
                     sum += q[i] * keys[(p + j) * stride + i];
                 }
@@ -325,6 +354,80 @@ pub unsafe fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: 
         *o = 0.0;
         for (p, &w) in weights.iter().enumerate() {
             *o += w * values[p * stride + jj];
+        }
+    }
+}
+
+/// e^x for eight lanes: x = n ln 2 + r with |r| <= ln 2 / 2, e^r by its Taylor series to r^6
+/// (relative error about 1e-7), times 2^n built in the exponent bits.
+#[inline(always)]
+unsafe fn exp8(x: __m256) -> __m256 {
+    // SAFETY: register-only AVX2/FMA operations; the caller enabled the features.
+    unsafe {
+        let x = _mm256_max_ps(
+            _mm256_min_ps(x, _mm256_set1_ps(88.0)),
+            _mm256_set1_ps(-87.0),
+        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        // ln 2 split in a part exact in f32 and a remainder, so n * LN2_HI is exact.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let mut p = _mm256_set1_ps(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(scale))
+    }
+}
+
+/// Softmax in place, eight lanes at a time.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn softmax(x: &mut [f32]) {
+    let n = x.len();
+    let whole = n / LANES * LANES;
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    // SAFETY: loads and stores stay below `whole <= n`; the tail goes through exp8 via a
+    // local buffer.
+    unsafe {
+        let m = _mm256_set1_ps(max);
+        let mut sum = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < whole {
+            let p = x.as_mut_ptr().add(i);
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p), m));
+            _mm256_storeu_ps(p, e);
+            sum = _mm256_add_ps(sum, e);
+            i += LANES;
+        }
+        let mut total = hsum(sum);
+        if whole < n {
+            let mut tail = [f32::NEG_INFINITY; LANES];
+            tail[..n - whole].copy_from_slice(&x[whole..]);
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), m));
+            _mm256_storeu_ps(tail.as_mut_ptr(), e);
+            for (v, t) in x[whole..].iter_mut().zip(tail) {
+                *v = t;
+                total += t;
+            }
+        }
+        let inv = _mm256_set1_ps(1.0 / total);
+        i = 0;
+        while i < whole {
+            let p = x.as_mut_ptr().add(i);
+            _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_loadu_ps(p), inv));
+            i += LANES;
+        }
+        for v in &mut x[whole..] {
+            *v *= 1.0 / total;
         }
     }
 }
