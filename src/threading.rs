@@ -98,6 +98,26 @@ impl Par {
             .for_each(|c| f(c * per_chunk..((c + 1) * per_chunk).min(n)));
     }
 
+    /// Calls `f(row_index, row)` for every `width`-long row of `buf`, in parallel when there
+    /// is more than one row (per-token work such as norms and activations).
+    pub fn for_rows(
+        self,
+        buf: &mut [f32],
+        width: usize,
+        f: impl Fn(usize, &mut [f32]) + Sync + Send,
+    ) {
+        let width = width.max(1);
+        if self.n_threads == 1 || buf.len() <= width {
+            buf.chunks_mut(width)
+                .enumerate()
+                .for_each(|(i, row)| f(i, row));
+        } else {
+            buf.par_chunks_mut(width)
+                .enumerate()
+                .for_each(|(i, row)| f(i, row));
+        }
+    }
+
     /// Calls `f(item, scratch)` for every item of `0..n`, with one slice of `scratch` per task:
     /// `scratch` is cut into pieces of `per_task` elements, and task `c` of `n_tasks` takes
     /// items `c, c + n_tasks, ...` (round-robin, so uneven items spread evenly).

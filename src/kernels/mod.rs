@@ -336,8 +336,11 @@ pub fn softmax(x: &mut [f32]) {
 
 /// `gate = silu(gate) * up` (SwiGLU).
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+    match Isa::detect() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2` is only returned after detecting the features.
+        Isa::Avx2 => unsafe { x86::silu_mul(gate, up) },
+        _ => scalar::silu_mul(gate, up),
     }
 }
 

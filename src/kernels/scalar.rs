@@ -75,3 +75,10 @@ pub fn softmax(x: &mut [f32]) {
         *v *= inv;
     }
 }
+
+/// `gate = silu(gate) * up` (SwiGLU).
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}

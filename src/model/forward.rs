@@ -262,29 +262,27 @@ impl Model {
                 return Err(Error::Cancelled);
             }
             // Attention.
-            for t in 0..n {
-                block
-                    .attn_norm
-                    .apply(&s.x[t * h..(t + 1) * h], &mut s.xn[t * h..(t + 1) * h]);
-            }
+            let x = &s.x;
+            par.for_rows(&mut s.xn[..n * h], h, |t, row| {
+                block.attn_norm.apply(&x[t * h..(t + 1) * h], row)
+            });
             block.q.forward(par, &s.xn, n, &mut s.q);
             block.k.forward(par, &s.xn, n, &mut s.k);
             block.v.forward(par, &s.xn, n, &mut s.v);
             if !s.rope_cos.is_empty() {
-                let half = c.head_dim / 2;
-                for t in 0..n {
+                let (half, hd) = (c.head_dim / 2, c.head_dim);
+                let (cos, sin) = (&s.rope_cos, &s.rope_sin);
+                let rotate = |t: usize, row: &mut [f32]| {
                     let pos = pos0 + t;
                     let (cos, sin) = (
-                        &s.rope_cos[pos * half..(pos + 1) * half],
-                        &s.rope_sin[pos * half..(pos + 1) * half],
+                        &cos[pos * half..(pos + 1) * half],
+                        &sin[pos * half..(pos + 1) * half],
                     );
-                    for head in s.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(c.head_dim) {
-                        kernels::rope(head, cos, sin);
-                    }
-                    for head in s.k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(c.head_dim) {
-                        kernels::rope(head, cos, sin);
-                    }
-                }
+                    row.chunks_exact_mut(hd)
+                        .for_each(|head| kernels::rope(head, cos, sin));
+                };
+                par.for_rows(&mut s.q[..n * q_dim], q_dim, rotate);
+                par.for_rows(&mut s.k[..n * kv_dim], kv_dim, rotate);
             }
             for t in 0..n {
                 cache.store(
@@ -305,37 +303,44 @@ impl Model {
                 &mut s.att[..n * q_dim],
             );
             block.o.forward(par, &s.att, n, &mut s.out);
-            add_in_place(&mut s.x[..n * h], &s.out[..n * h]);
+            add_rows(par, &mut s.x[..n * h], &s.out, h);
 
             // Feed-forward.
-            for t in 0..n {
-                block
-                    .ffn_norm
-                    .apply(&s.x[t * h..(t + 1) * h], &mut s.xn[t * h..(t + 1) * h]);
-            }
+            let x = &s.x;
+            par.for_rows(&mut s.xn[..n * h], h, |t, row| {
+                block.ffn_norm.apply(&x[t * h..(t + 1) * h], row)
+            });
             match &block.ffn {
                 FeedForward::SwiGlu { gate, up, down } => {
                     gate.forward(par, &s.xn, n, &mut s.ff_a);
                     up.forward(par, &s.xn, n, &mut s.ff_b);
-                    kernels::silu_mul(&mut s.ff_a[..n * inter], &s.ff_b[..n * inter]);
+                    let up = &s.ff_b;
+                    par.for_rows(&mut s.ff_a[..n * inter], inter, |t, row| {
+                        kernels::silu_mul(row, &up[t * inter..(t + 1) * inter])
+                    });
                     down.forward(par, &s.ff_a, n, &mut s.out);
                 }
                 FeedForward::Gelu { fc, proj } => {
                     fc.forward(par, &s.xn, n, &mut s.ff_a);
-                    kernels::gelu_tanh(&mut s.ff_a[..n * inter]);
+                    par.for_rows(&mut s.ff_a[..n * inter], inter, |_, row| {
+                        kernels::gelu_tanh(row)
+                    });
                     proj.forward(par, &s.ff_a, n, &mut s.out);
                 }
             }
-            add_in_place(&mut s.x[..n * h], &s.out[..n * h]);
+            add_rows(par, &mut s.x[..n * h], &s.out, h);
         }
         Ok(())
     }
 }
 
-fn add_in_place(x: &mut [f32], y: &[f32]) {
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
-    }
+/// `x[t] += y[t]` for every row of width `h`.
+fn add_rows(par: Par, x: &mut [f32], y: &[f32], h: usize) {
+    par.for_rows(x, h, |t, row| {
+        for (a, b) in row.iter_mut().zip(&y[t * h..(t + 1) * h]) {
+            *a += b;
+        }
+    });
 }
 
 /// Copies row `row` of an embedding-like matrix into `out`, widened to f32.
