@@ -22,7 +22,6 @@ import ctypes
 import json
 import pathlib
 import subprocess
-import threading
 import time
 
 import numpy as np
@@ -70,9 +69,10 @@ def ember_folder(dtype):
     return folder
 
 
-def run_ember(model, threads):
+def run_ember(model, threads, bandwidth=False):
     out = subprocess.run(
-        [str(EMBER), "bench", str(model), "--threads", str(threads), "--pp", str(PP), "--tg", str(TG), "--reps", "1", "--json"],
+        [str(EMBER), "bench", str(model), "--threads", str(threads), "--pp", str(PP), "--tg", str(TG), "--reps", "1", "--json"]
+        + (["--bandwidth"] if bandwidth else []),
         check=True,
         capture_output=True,
         text=True,
@@ -113,22 +113,6 @@ class LlamaCpp:
         return pp, tg
 
 
-def read_bandwidth(threads, gib=1.0):
-    """GB/s of summing a large array from memory with `threads` threads (numpy releases the GIL)."""
-    n = int(gib * (1 << 30) / 4 / threads)
-    parts = [np.ones(n, dtype=np.float32) for _ in range(threads)]
-    best = 0.0
-    for _ in range(3):
-        ts = [threading.Thread(target=np.add.reduce, args=(p,)) for p in parts]
-        start = time.perf_counter()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        best = max(best, n * 4 * threads / (time.perf_counter() - start) / 1e9)
-    return best
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtypes", default="f32,bf16")
@@ -138,7 +122,8 @@ def main():
     if not EMBER.exists():
         raise SystemExit("build Ember first: cargo build --release")
     thread_counts = [int(t) for t in args.threads.split(",")]
-    bandwidth = {t: read_bandwidth(t) for t in thread_counts}
+    # Read bandwidth per thread count, measured by `ember bench --bandwidth` (1 GiB summed).
+    bandwidth = {}
     rows = []
     for dtype in args.dtypes.split(","):
         folder, gguf = ember_folder(dtype), gguf_for(dtype)
@@ -146,8 +131,11 @@ def main():
             peer = LlamaCpp(gguf, threads)
             e_pp, e_tg, l_pp, l_tg = 0.0, 0.0, 0.0, 0.0
             info = None
-            for _ in range(args.reps):
-                pp, tg, info = run_ember(folder, threads)
+            for rep in range(args.reps):
+                measure = threads not in bandwidth and rep == 0
+                pp, tg, info = run_ember(folder, threads, bandwidth=measure)
+                if measure:
+                    bandwidth[threads] = info["results"][0]["read_gb_s"]
                 e_pp, e_tg = max(e_pp, pp), max(e_tg, tg)
                 pp, tg = peer.run()
                 l_pp, l_tg = max(l_pp, pp), max(l_tg, tg)

@@ -1,8 +1,9 @@
 //! `ember`: the command-line front end of the library.
 //!
 //! - `ember info MODEL`: architecture, sizes, weight dtype.
-//! - `ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--reps 3] [--json]`: load time,
-//!   resident memory, prompt-processing and generation speed.
+//! - `ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--reps 3] [--json] [--bandwidth]`:
+//!   load time, resident memory, prompt-processing and generation speed, and (with
+//!   `--bandwidth`) the memory read bandwidth and the generation speed it allows.
 //!
 //! Progress and timings go to stderr, results to stdout; errors are one line and exit code 1.
 
@@ -14,7 +15,7 @@ use ember::{Model, Session, SessionOptions};
 
 const USAGE: &str = "usage:
   ember info MODEL
-  ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--reps 3] [--json]";
+  ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--reps 3] [--json] [--bandwidth]";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -138,6 +139,42 @@ fn resident_mib() -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// Read bandwidth of main memory in GB/s with `threads` threads: the best of three passes
+/// summing a 1 GiB buffer (far larger than any cache).
+fn read_bandwidth(threads: usize) -> f64 {
+    let words = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let per = words.div_ceil(threads);
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let total: u64 = std::thread::scope(|scope| {
+            let handles: Vec<_> = buf
+                .chunks(per)
+                .map(|chunk| {
+                    scope.spawn(move || {
+                        // Eight independent sums, so the loop vectorises and is bound by memory.
+                        let mut lanes = [0u64; 8];
+                        for c in chunk.chunks_exact(8) {
+                            for (l, v) in lanes.iter_mut().zip(c) {
+                                *l = l.wrapping_add(*v);
+                            }
+                        }
+                        lanes.iter().fold(0u64, |a, b| a.wrapping_add(*b))
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or(0))
+                .fold(0, u64::wrapping_add)
+        });
+        std::hint::black_box(total);
+        best = best.max((words * 8) as f64 / start.elapsed().as_secs_f64() / 1e9);
+    }
+    best
+}
+
 /// Token ids for benchmarking: a fixed pseudo-random sequence inside the vocabulary.
 fn bench_tokens(n: usize, vocab: usize) -> Vec<u32> {
     let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -152,7 +189,7 @@ fn bench_tokens(n: usize, vocab: usize) -> Vec<u32> {
 }
 
 fn bench(args: &[String]) -> Result<(), String> {
-    let args = Args::parse(args, &["json"]);
+    let args = Args::parse(args, &["json", "bandwidth"]);
     let path = args.model()?.to_string();
     let (pp, tg, reps) = (
         args.number("pp", 512)?,
@@ -205,14 +242,33 @@ fn bench(args: &[String]) -> Result<(), String> {
                 best_tg = best_tg.min(start.elapsed().as_secs_f64());
             }
         }
-        rows.push((n_threads, pp as f64 / best_pp, tg as f64 / best_tg));
+        let bandwidth = if args.flag("bandwidth") {
+            read_bandwidth(n_threads)
+        } else {
+            f64::NAN
+        };
+        rows.push((
+            n_threads,
+            pp as f64 / best_pp,
+            tg as f64 / best_tg,
+            bandwidth,
+        ));
     }
     let rss_after = resident_mib();
     let bytes = model.weight_bytes_per_token() as f64;
     if args.flag("json") {
         let results: Vec<String> = rows
             .iter()
-            .map(|(t, p, g)| format!("{{\"threads\":{t},\"pp_tok_s\":{p:.3},\"tg_tok_s\":{g:.3}}}"))
+            .map(|(t, p, g, b)| {
+                let b = if b.is_nan() {
+                    "null".to_string()
+                } else {
+                    format!("{b:.2}")
+                };
+                format!(
+                    "{{\"threads\":{t},\"pp_tok_s\":{p:.3},\"tg_tok_s\":{g:.3},\"read_gb_s\":{b}}}"
+                )
+            })
             .collect();
         println!(
             "{{\"model\":{:?},\"dtype\":\"{}\",\"isa\":\"{}\",\"load_s\":{load_s:.6},\"rss_before_mib\":{rss_before:.1},\"rss_loaded_mib\":{rss_loaded:.1},\"rss_after_mib\":{rss_after:.1},\"weight_bytes_per_token\":{bytes},\"pp\":{pp},\"tg\":{tg},\"results\":[{}]}}",
@@ -230,9 +286,12 @@ fn bench(args: &[String]) -> Result<(), String> {
         println!("load         {:.2} ms", load_s * 1e3);
         println!("resident     {rss_before:.1} MiB before load, {rss_loaded:.1} MiB after load, {rss_after:.1} MiB after the runs");
         println!("weights/tok  {:.1} MiB", bytes / (1 << 20) as f64);
-        println!("threads  pp{pp} tok/s  tg{tg} tok/s");
-        for (t, p, g) in rows {
-            println!("{t:>7}  {p:>11.1}  {g:>10.1}");
+        println!("threads  pp{pp} tok/s  tg{tg} tok/s  read GB/s  tg limit tok/s");
+        for (t, p, g, b) in rows {
+            println!(
+                "{t:>7}  {p:>11.1}  {g:>10.1}  {b:>9.1}  {:>14.1}",
+                b * 1e9 / bytes
+            );
         }
     }
     Ok(())

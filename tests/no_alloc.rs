@@ -1,0 +1,64 @@
+//! A decode step allocates nothing: the KV cache and every buffer are made with the session.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use ember::{Model, Session, SessionOptions};
+
+/// The system allocator, counting allocations made by any thread.
+struct Counting;
+
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn decode_steps_do_not_allocate() {
+    for (name, threads) in [("llama", 1), ("llama", 2), ("qwen2", 2), ("gpt2", 2)] {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
+        let model = Arc::new(Model::load(dir).unwrap());
+        let mut session = Session::new(
+            model,
+            &SessionOptions {
+                n_ctx: 64,
+                n_threads: threads,
+                ubatch: 16,
+            },
+        )
+        .unwrap();
+        session.step(&[1, 2, 3, 4, 5]).unwrap();
+        session.step(&[6]).unwrap(); // warm-up: the pool's threads are started
+        let before = ALLOCATIONS.load(Ordering::SeqCst);
+        for t in 0..20 {
+            session.step(&[t]).unwrap();
+        }
+        let allocated = ALLOCATIONS.load(Ordering::SeqCst) - before;
+        assert_eq!(
+            allocated, 0,
+            "{name} with {threads} threads: {allocated} allocations in 20 decode steps"
+        );
+    }
+}
