@@ -6,7 +6,8 @@
 //! - [`kernels`]: SIMD matrix products and the small vector operations of a Transformer;
 //! - [`model`]: the [`Model`] (weights per block) and its forward pass;
 //! - [`session`]: a [`Session`], one sequence's KV cache and position;
-//! - [`threading`]: the private thread pool a session computes on.
+//! - [`threading`]: the private thread pool a session computes on;
+//! - [`tokenizer`]: text to ids and back (Hugging Face `tokenizers`), streaming, chat templates.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -27,9 +28,11 @@ pub mod model;
 pub mod session;
 pub mod tensor;
 pub mod threading;
+pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub use loader::{Architecture, ModelConfig};
 pub use model::Model;
 pub use session::{CancelHandle, Session, SessionOptions};
 pub use threading::ThreadPool;
+pub use tokenizer::{ChatMessage, StreamDecoder, Tokenizer};

@@ -12,6 +12,7 @@ use crate::kernels;
 use crate::loader::{self, Architecture, ModelConfig, TensorStore};
 use crate::tensor::Tensor;
 use crate::threading::Par;
+use crate::tokenizer::Tokenizer;
 
 pub(crate) use forward::{ForwardScratch, KvCache, LogitsWanted, Workspace};
 
@@ -126,6 +127,7 @@ pub struct Model {
     pub(crate) blocks: Vec<Block>,
     pub(crate) final_norm: Norm,
     pub(crate) lm_head: Tensor, // [vocab, hidden]
+    pub(crate) tokenizer: Option<Tokenizer>,
 }
 
 impl Model {
@@ -143,7 +145,8 @@ impl Model {
         }
         if path.is_dir() {
             let (config, store) = loader::load_hf_folder(path)?;
-            Model::from_hf_tensors(config, store)
+            let model = Model::from_hf_tensors(config, store)?;
+            model.with_tokenizer(Tokenizer::from_hf_folder(path)?)
         } else {
             Err(Error::Unsupported(format!(
                 "{}: model files other than Hugging Face folders are not supported yet",
@@ -160,6 +163,28 @@ impl Model {
         };
         store.finish()?;
         Ok(model)
+    }
+
+    /// Attaches a tokenizer, checking that its ids fit the model's vocabulary.
+    pub fn with_tokenizer(mut self, tokenizer: Option<Tokenizer>) -> Result<Model> {
+        if let Some(t) = &tokenizer {
+            if t.n_vocab() > self.config.vocab_size {
+                return Err(Error::format(format!(
+                    "the tokenizer has {} tokens but the model only {} embeddings",
+                    t.n_vocab(),
+                    self.config.vocab_size
+                )));
+            }
+        }
+        self.tokenizer = tokenizer;
+        Ok(self)
+    }
+
+    /// The model's tokenizer, or an error naming what is missing.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            Error::Unsupported("this model has no tokenizer (tokenizer.json)".into())
+        })
     }
 
     /// The model's hyper-parameters.
@@ -293,6 +318,7 @@ fn llama_from_hf(config: ModelConfig, store: &mut TensorStore) -> Result<Model> 
         blocks,
         lm_head,
         config,
+        tokenizer: None,
     })
 }
 
@@ -358,5 +384,6 @@ fn gpt2_from_hf(config: ModelConfig, store: &mut TensorStore) -> Result<Model> {
         blocks,
         lm_head,
         config,
+        tokenizer: None,
     })
 }
