@@ -19,6 +19,7 @@ import sys
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -30,6 +31,47 @@ from transformers import (
 
 OUT = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures")
 SEQ_LEN = 20
+VOCAB = 320  # 256 byte tokens, 3 special tokens, 61 merges
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+TRAINING_TEXT = [
+    "Once upon a time there was a little robot who wanted to learn how to speak.",
+    "The quick brown fox jumps over the lazy dog. 0123456789",
+    "def main():\n    print('hello, world')\n",
+    "Émilie a mangé une crème brûlée. 日本語のテキスト。 😀 emoji",
+]
+
+
+def train_tokenizer():
+    """A byte-level BPE small enough for the tiny models, trained by Hugging Face tokenizers."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TRAINING_TEXT * 20, trainer)
+    assert tok.get_vocab_size() <= VOCAB, tok.get_vocab_size()
+    return tok
+
+
+def save_tokenizer(tok, folder):
+    tok.save(str(folder / "tokenizer.json"))
+    config = {
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>",
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
 
 
 def randomise(model, seed):
@@ -44,7 +86,7 @@ def randomise(model, seed):
                 p.copy_(noise)
 
 
-def save_fixture(name, model_class, config, seed, dtypes):
+def save_fixture(name, model_class, config, seed, dtypes, tokenizer):
     torch.manual_seed(seed)
     model = model_class(config).eval()
     randomise(model, seed)
@@ -59,20 +101,22 @@ def save_fixture(name, model_class, config, seed, dtypes):
         with torch.no_grad():
             logits = reloaded(tokens[None, :]).logits[0].float().contiguous()
         save_file({"tokens": tokens.to(torch.int64), "logits": logits}, folder / "reference.safetensors")
-        # Keep only what Ember reads: config.json, model.safetensors, reference.
+        # Keep only what Ember reads: config.json, model.safetensors, reference, tokenizer.
         for extra in folder.iterdir():
             if extra.name not in ("config.json", "model.safetensors", "reference.safetensors"):
                 extra.unlink()
+        save_tokenizer(tokenizer, folder)
         print(f"{folder}: logits {tuple(logits.shape)}, max |logit| {logits.abs().max():.3f}")
         model.to(torch.float32)
 
 
 def main():
+    tokenizer = train_tokenizer()
     save_fixture(
         "llama",
         LlamaForCausalLM,
         LlamaConfig(
-            vocab_size=200,
+            vocab_size=VOCAB,
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
@@ -95,12 +139,13 @@ def main():
         ),
         seed=10,
         dtypes=["f32", "f16", "bf16"],
+        tokenizer=tokenizer,
     )
     save_fixture(
         "qwen2",
         Qwen2ForCausalLM,
         Qwen2Config(
-            vocab_size=200,
+            vocab_size=VOCAB,
             hidden_size=48,
             intermediate_size=96,
             num_hidden_layers=2,
@@ -116,12 +161,13 @@ def main():
         ),
         seed=20,
         dtypes=["f32", "bf16"],
+        tokenizer=tokenizer,
     )
     save_fixture(
         "gpt2",
         GPT2LMHeadModel,
         GPT2Config(
-            vocab_size=200,
+            vocab_size=VOCAB,
             n_embd=36,
             n_layer=2,
             n_head=3,
@@ -131,6 +177,7 @@ def main():
         ),
         seed=30,
         dtypes=["f32", "f16"],
+        tokenizer=tokenizer,
     )
     (OUT / "README.md").write_text(
         "Tiny random models saved by Hugging Face transformers, with reference logits.\n"

@@ -6,6 +6,8 @@
 //! - [`kernels`]: SIMD matrix products and the small vector operations of a Transformer;
 //! - [`model`]: the [`Model`] (weights per block) and its forward pass;
 //! - [`session`]: a [`Session`], one sequence's KV cache and position;
+//! - [`generate`]: streaming generation and chat with stop conditions;
+//! - [`sampler`]: choosing the next token (greedy, temperature, top-k/p, min-p, penalties);
 //! - [`threading`]: the private thread pool a session computes on;
 //! - [`tokenizer`]: text to ids and back (Hugging Face `tokenizers`), streaming, chat templates.
 //!
@@ -22,17 +24,21 @@
 //! ```
 
 pub mod error;
+pub mod generate;
 pub mod kernels;
 pub mod loader;
 pub mod model;
+pub mod sampler;
 pub mod session;
 pub mod tensor;
 pub mod threading;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
+pub use generate::{chat, generate, GenerateOptions, Generation, StopReason};
 pub use loader::{Architecture, ModelConfig};
 pub use model::Model;
+pub use sampler::{Sampler, SamplerOptions};
 pub use session::{CancelHandle, Session, SessionOptions};
 pub use threading::ThreadPool;
 pub use tokenizer::{ChatMessage, StreamDecoder, Tokenizer};

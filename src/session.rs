@@ -33,8 +33,9 @@ impl Default for SessionOptions {
 pub struct CancelHandle(Arc<AtomicBool>);
 
 impl CancelHandle {
-    /// Asks the session's current (or next) step to stop with [`Error::Cancelled`]. The step
-    /// stops at the next layer boundary and leaves the session at its previous position.
+    /// Asks the session's current step (or, if none is running, its next one) to stop with
+    /// [`Error::Cancelled`]. The step stops at the next layer boundary and leaves the session
+    /// at its previous position. [`Session::reset`] clears a pending request.
     pub fn cancel(&self) {
         self.0.store(true, Ordering::Release);
     }
@@ -48,7 +49,8 @@ pub struct Session {
     model: Arc<Model>,
     pool: Arc<ThreadPool>,
     ws: Workspace,
-    position: usize,
+    /// Every token in the cache, in order (`history.len()` is the position).
+    history: Vec<u32>,
     cancel: Arc<AtomicBool>,
 }
 
@@ -82,11 +84,15 @@ impl Session {
         let cache = KvCache::new(&model.config, n_ctx)?;
         let scratch =
             ForwardScratch::new(&model.config, n_ctx, ubatch.min(n_ctx), pool.n_threads())?;
+        let mut history = Vec::new();
+        history
+            .try_reserve_exact(n_ctx)
+            .map_err(|_| Error::OutOfMemory(format!("token history of {n_ctx} positions")))?;
         Ok(Session {
             model,
             pool,
             ws: Workspace { cache, scratch },
-            position: 0,
+            history,
             cancel: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -98,7 +104,12 @@ impl Session {
 
     /// Number of tokens in the cache (the position of the next token).
     pub fn position(&self) -> usize {
-        self.position
+        self.history.len()
+    }
+
+    /// The tokens in the cache, oldest first.
+    pub fn tokens(&self) -> &[u32] {
+        &self.history
     }
 
     /// Context length: the most tokens the session can hold.
@@ -135,7 +146,7 @@ impl Session {
                 "token {t} at index {i} is outside the vocabulary (0..{vocab})"
             )));
         }
-        let needed = self.position + tokens.len();
+        let needed = self.position() + tokens.len();
         if needed > self.n_ctx() {
             return Err(Error::ContextFull {
                 needed,
@@ -151,12 +162,13 @@ impl Session {
             model,
             pool,
             ws,
-            position,
+            history,
             cancel,
         } = self;
-        let pos0 = *position;
+        let pos0 = history.len();
         pool.install(|par| model.forward(par, ws, tokens, pos0, cancel, wanted))?;
-        *position += tokens.len();
+        // Capacity for n_ctx tokens was reserved at creation: this never reallocates.
+        history.extend_from_slice(tokens);
         Ok(())
     }
 
@@ -181,18 +193,19 @@ impl Session {
 
     /// Truncates the sequence to its first `n_past` tokens (undo, regenerate).
     pub fn rewind(&mut self, n_past: usize) -> Result<()> {
-        if n_past > self.position {
+        if n_past > self.position() {
             return Err(Error::InvalidArgument(format!(
                 "cannot rewind to {n_past}: the session holds {} tokens",
-                self.position
+                self.position()
             )));
         }
-        self.position = n_past;
+        self.history.truncate(n_past);
         Ok(())
     }
 
-    /// Forgets every token.
+    /// Forgets every token and any pending cancellation.
     pub fn reset(&mut self) {
-        self.position = 0;
+        self.history.clear();
+        self.cancel.store(false, Ordering::Release);
     }
 }
