@@ -1,6 +1,7 @@
 //! Ember: embeddable CPU inference for GPT-style Transformer language models.
 //!
 //! The crate is organised by stage of the pipeline:
+//! - [`ffi`]: the C API (`include/ember.h`);
 //! - [`loader`]: reading model files (Hugging Face folders) into named, memory-mapped tensors;
 //! - [`tensor`]: typed views of weights that stay in the mapped file;
 //! - [`kernels`]: SIMD matrix products and the small vector operations of a Transformer;
@@ -8,7 +9,7 @@
 //! - [`session`]: a [`Session`], one sequence's KV cache and position;
 //! - [`generate`]: streaming generation and chat with stop conditions;
 //! - [`sampler`]: choosing the next token (greedy, temperature, top-k/p, min-p, penalties);
-//! - [`threading`]: the private thread pool a session computes on;
+//! - [`threading`]: the private, persistent thread pool a session computes on;
 //! - [`tokenizer`]: text to ids and back (Hugging Face `tokenizers`), streaming, chat templates.
 //!
 //! ```no_run
@@ -24,6 +25,7 @@
 //! ```
 
 pub mod error;
+pub mod ffi;
 pub mod generate;
 pub mod kernels;
 pub mod loader;

@@ -8,7 +8,7 @@
 use super::WeightElement;
 
 /// Number of partial sums a dot product keeps (the width of one AVX register of f32).
-pub const LANES: usize = 8;
+pub(crate) const LANES: usize = 8;
 
 /// Sums eight partial sums in the fixed order all kernels use (pairs, then quads, then the
 /// two halves: the order of AVX's horizontal adds).

@@ -1,0 +1,196 @@
+//! Samplers: choosing tokens from logits.
+
+use std::sync::Mutex;
+
+use super::{borrow, ember_status, read_params, run, slice, write_out, write_params};
+use crate::error::{Error, Result};
+use crate::sampler::{Sampler, SamplerOptions};
+
+/// A token sampler (random state and recent tokens for penalties). Used by one thread at a
+/// time; concurrent use fails with `EMBER_ERR_BUSY`.
+pub struct ember_sampler {
+    pub(crate) sampler: Mutex<Sampler>,
+}
+
+impl ember_sampler {
+    /// Exclusive access, or `Busy` when another thread holds it.
+    pub(crate) fn lock(&self) -> Result<std::sync::MutexGuard<'_, Sampler>> {
+        match self.sampler.try_lock() {
+            Ok(guard) => Ok(guard),
+            Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => Err(Error::Busy(
+                "the sampler is in use by another thread".into(),
+            )),
+        }
+    }
+}
+
+/// Options for `ember_sampler_new`. Fill with `ember_sampler_params_default` first; the
+/// defaults are greedy decoding without penalties.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ember_sampler_params {
+    /// Size of this struct in bytes, as the caller knows it (set by the default function).
+    pub struct_size: u32,
+    /// Softmax temperature; 0 = greedy (the most likely token). Default 0.
+    pub temperature: f32,
+    /// Keep only the k most likely tokens; 0 = off. Default 0.
+    pub top_k: u32,
+    /// Keep the most likely tokens up to this probability mass; 1 = off. Default 1.
+    pub top_p: f32,
+    /// Drop tokens below this fraction of the best token's probability; 0 = off. Default 0.
+    pub min_p: f32,
+    /// Repetition penalty on recent tokens (logit / p if positive, * p if negative); 1 = off.
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every recent token; 0 = off.
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence from the logit of every recent token; 0 = off.
+    pub frequency_penalty: f32,
+    /// How many recent tokens the penalties consider. Default 64.
+    pub penalty_window: u32,
+    /// Seed: the same seed gives the same tokens. Default 0x5eed.
+    pub seed: u64,
+}
+
+fn defaults() -> ember_sampler_params {
+    let o = SamplerOptions::default();
+    ember_sampler_params {
+        struct_size: std::mem::size_of::<ember_sampler_params>() as u32,
+        temperature: o.temperature,
+        top_k: o.top_k as u32,
+        top_p: o.top_p,
+        min_p: o.min_p,
+        repetition_penalty: o.repetition_penalty,
+        presence_penalty: o.presence_penalty,
+        frequency_penalty: o.frequency_penalty,
+        penalty_window: o.penalty_window as u32,
+        seed: o.seed,
+    }
+}
+
+/// Fills `*params` (a struct of `struct_size` bytes) with the defaults. Use the
+/// `EMBER_SAMPLER_PARAMS_DEFAULT(&params)` macro.
+///
+/// # Safety
+/// `params` must be NULL or valid for writing `struct_size` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn ember_sampler_params_default(
+    struct_size: usize,
+    params: *mut ember_sampler_params,
+) -> ember_status {
+    // SAFETY: forwarded contract.
+    run(|| unsafe { write_params(struct_size, params, defaults()) })
+}
+
+/// Creates a sampler; `params` may be NULL for greedy decoding. Out-of-range options are
+/// `EMBER_ERR_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// `params` NULL or a params struct; `out` valid for writing a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn ember_sampler_new(
+    params: *const ember_sampler_params,
+    out: *mut *mut ember_sampler,
+) -> ember_status {
+    run(|| {
+        // SAFETY: caller's contract.
+        let p = unsafe { read_params(params, defaults(), "params") }?;
+        let sampler = Sampler::new(SamplerOptions {
+            temperature: p.temperature,
+            top_k: p.top_k as usize,
+            top_p: p.top_p,
+            min_p: p.min_p,
+            repetition_penalty: p.repetition_penalty,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            penalty_window: p.penalty_window as usize,
+            seed: p.seed,
+        })?;
+        if out.is_null() {
+            return Err(Error::InvalidArgument("out is NULL".into()));
+        }
+        let handle = Box::into_raw(Box::new(ember_sampler {
+            sampler: Mutex::new(sampler),
+        }));
+        // SAFETY: out checked non-NULL.
+        unsafe { out.write(handle) };
+        Ok(())
+    })
+}
+
+/// Frees a sampler (NULL is ignored).
+///
+/// # Safety
+/// `sampler` must be NULL or a pointer from `ember_sampler_new`, not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn ember_sampler_free(sampler: *mut ember_sampler) {
+    run(|| {
+        if !sampler.is_null() {
+            // SAFETY: the pointer came from Box::into_raw in ember_sampler_new.
+            drop(unsafe { Box::from_raw(sampler) });
+        }
+        Ok(())
+    });
+}
+
+/// Picks a token from `n_vocab` logits into `*out_token`, and remembers it for the penalties.
+///
+/// # Safety
+/// `logits` valid for `n_vocab` floats; `out_token` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn ember_sample(
+    sampler: *mut ember_sampler,
+    logits: *const f32,
+    n_vocab: usize,
+    out_token: *mut i32,
+) -> ember_status {
+    run(|| {
+        // SAFETY: caller's contract.
+        let (sampler, logits) = unsafe {
+            (
+                borrow(sampler, "sampler")?,
+                slice(logits, n_vocab, "logits")?,
+            )
+        };
+        if out_token.is_null() {
+            return Err(Error::InvalidArgument("out_token is NULL".into()));
+        }
+        if n_vocab > i32::MAX as usize {
+            return Err(Error::InvalidArgument("n_vocab is too large".into()));
+        }
+        let token = sampler.lock()?.sample(logits)?;
+        // SAFETY: out_token checked non-NULL.
+        unsafe { write_out(out_token, token as i32, "out_token") }
+    })
+}
+
+/// Remembers `token` for the penalties (e.g. the prompt's tokens).
+///
+/// # Safety
+/// `sampler` must be NULL or a live sampler.
+#[no_mangle]
+pub unsafe extern "C" fn ember_sampler_accept(
+    sampler: *mut ember_sampler,
+    token: i32,
+) -> ember_status {
+    run(|| {
+        let token = u32::try_from(token)
+            .map_err(|_| Error::InvalidArgument(format!("token {token} is negative")))?;
+        // SAFETY: caller's contract.
+        unsafe { borrow(sampler, "sampler") }?.lock()?.accept(token);
+        Ok(())
+    })
+}
+
+/// Restarts the random sequence from the seed and forgets recent tokens.
+///
+/// # Safety
+/// `sampler` must be NULL or a live sampler.
+#[no_mangle]
+pub unsafe extern "C" fn ember_sampler_reset(sampler: *mut ember_sampler) -> ember_status {
+    run(|| {
+        // SAFETY: caller's contract.
+        unsafe { borrow(sampler, "sampler") }?.lock()?.reset();
+        Ok(())
+    })
+}
