@@ -311,3 +311,52 @@ pub unsafe extern "C" fn ember_step_all(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ffi::{ember_last_error, ember_model_free, ember_model_load};
+
+    #[test]
+    fn a_panic_poisons_only_its_session() {
+        let path =
+            std::ffi::CString::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gpt2"))
+                .unwrap();
+        let mut model = std::ptr::null_mut();
+        let mut a = std::ptr::null_mut();
+        let mut b = std::ptr::null_mut();
+        // SAFETY: valid pointers to locals; the handles are freed at the end.
+        unsafe {
+            assert_eq!(
+                ember_model_load(path.as_ptr(), std::ptr::null(), &mut model),
+                ember_status::EMBER_OK
+            );
+            assert_eq!(
+                ember_session_new(model, std::ptr::null(), &mut a),
+                ember_status::EMBER_OK
+            );
+            assert_eq!(
+                ember_session_new(model, std::ptr::null(), &mut b),
+                ember_status::EMBER_OK
+            );
+            let status = run(|| with_session(a, |_| -> Result<()> { panic!("injected failure") }));
+            assert_eq!(status, ember_status::EMBER_ERR_INTERNAL);
+            let message = std::ffi::CStr::from_ptr(ember_last_error())
+                .to_string_lossy()
+                .into_owned();
+            assert!(message.contains("injected failure"), "{message}");
+            let tokens = [1i32, 2, 3];
+            assert_eq!(
+                ember_step(a, tokens.as_ptr(), 3, std::ptr::null_mut()),
+                ember_status::EMBER_ERR_INTERNAL
+            );
+            assert_eq!(
+                ember_step(b, tokens.as_ptr(), 3, std::ptr::null_mut()),
+                ember_status::EMBER_OK
+            );
+            ember_session_free(a);
+            ember_session_free(b);
+            ember_model_free(model);
+        }
+    }
+}

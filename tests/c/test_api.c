@@ -1,0 +1,568 @@
+/* Tests of every function of the C API, including the error paths.
+ * Usage: test_api FIXTURE_MODEL_DIR SCRATCH_DIR
+ * Built by tests/c_api.rs with -std=c11 -Wall -Wextra -Werror against include/ember.h. */
+#define _POSIX_C_SOURCE 200809L
+#include "ember.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int failures = 0;
+static int checks = 0;
+
+#define CHECK(cond)                                                            \
+  do {                                                                         \
+    checks++;                                                                  \
+    if (!(cond)) {                                                             \
+      failures++;                                                              \
+      fprintf(stderr, "%s:%d: CHECK failed: %s (last error: %s)\n", __FILE__,  \
+              __LINE__, #cond, ember_last_error());                            \
+    }                                                                          \
+  } while (0)
+
+#define CHECK_STATUS(call, expected) CHECK((call) == (expected))
+
+static const char *model_dir;
+static const char *scratch_dir;
+static ember_model *model;
+
+/* ---- helpers ---- */
+
+static size_t argmax(const float *v, size_t n) {
+  size_t best = 0;
+  for (size_t i = 1; i < n; i++)
+    if (v[i] > v[best]) best = i;
+  return best;
+}
+
+struct text_buffer {
+  char data[8192];
+  size_t len;
+  int calls;
+  int stop_after; /* 0 = never */
+};
+
+static bool collect(const char *piece, size_t len, void *user) {
+  struct text_buffer *b = user;
+  if (b->len + len < sizeof b->data) {
+    memcpy(b->data + b->len, piece, len);
+    b->len += len;
+    b->data[b->len] = 0;
+  }
+  if (piece[len] != 0) failures++; /* pieces are NUL-terminated too */
+  b->calls++;
+  return b->stop_after == 0 || b->calls < b->stop_after;
+}
+
+static ember_session *new_session(uint32_t n_ctx, uint32_t n_threads) {
+  ember_session_params p;
+  CHECK_STATUS(EMBER_SESSION_PARAMS_DEFAULT(&p), EMBER_OK);
+  p.n_ctx = n_ctx;
+  p.n_threads = n_threads;
+  ember_session *s = NULL;
+  CHECK_STATUS(ember_session_new(model, &p, &s), EMBER_OK);
+  return s;
+}
+
+static void write_file(const char *path, const void *data, size_t len) {
+  FILE *f = fopen(path, "wb");
+  if (!f) { fprintf(stderr, "cannot write %s\n", path); exit(2); }
+  fwrite(data, 1, len, f);
+  fclose(f);
+}
+
+static void *read_file(const char *path, size_t *len) {
+  FILE *f = fopen(path, "rb");
+  if (!f) { fprintf(stderr, "cannot read %s\n", path); exit(2); }
+  fseek(f, 0, SEEK_END);
+  *len = (size_t)ftell(f);
+  fseek(f, 0, SEEK_SET);
+  void *data = malloc(*len ? *len : 1);
+  if (fread(data, 1, *len, f) != *len) exit(2);
+  fclose(f);
+  return data;
+}
+
+/* ---- tests ---- */
+
+static void test_version(void) {
+  CHECK(ember_abi_version() == EMBER_ABI_VERSION);
+  CHECK(strlen(ember_version()) > 0);
+  CHECK(strcmp(ember_status_name(EMBER_ERR_CONTEXT_FULL), "EMBER_ERR_CONTEXT_FULL") == 0);
+  CHECK(strcmp(ember_status_name(12345), "EMBER_UNKNOWN_STATUS") == 0);
+  CHECK(ember_last_error() != NULL);
+}
+
+static int log_messages = 0;
+static void on_log(ember_log_level level, const char *message, void *user) {
+  (void)level;
+  (void)user;
+  if (message && strlen(message) > 0) log_messages++;
+}
+
+static void test_load_errors(void) {
+  ember_model *m = (ember_model *)0x1;
+  CHECK_STATUS(ember_model_load(NULL, NULL, &m), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(m == (ember_model *)0x1); /* outputs untouched on failure */
+  CHECK(strstr(ember_last_error(), "path") != NULL);
+  CHECK_STATUS(ember_model_load(model_dir, NULL, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_model_load("/nonexistent/model", NULL, &m), EMBER_ERR_IO);
+  CHECK_STATUS(ember_model_load("\xff\xfe", NULL, &m), EMBER_ERR_INVALID_ARGUMENT);
+
+  /* A folder with a truncated safetensors file and a garbage one. */
+  char path[4096], file[4200];
+  snprintf(path, sizeof path, "%s/corrupt", scratch_dir);
+  char cmd[8600];
+  snprintf(cmd, sizeof cmd, "mkdir -p '%s' && cp '%s/config.json' '%s/'", path, model_dir, path);
+  CHECK(system(cmd) == 0);
+  size_t len;
+  snprintf(file, sizeof file, "%s/model.safetensors", model_dir);
+  char *weights = read_file(file, &len);
+  snprintf(file, sizeof file, "%s/model.safetensors", path);
+  write_file(file, weights, len / 3);
+  CHECK_STATUS(ember_model_load(path, NULL, &m), EMBER_ERR_BAD_FORMAT);
+  memset(weights, 0xff, 64);
+  write_file(file, weights, len);
+  CHECK_STATUS(ember_model_load(path, NULL, &m), EMBER_ERR_BAD_FORMAT);
+  free(weights);
+  /* A config that disagrees with the weights' shapes. */
+  snprintf(cmd, sizeof cmd,
+           "cp '%s/model.safetensors' '%s/' && sed -i 's/\"intermediate_size\": 128/\"intermediate_size\": 100/' '%s/config.json'",
+           model_dir, path, path);
+  CHECK(system(cmd) == 0);
+  CHECK_STATUS(ember_model_load(path, NULL, &m), EMBER_ERR_BAD_FORMAT);
+  CHECK(strstr(ember_last_error(), "gate_proj") != NULL);
+}
+
+static void test_model(void) {
+  ember_set_log_callback(on_log, NULL);
+  ember_model_params params;
+  CHECK_STATUS(EMBER_MODEL_PARAMS_DEFAULT(&params), EMBER_OK);
+  CHECK(params.struct_size == sizeof params && params.load_tokenizer == 1);
+  CHECK_STATUS(ember_model_load(model_dir, &params, &model), EMBER_OK);
+  CHECK(log_messages > 0);
+  ember_set_log_callback(NULL, NULL);
+
+  CHECK(ember_model_n_vocab(model) == 320);
+  CHECK(ember_model_n_ctx_train(model) == 128);
+  CHECK(ember_model_token_bos(model) == 1);
+  CHECK(ember_model_token_eos(model) == 2);
+  CHECK(ember_model_token_eot(model) == 2);
+  CHECK(ember_model_token_is_end(model, 2) && !ember_model_token_is_end(model, 5));
+  CHECK(strcmp(ember_model_architecture(model), "llama") == 0);
+  CHECK(ember_model_has_chat_template(model));
+  /* NULL models: neutral values, no crash. */
+  CHECK(ember_model_n_vocab(NULL) == 0);
+  CHECK(ember_model_token_bos(NULL) == -1);
+  CHECK(strcmp(ember_model_architecture(NULL), "") == 0);
+  CHECK(!ember_model_has_chat_template(NULL));
+
+  /* An old caller's params struct: only struct_size. */
+  struct { uint32_t struct_size; } old = {sizeof old};
+  ember_model *m2 = NULL;
+  CHECK_STATUS(ember_model_load(model_dir, (const ember_model_params *)&old, &m2), EMBER_OK);
+  ember_model_free(m2);
+  struct { uint32_t struct_size; } bad = {0};
+  CHECK_STATUS(ember_model_load(model_dir, (const ember_model_params *)&bad, &m2), EMBER_ERR_INVALID_ARGUMENT);
+  /* Without the tokenizer, text functions say so. */
+  params.load_tokenizer = 0;
+  CHECK_STATUS(ember_model_load(model_dir, &params, &m2), EMBER_OK);
+  int32_t ids[8];
+  size_t n = 99;
+  CHECK_STATUS(ember_tokenize(m2, "hi", 2, false, false, ids, 8, &n), EMBER_ERR_UNSUPPORTED);
+  CHECK(n == 99);
+  ember_model_free(m2);
+  ember_model_free(NULL);
+}
+
+static void test_tokenize(void) {
+  int32_t ids[64];
+  size_t n = 0;
+  const char *text = "Hello world";
+  CHECK_STATUS(ember_tokenize(model, text, strlen(text), false, false, ids, 64, &n), EMBER_OK);
+  CHECK(n > 0 && n < 12);
+  /* Too small: nothing written, size needed reported. */
+  int32_t small[2] = {-7, -7};
+  size_t needed = 0;
+  CHECK_STATUS(ember_tokenize(model, text, strlen(text), false, false, small, 1, &needed), EMBER_ERR_BUFFER_TOO_SMALL);
+  CHECK(needed == n && small[0] == -7);
+  CHECK_STATUS(ember_tokenize(model, text, strlen(text), false, false, NULL, 0, &needed), EMBER_ERR_BUFFER_TOO_SMALL);
+  /* Empty text, NULL pointers, invalid UTF-8. */
+  CHECK_STATUS(ember_tokenize(model, NULL, 0, false, false, ids, 64, &n), EMBER_OK);
+  CHECK(n == 0);
+  CHECK_STATUS(ember_tokenize(model, NULL, 3, false, false, ids, 64, &n), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_tokenize(NULL, text, 3, false, false, ids, 64, &n), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_tokenize(model, text, 3, false, false, ids, 64, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_tokenize(model, "a\xc3", 2, false, false, ids, 64, &n), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(ember_last_error(), "UTF-8") != NULL);
+  /* Control tokens only when asked for. */
+  const char *inject = "<|im_start|>";
+  CHECK_STATUS(ember_tokenize(model, inject, strlen(inject), false, true, ids, 64, &n), EMBER_OK);
+  CHECK(n == 1 && ids[0] == 1);
+  CHECK_STATUS(ember_tokenize(model, inject, strlen(inject), false, false, ids, 64, &n), EMBER_OK);
+  CHECK(n > 1);
+  for (size_t i = 0; i < n; i++) CHECK(ids[i] != 1);
+
+  /* Round trip through detokenize. */
+  const char *utf8 = "h\xc3\xa9llo \xf0\x9f\x98\x80 world";
+  CHECK_STATUS(ember_tokenize(model, utf8, strlen(utf8), false, false, ids, 64, &n), EMBER_OK);
+  char out[256];
+  size_t len = 0;
+  CHECK_STATUS(ember_detokenize(model, ids, n, out, sizeof out, &len), EMBER_OK);
+  CHECK(len == strlen(utf8) && strcmp(out, utf8) == 0);
+  char tiny[4] = "xyz";
+  CHECK_STATUS(ember_detokenize(model, ids, n, tiny, sizeof tiny, &len), EMBER_ERR_BUFFER_TOO_SMALL);
+  CHECK(len == strlen(utf8) + 1 && strcmp(tiny, "xyz") == 0);
+  int32_t bad[2] = {5, 320};
+  CHECK_STATUS(ember_detokenize(model, bad, 2, out, sizeof out, &len), EMBER_ERR_INVALID_ARGUMENT);
+  bad[1] = -1;
+  CHECK_STATUS(ember_detokenize(model, bad, 2, out, sizeof out, &len), EMBER_ERR_INVALID_ARGUMENT);
+
+  /* Chat template. */
+  ember_chat_message msgs[2] = {{"system", "Be brief."}, {"user", "Hi!"}};
+  CHECK_STATUS(ember_chat_apply(model, msgs, 2, true, out, sizeof out, &len), EMBER_OK);
+  CHECK(strcmp(out, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n") == 0);
+  ember_chat_message broken[1] = {{"user", NULL}};
+  CHECK_STATUS(ember_chat_apply(model, broken, 1, true, out, sizeof out, &len), EMBER_ERR_INVALID_ARGUMENT);
+}
+
+static void test_session(void) {
+  ember_session *s = NULL;
+  CHECK_STATUS(ember_session_new(NULL, NULL, &s), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_new(model, NULL, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  ember_session_params p;
+  CHECK_STATUS(EMBER_SESSION_PARAMS_DEFAULT(&p), EMBER_OK);
+  p.n_ctx = 100000;
+  CHECK_STATUS(ember_session_new(model, &p, &s), EMBER_ERR_INVALID_ARGUMENT);
+  /* Old-size params: struct_size and n_ctx only; threads and batch take defaults. */
+  struct { uint32_t struct_size; uint32_t n_ctx; } old = {sizeof old, 16};
+  CHECK_STATUS(ember_session_new(model, (const ember_session_params *)&old, &s), EMBER_OK);
+  CHECK(ember_session_n_ctx(s) == 16);
+  CHECK(ember_session_position(s) == 0);
+
+  size_t vocab = ember_model_n_vocab(model);
+  float *logits = malloc(vocab * sizeof *logits);
+  int32_t prompt[10] = {10, 20, 30, 40, 50, 60, 70, 80, 90, 100};
+  CHECK_STATUS(ember_step(s, prompt, 10, logits), EMBER_OK);
+  CHECK(ember_session_position(s) == 10);
+  int32_t bad[2] = {1, 320};
+  CHECK_STATUS(ember_step(s, bad, 2, logits), EMBER_ERR_INVALID_ARGUMENT);
+  bad[1] = -5;
+  CHECK_STATUS(ember_step(s, bad, 2, logits), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_step(s, NULL, 2, logits), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_step(s, prompt, 0, logits), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(ember_session_position(s) == 10);
+  /* Context overflow, then continued use. */
+  CHECK_STATUS(ember_step(s, prompt, 7, logits), EMBER_ERR_CONTEXT_FULL);
+  CHECK(ember_session_position(s) == 10);
+  CHECK_STATUS(ember_step(s, prompt, 6, NULL), EMBER_OK);
+  CHECK(ember_session_position(s) == 16);
+  CHECK_STATUS(ember_session_rewind(s, 17), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_rewind(s, 10), EMBER_OK);
+  CHECK(ember_session_position(s) == 10);
+  CHECK_STATUS(ember_session_reset(s), EMBER_OK);
+  CHECK(ember_session_position(s) == 0);
+
+  /* All-position logits: the last row equals ember_step's logits. */
+  float *all = malloc(4 * vocab * sizeof *all);
+  CHECK_STATUS(ember_step_all(s, prompt, 4, all, 4 * vocab - 1), EMBER_ERR_BUFFER_TOO_SMALL);
+  CHECK(ember_session_position(s) == 0);
+  CHECK_STATUS(ember_step_all(s, prompt, 4, all, 4 * vocab), EMBER_OK);
+  ember_session *s2 = new_session(16, 1);
+  CHECK_STATUS(ember_step(s2, prompt, 4, logits), EMBER_OK);
+  CHECK(memcmp(all + 3 * vocab, logits, vocab * sizeof *logits) == 0);
+  ember_session_free(s2);
+
+  CHECK_STATUS(ember_session_reset(NULL), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(ember_session_position(NULL) == 0);
+  free(all);
+  free(logits);
+  ember_session_free(s);
+  ember_session_free(NULL);
+}
+
+static void test_sampler(void) {
+  ember_sampler_params p;
+  CHECK_STATUS(EMBER_SAMPLER_PARAMS_DEFAULT(&p), EMBER_OK);
+  CHECK(p.temperature == 0.0f && p.top_p == 1.0f);
+  ember_sampler *greedy = NULL;
+  CHECK_STATUS(ember_sampler_new(&p, &greedy), EMBER_OK);
+  float logits[5] = {0.5f, 2.0f, -1.0f, 1.9f, 0.0f};
+  int32_t t = -1;
+  CHECK_STATUS(ember_sample(greedy, logits, 5, &t), EMBER_OK);
+  CHECK(t == 1);
+  CHECK_STATUS(ember_sample(greedy, NULL, 5, &t), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_sample(greedy, logits, 5, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_sampler_accept(greedy, -1), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_sampler_reset(greedy), EMBER_OK);
+  ember_sampler_free(greedy);
+
+  p.temperature = -1.0f;
+  ember_sampler *s = NULL;
+  CHECK_STATUS(ember_sampler_new(&p, &s), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(s == NULL);
+  p.temperature = 1.0f;
+  p.seed = 1234;
+  int32_t first[20], second[20];
+  CHECK_STATUS(ember_sampler_new(&p, &s), EMBER_OK);
+  for (int i = 0; i < 20; i++) CHECK_STATUS(ember_sample(s, logits, 5, &first[i]), EMBER_OK);
+  ember_sampler_free(s);
+  CHECK_STATUS(ember_sampler_new(&p, &s), EMBER_OK);
+  for (int i = 0; i < 20; i++) CHECK_STATUS(ember_sample(s, logits, 5, &second[i]), EMBER_OK);
+  CHECK(memcmp(first, second, sizeof first) == 0);
+  ember_sampler_free(s);
+  ember_sampler_free(NULL);
+}
+
+static void test_generate(void) {
+  ember_session *s = new_session(64, 2);
+  ember_sampler *greedy = NULL;
+  CHECK_STATUS(ember_sampler_new(NULL, &greedy), EMBER_OK);
+  ember_generate_params gp;
+  CHECK_STATUS(EMBER_GENERATE_PARAMS_DEFAULT(&gp), EMBER_OK);
+  gp.max_tokens = 12;
+  gp.ignore_end_tokens = 1;
+  struct text_buffer b = {0};
+  ember_stop_reason reason = EMBER_STOP_REASON_END_TOKEN;
+  size_t n = 0;
+  const char *prompt = "Once upon a time";
+  CHECK_STATUS(ember_generate(s, greedy, prompt, strlen(prompt), &gp, collect, &b, &reason, &n), EMBER_OK);
+  CHECK(reason == EMBER_STOP_REASON_MAX_TOKENS && n == 12);
+  CHECK(b.len > 0);
+
+  /* The same text comes from stepping and sampling by hand. */
+  ember_session *s2 = new_session(64, 1);
+  int32_t ids[64], gen[16];
+  size_t n_ids = 0;
+  CHECK_STATUS(ember_tokenize(model, prompt, strlen(prompt), true, false, ids, 64, &n_ids), EMBER_OK);
+  size_t vocab = ember_model_n_vocab(model);
+  float *logits = malloc(vocab * sizeof *logits);
+  CHECK_STATUS(ember_step(s2, ids, n_ids, logits), EMBER_OK);
+  for (int i = 0; i < 12; i++) {
+    gen[i] = (int32_t)argmax(logits, vocab);
+    CHECK_STATUS(ember_step(s2, &gen[i], 1, logits), EMBER_OK);
+  }
+  char text[1024];
+  size_t len = 0;
+  CHECK_STATUS(ember_detokenize(model, gen, 12, text, sizeof text, &len), EMBER_OK);
+  CHECK(len == b.len && memcmp(text, b.data, len) == 0);
+  free(logits);
+  ember_session_free(s2);
+
+  /* Stop strings and callbacks that stop. */
+  if (b.len > 4) {
+    char stop[3] = {b.data[b.len / 2], b.data[b.len / 2 + 1], 0};
+    const char *stops[1] = {stop};
+    if ((unsigned char)stop[0] < 0x80 && (unsigned char)stop[1] < 0x80) {
+      gp.stop_strings = stops;
+      gp.n_stop_strings = 1;
+      struct text_buffer c = {0};
+      CHECK_STATUS(ember_session_reset(s), EMBER_OK);
+      CHECK_STATUS(ember_generate(s, greedy, prompt, strlen(prompt), &gp, collect, &c, &reason, &n), EMBER_OK);
+      CHECK(reason == EMBER_STOP_REASON_STOP_STRING);
+      CHECK(strstr(b.data, stop) == b.data + c.len && memcmp(b.data, c.data, c.len) == 0);
+      gp.stop_strings = NULL;
+      gp.n_stop_strings = 0;
+    }
+  }
+  struct text_buffer d = {0};
+  d.stop_after = 2;
+  CHECK_STATUS(ember_session_reset(s), EMBER_OK);
+  CHECK_STATUS(ember_generate(s, greedy, prompt, strlen(prompt), &gp, collect, &d, &reason, NULL), EMBER_OK);
+  CHECK(reason == EMBER_STOP_REASON_CALLBACK && d.calls == 2);
+  /* NULL callback and outputs are allowed. */
+  CHECK_STATUS(ember_session_reset(s), EMBER_OK);
+  CHECK_STATUS(ember_generate(s, greedy, prompt, strlen(prompt), NULL, NULL, NULL, NULL, NULL), EMBER_OK);
+  CHECK_STATUS(ember_generate(s, NULL, prompt, strlen(prompt), NULL, NULL, NULL, NULL, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_generate(s, greedy, "\xff", 1, NULL, NULL, NULL, NULL, NULL), EMBER_ERR_INVALID_ARGUMENT);
+
+  /* Chat keeps the conversation in the session. */
+  CHECK_STATUS(ember_session_reset(s), EMBER_OK);
+  ember_chat_message msgs[1] = {{"user", "Hello"}};
+  struct text_buffer e = {0};
+  gp.max_tokens = 6;
+  CHECK_STATUS(ember_chat(s, greedy, msgs, 1, &gp, collect, &e, &reason, &n), EMBER_OK);
+  CHECK(n == 6 && ember_session_position(s) > 6);
+  ember_sampler_free(greedy);
+  ember_session_free(s);
+}
+
+static void test_detokenizer(void) {
+  const char *text = "caf\xc3\xa9 \xf0\x9f\x98\x80 \xe6\x97\xa5\xe6\x9c\xac end";
+  int32_t ids[64];
+  size_t n = 0;
+  CHECK_STATUS(ember_tokenize(model, text, strlen(text), false, false, ids, 64, &n), EMBER_OK);
+  ember_detokenizer *d = NULL;
+  CHECK_STATUS(ember_detokenizer_new(model, &d), EMBER_OK);
+  char joined[256] = {0}, piece[64];
+  size_t len = 0, total = 0;
+  for (size_t i = 0; i < n; i++) {
+    /* A one-byte buffer holds an empty piece; for a longer one it is too small, and then the
+     * token is not consumed: the call is repeated with room. */
+    char one[1];
+    ember_status st = ember_detokenizer_push(d, ids[i], one, sizeof one, &len);
+    if (st == EMBER_ERR_BUFFER_TOO_SMALL) {
+      CHECK(len > 1);
+      CHECK_STATUS(ember_detokenizer_push(d, ids[i], piece, sizeof piece, &len), EMBER_OK);
+    } else {
+      CHECK(st == EMBER_OK && len == 0 && one[0] == 0);
+      piece[0] = 0;
+    }
+    CHECK(strlen(piece) == len);
+    memcpy(joined + total, piece, len);
+    total += len;
+  }
+  CHECK_STATUS(ember_detokenizer_flush(d, piece, sizeof piece, &len), EMBER_OK);
+  memcpy(joined + total, piece, len);
+  total += len;
+  joined[total] = 0;
+  CHECK(strcmp(joined, text) == 0);
+  CHECK_STATUS(ember_detokenizer_push(d, 320, piece, sizeof piece, &len), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_detokenizer_push(d, -3, piece, sizeof piece, &len), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_detokenizer_reset(d), EMBER_OK);
+  ember_detokenizer_free(d);
+  ember_detokenizer_free(NULL);
+  CHECK_STATUS(ember_detokenizer_push(NULL, 1, piece, sizeof piece, &len), EMBER_ERR_INVALID_ARGUMENT);
+}
+
+/* ---- cancellation and threads ---- */
+
+static void test_cancel(void) {
+  ember_session_params p;
+  CHECK_STATUS(EMBER_SESSION_PARAMS_DEFAULT(&p), EMBER_OK);
+  p.n_ctx = 128;
+  p.n_threads = 2;
+  p.n_ubatch = 1;
+  ember_session *s = NULL;
+  CHECK_STATUS(ember_session_new(model, &p, &s), EMBER_OK);
+  int32_t tokens[100];
+  for (int i = 0; i < 100; i++) tokens[i] = 3 + i;
+  /* A pending request cancels the next step, which leaves the session as it was. */
+  CHECK_STATUS(ember_step(s, tokens, 5, NULL), EMBER_OK);
+  CHECK_STATUS(ember_session_cancel(s), EMBER_OK);
+  CHECK_STATUS(ember_step(s, tokens, 100, NULL), EMBER_ERR_CANCELLED);
+  CHECK(ember_session_position(s) == 5);
+  CHECK_STATUS(ember_step(s, tokens, 100, NULL), EMBER_OK);
+  CHECK(ember_session_position(s) == 105);
+  CHECK_STATUS(ember_session_cancel(NULL), EMBER_ERR_INVALID_ARGUMENT);
+  ember_session_free(s);
+}
+
+struct busy_probe {
+  ember_session *session;
+  ember_status seen;
+};
+
+static void *step_from_thread(void *arg) {
+  struct busy_probe *probe = arg;
+  int32_t t = 5;
+  probe->seen = ember_step(probe->session, &t, 1, NULL);
+  return NULL;
+}
+
+static bool probe_busy(const char *piece, size_t len, void *user) {
+  (void)piece;
+  (void)len;
+  struct busy_probe *probe = user;
+  /* The session is inside ember_generate: another thread (or this one) gets BUSY. */
+  pthread_t thread;
+  pthread_create(&thread, NULL, step_from_thread, probe);
+  pthread_join(thread, NULL);
+  return false;
+}
+
+static void test_busy(void) {
+  ember_session *s = new_session(64, 1);
+  ember_sampler *greedy = NULL;
+  CHECK_STATUS(ember_sampler_new(NULL, &greedy), EMBER_OK);
+  ember_generate_params gp;
+  CHECK_STATUS(EMBER_GENERATE_PARAMS_DEFAULT(&gp), EMBER_OK);
+  gp.ignore_end_tokens = 1;
+  struct busy_probe probe = {s, EMBER_OK};
+  CHECK_STATUS(ember_generate(s, greedy, "Hello", 5, &gp, probe_busy, &probe, NULL, NULL), EMBER_OK);
+  CHECK(probe.seen == EMBER_ERR_BUSY);
+  /* Usable again once the call returned. */
+  int32_t t = 5;
+  CHECK_STATUS(ember_step(s, &t, 1, NULL), EMBER_OK);
+  ember_sampler_free(greedy);
+  ember_session_free(s);
+}
+
+struct worker {
+  char text[2048];
+  size_t len;
+  ember_status status;
+};
+
+static bool append(const char *piece, size_t len, void *user) {
+  struct worker *w = user;
+  if (w->len + len < sizeof w->text) {
+    memcpy(w->text + w->len, piece, len);
+    w->len += len;
+  }
+  return true;
+}
+
+static void run_worker(struct worker *w, uint32_t threads) {
+  ember_session *s = new_session(96, threads);
+  ember_sampler_params sp;
+  EMBER_SAMPLER_PARAMS_DEFAULT(&sp);
+  sp.temperature = 0.8f;
+  sp.top_k = 40;
+  sp.seed = 99;
+  ember_sampler *sampler = NULL;
+  ember_sampler_new(&sp, &sampler);
+  ember_generate_params gp;
+  EMBER_GENERATE_PARAMS_DEFAULT(&gp);
+  gp.max_tokens = 40;
+  gp.ignore_end_tokens = 1;
+  w->len = 0;
+  w->status = ember_generate(s, sampler, "The robot said", 14, &gp, append, w, NULL, NULL);
+  ember_sampler_free(sampler);
+  ember_session_free(s);
+}
+
+static void *worker_main(void *arg) {
+  run_worker(arg, 2);
+  return NULL;
+}
+
+static void test_threads(void) {
+  struct worker reference;
+  run_worker(&reference, 1);
+  CHECK(reference.status == EMBER_OK && reference.len > 0);
+  enum { N = 6 };
+  struct worker workers[N];
+  pthread_t threads[N];
+  for (int i = 0; i < N; i++) pthread_create(&threads[i], NULL, worker_main, &workers[i]);
+  for (int i = 0; i < N; i++) pthread_join(threads[i], NULL);
+  for (int i = 0; i < N; i++) {
+    CHECK(workers[i].status == EMBER_OK);
+    CHECK(workers[i].len == reference.len && memcmp(workers[i].text, reference.text, reference.len) == 0);
+  }
+}
+
+int main(int argc, char **argv) {
+  if (argc != 3) {
+    fprintf(stderr, "usage: %s FIXTURE_MODEL_DIR SCRATCH_DIR\n", argv[0]);
+    return 2;
+  }
+  model_dir = argv[1];
+  scratch_dir = argv[2];
+  test_version();
+  test_load_errors();
+  test_model();
+  test_tokenize();
+  test_session();
+  test_sampler();
+  test_generate();
+  test_detokenizer();
+  test_cancel();
+  test_busy();
+  test_threads();
+  ember_model_free(model);
+  printf("%d passed, %d failed\n", checks - failures, failures);
+  return failures == 0 ? 0 : 1;
+}
