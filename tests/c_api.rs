@@ -175,3 +175,50 @@ fn the_c_tests_and_example_are_clean_under_valgrind() {
     compile(&["examples/c/generate.c"], &example, Link::Shared, false);
     run(&example, &[&fixture(), "Hello", "8", "2"], true);
 }
+
+#[test]
+fn pkg_config_finds_the_installed_library() {
+    if Command::new("pkg-config")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: pkg-config is not installed");
+        return;
+    }
+    let prefix = scratch("install");
+    let status = Command::new("bash")
+        .arg(root().join("scripts/install-c"))
+        .arg(&prefix)
+        .arg(lib_dir())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let flags = Command::new("pkg-config")
+        .args(["--cflags", "--libs", "ember"])
+        .env("PKG_CONFIG_PATH", prefix.join("lib/pkgconfig"))
+        .output()
+        .unwrap();
+    assert!(
+        flags.status.success(),
+        "{}",
+        String::from_utf8_lossy(&flags.stderr)
+    );
+    let flags = String::from_utf8(flags.stdout).unwrap();
+    let out = prefix.join("generate");
+    let status = Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Werror"])
+        .arg(root().join("examples/c/generate.c"))
+        .args(flags.split_whitespace())
+        .arg(format!("-Wl,-rpath,{}", prefix.join("lib").display()))
+        .arg("-o")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "compiling with `pkg-config --cflags --libs ember` failed"
+    );
+    run(&out, &[&fixture(), "Hi", "4", "1"], false);
+    assert!(prefix.join("lib/cmake/ember/emberConfig.cmake").is_file());
+}
