@@ -70,6 +70,18 @@ impl SamplerOptions {
     }
 }
 
+/// The index of the largest logit (the first one on ties); NaN never wins. 0 for an empty
+/// slice.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] || logits[best].is_nan() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// SplitMix64: a small, well-mixed generator whose whole state is one seed.
 #[derive(Debug, Clone)]
 struct Rng(u64);

@@ -66,6 +66,8 @@ struct Shared {
     in_job: AtomicUsize,
     /// Workers asleep (or about to sleep) on `wake`.
     sleepers: AtomicUsize,
+    /// Workers that have started running.
+    started: AtomicUsize,
     shutdown: AtomicBool,
     lock: Mutex<()>,
     wake: Condvar,
@@ -93,6 +95,7 @@ impl Shared {
     }
 
     fn worker(&self) {
+        self.started.fetch_add(1, SeqCst);
         let mut seen = 0;
         loop {
             if !self.wait_for_work(seen) {
@@ -149,6 +152,7 @@ impl ThreadPool {
             epoch: AtomicU64::new(0),
             in_job: AtomicUsize::new(0),
             sleepers: AtomicUsize::new(0),
+            started: AtomicUsize::new(0),
             shutdown: AtomicBool::new(false),
             lock: Mutex::new(()),
             wake: Condvar::new(),
@@ -166,6 +170,11 @@ impl ThreadPool {
                 .spawn(move || shared.worker())
                 .map_err(|e| Error::Internal(format!("could not start a worker thread: {e}")))?;
             pool.workers.push(handle);
+        }
+        // Wait until every worker runs, so that thread start-up (and its allocations) is over
+        // when the pool is handed out.
+        while pool.shared.started.load(SeqCst) < n_threads - 1 {
+            std::thread::yield_now();
         }
         Ok(pool)
     }

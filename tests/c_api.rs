@@ -9,10 +9,27 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `target/<profile>`, where cargo put libember.so and libember.a for this test run.
+/// `target/<profile>`, where cargo puts libember.so and libember.a for this profile. `cargo
+/// test` builds the library only as an rlib, so the first call builds the C libraries.
 fn lib_dir() -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_path_buf()
+    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    BUILD.call_once(|| {
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
+            .args(["build", "--lib", "--manifest-path"])
+            .arg(root().join("Cargo.toml"));
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("cargo");
+        assert!(
+            status.success(),
+            "building libember.so and libember.a failed"
+        );
+    });
+    dir
 }
 
 fn fixture() -> String {

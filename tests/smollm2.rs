@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use ember::sampler::argmax;
 use ember::{Model, Session, SessionOptions};
 
 /// Below this top-2 logit margin in the reference, a different choice is a near-tie, not an
@@ -20,16 +21,6 @@ fn model_dir() -> Option<PathBuf> {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct-f32")
         });
     dir.join("model.safetensors").is_file().then_some(dir)
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 #[test]

@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+use ember::sampler::argmax;
 use ember::{Model, Session, SessionOptions};
 
 const USAGE: &str = "usage:
@@ -343,14 +344,4 @@ fn bench(args: &[String]) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
 }

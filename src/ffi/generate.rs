@@ -279,13 +279,34 @@ pub unsafe extern "C" fn ember_detokenizer_new(
 /// `detokenizer` NULL or a pointer from `ember_detokenizer_new`, not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn ember_detokenizer_free(detokenizer: *mut ember_detokenizer) {
+    // SAFETY: the caller's contract (a pointer from this library's constructor, or NULL).
+    unsafe { super::free_handle(detokenizer) }
+}
+
+/// Runs `step` on a copy of the detokenizer's state and writes the text it returns; the copy
+/// replaces the state only when the text fit, so a too-small buffer consumes nothing.
+///
+/// # Safety
+/// `detokenizer` NULL or a live detokenizer; `out` valid for `out_cap` bytes; `n_out` for
+/// writing.
+unsafe fn detokenizer_emit(
+    detokenizer: *mut ember_detokenizer,
+    out: *mut c_char,
+    out_cap: usize,
+    n_out: *mut usize,
+    step: impl FnOnce(&mut StreamDecoder, &crate::tokenizer::Tokenizer) -> Result<String>,
+) -> ember_status {
     run(|| {
-        if !detokenizer.is_null() {
-            // SAFETY: the pointer came from Box::into_raw in ember_detokenizer_new.
-            drop(unsafe { Box::from_raw(detokenizer) });
-        }
+        // SAFETY: caller's contract.
+        let d = unsafe { detokenizer.as_mut() }
+            .ok_or_else(|| Error::InvalidArgument("detokenizer is NULL".into()))?;
+        let mut next = d.state.clone();
+        let piece = step(&mut next, d.model.tokenizer()?)?;
+        // SAFETY: caller's contract for out and n_out.
+        unsafe { write_text(&piece, out, out_cap, n_out) }?;
+        d.state = next;
         Ok(())
-    });
+    })
 }
 
 /// Adds `token` and writes the text it completes (often "" while a character is incomplete)
@@ -302,19 +323,14 @@ pub unsafe extern "C" fn ember_detokenizer_push(
     out_cap: usize,
     n_out: *mut usize,
 ) -> ember_status {
-    run(|| {
-        // SAFETY: caller's contract.
-        let d = unsafe { detokenizer.as_mut() }
-            .ok_or_else(|| Error::InvalidArgument("detokenizer is NULL".into()))?;
-        let token = u32::try_from(token)
-            .map_err(|_| Error::InvalidArgument(format!("token {token} is negative")))?;
-        let mut next = d.state.clone();
-        let piece = next.push(d.model.tokenizer()?, token)?;
-        // SAFETY: caller's contract for out and n_out.
-        unsafe { write_text(&piece, out, out_cap, n_out) }?;
-        d.state = next;
-        Ok(())
-    })
+    // SAFETY: forwarded contract.
+    unsafe {
+        detokenizer_emit(detokenizer, out, out_cap, n_out, |state, tokenizer| {
+            let token = u32::try_from(token)
+                .map_err(|_| Error::InvalidArgument(format!("token {token} is negative")))?;
+            state.push(tokenizer, token)
+        })
+    }
 }
 
 /// Writes the text still held back (an incomplete character at the end, as U+FFFD) and
@@ -329,17 +345,12 @@ pub unsafe extern "C" fn ember_detokenizer_flush(
     out_cap: usize,
     n_out: *mut usize,
 ) -> ember_status {
-    run(|| {
-        // SAFETY: caller's contract.
-        let d = unsafe { detokenizer.as_mut() }
-            .ok_or_else(|| Error::InvalidArgument("detokenizer is NULL".into()))?;
-        let mut next = d.state.clone();
-        let rest = next.finish(d.model.tokenizer()?)?;
-        // SAFETY: caller's contract for out and n_out.
-        unsafe { write_text(&rest, out, out_cap, n_out) }?;
-        d.state = next;
-        Ok(())
-    })
+    // SAFETY: forwarded contract.
+    unsafe {
+        detokenizer_emit(detokenizer, out, out_cap, n_out, |state, tokenizer| {
+            state.finish(tokenizer)
+        })
+    }
 }
 
 /// Forgets every token fed so far.

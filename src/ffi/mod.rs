@@ -356,6 +356,20 @@ pub(crate) unsafe fn write_params<T: Copy>(
     Ok(())
 }
 
+/// Frees a handle made with `Box::into_raw` (NULL is ignored), catching panics of its drop.
+///
+/// # Safety
+/// `handle` must be NULL or a pointer from `Box::into_raw` not yet freed.
+pub(crate) unsafe fn free_handle<T>(handle: *mut T) {
+    run(|| {
+        if !handle.is_null() {
+            // SAFETY: the caller's contract: the pointer came from Box::into_raw.
+            drop(unsafe { Box::from_raw(handle) });
+        }
+        Ok(())
+    });
+}
+
 /// The message of the last failed call on this thread ("" if none). The pointer stays valid
 /// until the next failing Ember call on the same thread; copy it to keep it.
 #[no_mangle]

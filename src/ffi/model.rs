@@ -117,13 +117,8 @@ pub unsafe extern "C" fn ember_model_load(
 /// `model` must be NULL or a pointer from `ember_model_load`, not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn ember_model_free(model: *mut ember_model) {
-    run(|| {
-        if !model.is_null() {
-            // SAFETY: the pointer came from Box::into_raw in ember_model_load (caller's contract).
-            drop(unsafe { Box::from_raw(model) });
-        }
-        Ok(())
-    });
+    // SAFETY: the caller's contract (a pointer from ember_model_load, or NULL).
+    unsafe { super::free_handle(model) }
 }
 
 /// Vocabulary size: the length of a logits vector. 0 if `model` is NULL.

@@ -124,13 +124,8 @@ pub unsafe extern "C" fn ember_sampler_new(
 /// `sampler` must be NULL or a pointer from `ember_sampler_new`, not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn ember_sampler_free(sampler: *mut ember_sampler) {
-    run(|| {
-        if !sampler.is_null() {
-            // SAFETY: the pointer came from Box::into_raw in ember_sampler_new.
-            drop(unsafe { Box::from_raw(sampler) });
-        }
-        Ok(())
-    });
+    // SAFETY: the caller's contract (a pointer from this library's constructor, or NULL).
+    unsafe { super::free_handle(sampler) }
 }
 
 /// Picks a token from `n_vocab` logits into `*out_token`, and remembers it for the penalties.

@@ -169,13 +169,8 @@ pub unsafe extern "C" fn ember_session_new(
 /// `session` must be NULL or a pointer from `ember_session_new`, not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn ember_session_free(session: *mut ember_session) {
-    run(|| {
-        if !session.is_null() {
-            // SAFETY: the pointer came from Box::into_raw in ember_session_new.
-            drop(unsafe { Box::from_raw(session) });
-        }
-        Ok(())
-    });
+    // SAFETY: the caller's contract (a pointer from this library's constructor, or NULL).
+    unsafe { super::free_handle(session) }
 }
 
 /// Forgets every token (and any pending cancellation).
