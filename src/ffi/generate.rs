@@ -12,6 +12,8 @@ use super::{
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, Generation, StopReason};
 use crate::model::Model;
+use crate::sampler::Sampler;
+use crate::session::Session;
 use crate::tokenizer::StreamDecoder;
 
 /// Receives generated text: `len` bytes of complete UTF-8 at `piece` (also NUL-terminated),
@@ -170,31 +172,26 @@ pub unsafe extern "C" fn ember_generate(
     out_reason: *mut ember_stop_reason,
     out_n_tokens: *mut usize,
 ) -> ember_status {
-    run(|| {
-        // SAFETY: caller's contract for each pointer.
-        let (sampler, prompt, (p, options)) = unsafe {
-            (
-                borrow(sampler, "sampler")?,
-                text(prompt, prompt_len, "prompt")?,
-                options(params)?,
-            )
-        };
-        let mut sampler = sampler.lock()?;
-        let mut on_text = callback(on_text, user);
-        // SAFETY: caller's contract.
-        let result = unsafe {
-            with_session(session, |s| {
+    // SAFETY: forwarded contract.
+    unsafe {
+        run_generation(
+            session,
+            sampler,
+            params,
+            (on_text, user),
+            (out_reason, out_n_tokens),
+            |s, sampler, p, options, on_text| {
+                // SAFETY: caller's contract for the prompt.
+                let prompt = text(prompt, prompt_len, "prompt")?;
                 let model = s.model().clone();
                 let ids =
                     model
                         .tokenizer()?
                         .encode(prompt, p.add_special != 0, p.parse_special != 0)?;
-                crate::generate::generate(s, &mut sampler, &ids, &options, &mut on_text)
-            })
-        }?;
-        report(result, out_reason, out_n_tokens);
-        Ok(())
-    })
+                crate::generate::generate(s, sampler, &ids, options, on_text)
+            },
+        )
+    }
 }
 
 /// Applies the model's chat template to the whole conversation (`n_messages` messages) and
@@ -218,21 +215,51 @@ pub unsafe extern "C" fn ember_chat(
     out_reason: *mut ember_stop_reason,
     out_n_tokens: *mut usize,
 ) -> ember_status {
+    // SAFETY: forwarded contract.
+    unsafe {
+        run_generation(
+            session,
+            sampler,
+            params,
+            (on_text, user),
+            (out_reason, out_n_tokens),
+            |s, sampler, _, options, on_text| {
+                // SAFETY: caller's contract for the messages.
+                let messages = chat_messages(messages, n_messages)?;
+                crate::generate::chat(s, sampler, &messages, options, on_text)
+            },
+        )
+    }
+}
+
+/// What `ember_generate` and `ember_chat` share: reading the options, taking the sampler and
+/// the session, adapting the callback, reporting the outcome. `body` generates.
+///
+/// # Safety
+/// As `ember_generate`.
+unsafe fn run_generation(
+    session: *mut ember_session,
+    sampler: *mut ember_sampler,
+    params: *const ember_generate_params,
+    (on_text, user): (ember_text_callback, *mut c_void),
+    (out_reason, out_n_tokens): (*mut ember_stop_reason, *mut usize),
+    body: impl FnOnce(
+        &mut Session,
+        &mut Sampler,
+        &ember_generate_params,
+        &GenerateOptions,
+        &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation>,
+) -> ember_status {
     run(|| {
         // SAFETY: caller's contract for each pointer.
-        let (sampler, messages, (_, options)) = unsafe {
-            (
-                borrow(sampler, "sampler")?,
-                chat_messages(messages, n_messages)?,
-                options(params)?,
-            )
-        };
+        let (sampler, (p, options)) = unsafe { (borrow(sampler, "sampler")?, options(params)?) };
         let mut sampler = sampler.lock()?;
         let mut on_text = callback(on_text, user);
         // SAFETY: caller's contract.
         let result = unsafe {
             with_session(session, |s| {
-                crate::generate::chat(s, &mut sampler, &messages, &options, &mut on_text)
+                body(s, &mut sampler, &p, &options, &mut on_text)
             })
         }?;
         report(result, out_reason, out_n_tokens);
