@@ -1,4 +1,7 @@
 //! A decode step allocates nothing: the KV cache and every buffer are made with the session.
+//!
+//! This test has no libtest harness (`harness = false`): only the session's own threads run
+//! while allocations are counted.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
@@ -33,7 +36,11 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-#[test]
+fn main() {
+    decode_steps_do_not_allocate();
+    println!("no_alloc: decode steps allocate nothing (llama 1 and 2 threads, qwen2, gpt2)");
+}
+
 fn decode_steps_do_not_allocate() {
     for (name, threads) in [("llama", 1), ("llama", 2), ("qwen2", 2), ("gpt2", 2)] {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
