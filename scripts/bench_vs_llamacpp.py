@@ -1,19 +1,19 @@
 #!/usr/bin/env python3
 """Ember against llama.cpp on the same weights, threads and machine, in one run.
 
-For each dtype (default F32 and BF16 of SmolLM2-135M-Instruct) and thread count, measures
+For each dtype (default Q4_1, Q4_0, Q8_0, F32 and BF16 of SmolLM2-135M-Instruct) and thread
+count, measures
 prompt processing (one 512-token batch on an empty context) and generation (128 single-token
 steps from an empty context), best of --reps runs, alternating Ember and llama.cpp so both see
 the same machine load. Also measures the machine's read bandwidth and prints the generation
 limit it implies: bandwidth / weight bytes read per token.
 
-Weights: Ember reads models/SmolLM2-135M-Instruct-{f32,bf16}/ (made from the Q4_1 GGUF by
-scripts/make_smollm2_reference.py); llama.cpp reads GGUF files of the same weights that
-llama.cpp's own quantizer writes from the Q4_1 file (llama_model_quantize with
-allow_requantize), cached in models/.
+Weights: both read the same GGUF file: the default model's Q4_1 file (scripts/fetch-model),
+or the file of another type that llama.cpp's own quantizer writes from it (llama_model_quantize
+with allow_requantize), cached in models/.
 
 Needs: pip install llama-cpp-python numpy (CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TOOLS=OFF"),
-and `cargo build --release`. Usage: python3 scripts/bench_vs_llamacpp.py [--dtypes f32,bf16]
+and `cargo build --release`. Usage: python3 scripts/bench_vs_llamacpp.py [--dtypes q4_1,q8_0]
 [--threads 1,2] [--reps 3]
 """
 
@@ -62,13 +62,6 @@ def gguf_for(dtype):
     return path
 
 
-def ember_folder(dtype):
-    folder = MODELS / f"SmolLM2-135M-Instruct-{dtype}"
-    if not (folder / "model.safetensors").exists():
-        raise SystemExit(f"{folder} missing: run python3 scripts/make_smollm2_reference.py")
-    return folder
-
-
 def run_ember(model, threads, bandwidth=False):
     out = subprocess.run(
         [str(EMBER), "bench", str(model), "--threads", str(threads), "--pp", str(PP), "--tg", str(TG), "--reps", "1", "--json"]
@@ -115,7 +108,7 @@ class LlamaCpp:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dtypes", default="f32,bf16")
+    ap.add_argument("--dtypes", default="q4_1,q4_0,q8_0,f32,bf16")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
@@ -126,14 +119,14 @@ def main():
     bandwidth = {}
     rows = []
     for dtype in args.dtypes.split(","):
-        folder, gguf = ember_folder(dtype), gguf_for(dtype)
+        gguf = gguf_for(dtype)
         for threads in thread_counts:
             peer = LlamaCpp(gguf, threads)
             e_pp, e_tg, l_pp, l_tg = 0.0, 0.0, 0.0, 0.0
             info = None
             for rep in range(args.reps):
                 measure = threads not in bandwidth and rep == 0
-                pp, tg, info = run_ember(folder, threads, bandwidth=measure)
+                pp, tg, info = run_ember(gguf, threads, bandwidth=measure)
                 if measure:
                     bandwidth[threads] = info["results"][0]["read_gb_s"]
                 e_pp, e_tg = max(e_pp, pp), max(e_tg, tg)

@@ -79,6 +79,15 @@ impl Error {
     pub fn format(message: impl Into<String>) -> Self {
         Error::BadFormat(message.into())
     }
+
+    /// Prefixes format and support errors with the file they are about.
+    pub fn in_file(self, file: &str) -> Self {
+        match self {
+            Error::BadFormat(m) => Error::BadFormat(format!("{file}: {m}")),
+            Error::Unsupported(m) => Error::Unsupported(format!("{file}: {m}")),
+            other => other,
+        }
+    }
 }
 
 /// Allocates a zeroed `Vec<f32>` of `len` elements, reporting failure instead of aborting.

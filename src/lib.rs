@@ -24,6 +24,7 @@
 //! # Ok::<(), ember::Error>(())
 //! ```
 
+pub mod convert;
 pub mod error;
 pub mod ffi;
 pub mod generate;

@@ -82,8 +82,13 @@ impl Session {
             )));
         }
         let cache = KvCache::new(&model.config, n_ctx)?;
-        let scratch =
-            ForwardScratch::new(&model.config, n_ctx, ubatch.min(n_ctx), pool.n_threads())?;
+        let scratch = ForwardScratch::new(
+            &model.config,
+            n_ctx,
+            ubatch.min(n_ctx),
+            pool.n_threads(),
+            model.has_quantized_weights(),
+        )?;
         let mut history = Vec::new();
         history
             .try_reserve_exact(n_ctx)

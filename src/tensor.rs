@@ -19,14 +19,54 @@ pub enum DType {
     F16,
     /// bfloat16 (the upper half of an f32).
     BF16,
+    /// GGML Q8_0: blocks of 32 weights, an f16 scale and 32 `i8` (34 bytes).
+    Q8_0,
+    /// GGML Q4_0: blocks of 32 weights, an f16 scale and 32 4-bit values offset by 8 (18 bytes).
+    Q4_0,
+    /// GGML Q4_1: blocks of 32 weights, f16 scale and minimum, 32 4-bit values (20 bytes).
+    Q4_1,
 }
 
 impl DType {
-    /// Size of one element in bytes.
-    pub fn size(self) -> usize {
+    /// Number of elements stored together (32 for the quantized types, else 1).
+    pub fn block_len(self) -> usize {
+        if self.is_quantized() {
+            crate::kernels::quant::BLOCK
+        } else {
+            1
+        }
+    }
+
+    /// Size in bytes of one block of [`block_len`](Self::block_len) elements.
+    pub fn block_bytes(self) -> usize {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
+            DType::Q8_0 => 34,
+            DType::Q4_0 => 18,
+            DType::Q4_1 => 20,
+        }
+    }
+
+    /// True for the block-quantized types.
+    pub fn is_quantized(self) -> bool {
+        matches!(self, DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
+    }
+
+    /// Bytes needed for `n` elements, or `None` if `n` is not a whole number of blocks or
+    /// the size overflows.
+    pub fn bytes_for(self, n: usize) -> Option<usize> {
+        if n % self.block_len() != 0 {
+            return None;
+        }
+        (n / self.block_len()).checked_mul(self.block_bytes())
+    }
+
+    /// Alignment the in-place view of the elements needs.
+    fn alignment(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => 2,
         }
     }
 
@@ -36,6 +76,9 @@ impl DType {
             DType::F32 => "F32",
             DType::F16 => "F16",
             DType::BF16 => "BF16",
+            DType::Q8_0 => "Q8_0",
+            DType::Q4_0 => "Q4_0",
+            DType::Q4_1 => "Q4_1",
         }
     }
 }
@@ -96,6 +139,34 @@ pub enum Elements<'a> {
     F16(&'a [f16]),
     /// bf16 elements.
     BF16(&'a [bf16]),
+    /// Blocks of a quantized type (see [`DType`]), row after row.
+    Quantized(DType, &'a [u8]),
+}
+
+impl Elements<'_> {
+    /// Writes elements `start..start + out.len()` as f32 into `out`. For quantized types
+    /// `start` and `out.len()` must be multiples of the block length.
+    pub fn to_f32(&self, start: usize, out: &mut [f32]) {
+        let range = start..start + out.len();
+        match *self {
+            Elements::F32(e) => out.copy_from_slice(&e[range]),
+            Elements::F16(e) => out
+                .iter_mut()
+                .zip(&e[range])
+                .for_each(|(o, v)| *o = v.to_f32()),
+            Elements::BF16(e) => out
+                .iter_mut()
+                .zip(&e[range])
+                .for_each(|(o, v)| *o = v.to_f32()),
+            Elements::Quantized(dtype, bytes) => {
+                let (block, block_bytes) = (dtype.block_len(), dtype.block_bytes());
+                assert!(start % block == 0 && out.len() % block == 0);
+                let first = start / block * block_bytes;
+                let bytes = &bytes[first..first + out.len() / block * block_bytes];
+                crate::kernels::quant::dequantize(dtype, bytes, out);
+            }
+        }
+    }
 }
 
 /// A shaped, typed window onto a [`Storage`]. Cheap to clone (shares the storage).
@@ -123,8 +194,15 @@ impl Tensor {
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
             .ok_or_else(|| Error::format(format!("tensor {name}: shape {shape:?} overflows")))?;
-        let n_bytes = n_elements
-            .checked_mul(dtype.size())
+        let row = shape.last().copied().unwrap_or(1);
+        if row % dtype.block_len() != 0 {
+            return Err(Error::format(format!(
+                "tensor {name}: rows of {row} elements are not whole {} blocks",
+                dtype.name()
+            )));
+        }
+        let n_bytes = dtype
+            .bytes_for(n_elements)
             .ok_or_else(|| Error::format(format!("tensor {name}: size overflows")))?;
         let end = offset
             .checked_add(n_bytes)
@@ -136,7 +214,7 @@ impl Tensor {
                 ))
             })?;
         let ptr = storage.bytes()[offset..end].as_ptr();
-        if (ptr as usize) % dtype.size() != 0 {
+        if (ptr as usize) % dtype.alignment() != 0 {
             let copy = Storage::owned(&storage.bytes()[offset..end])?;
             return Tensor::new(Arc::new(copy), 0, dtype, shape, name);
         }
@@ -170,7 +248,8 @@ impl Tensor {
 
     /// The raw little-endian bytes of the tensor.
     pub fn bytes(&self) -> &[u8] {
-        let n = self.len() * self.dtype.size();
+        // `Tensor::new` checked that this size is whole blocks and does not overflow.
+        let n = self.len() / self.dtype.block_len() * self.dtype.block_bytes();
         &self.storage.bytes()[self.offset..self.offset + n]
     }
 
@@ -178,12 +257,13 @@ impl Tensor {
     pub fn elements(&self) -> Elements<'_> {
         let bytes = self.bytes();
         let n = self.len();
-        // SAFETY (all three arms): `Tensor::new` checked that `bytes` lies inside the storage,
-        // holds exactly `n * dtype.size()` bytes and starts at an address aligned for the
-        // element type. f32, f16 and bf16 accept every bit pattern, and the slice borrows
-        // `self`, which keeps the storage alive.
+        // SAFETY (the three float arms): `Tensor::new` checked that `bytes` lies inside the
+        // storage, holds exactly `n` elements and starts at an address aligned for the element
+        // type. f32, f16 and bf16 accept every bit pattern, and the slice borrows `self`, which
+        // keeps the storage alive.
         unsafe {
             match self.dtype {
+                DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => Elements::Quantized(self.dtype, bytes),
                 DType::F32 => Elements::F32(std::slice::from_raw_parts(bytes.as_ptr().cast(), n)),
                 DType::F16 => Elements::F16(std::slice::from_raw_parts(bytes.as_ptr().cast(), n)),
                 DType::BF16 => Elements::BF16(std::slice::from_raw_parts(bytes.as_ptr().cast(), n)),
@@ -191,12 +271,23 @@ impl Tensor {
         }
     }
 
-    /// Copies the elements out as f32 (for small vectors such as norms and biases).
+    /// Copies the elements out as f32 (for small vectors such as norms and biases, and for
+    /// conversion), dequantizing quantized types.
     pub fn to_f32_vec(&self) -> Vec<f32> {
-        match self.elements() {
-            Elements::F32(v) => v.to_vec(),
-            Elements::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-            Elements::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        let mut out = vec![0.0; self.len()];
+        self.elements().to_f32(0, &mut out);
+        out
+    }
+
+    /// Rows `rows` of a matrix, as a tensor sharing the same storage.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Tensor {
+        assert!(self.shape.len() == 2 && rows.start <= rows.end && rows.end <= self.shape[0]);
+        let row_bytes = self.shape[1] / self.dtype.block_len() * self.dtype.block_bytes();
+        Tensor {
+            storage: self.storage.clone(),
+            offset: self.offset + rows.start * row_bytes,
+            dtype: self.dtype,
+            shape: vec![rows.len(), self.shape[1]],
         }
     }
 

@@ -11,7 +11,9 @@ use safetensors::SafeTensors;
 /// same weights, whatever their storage dtype).
 const TOLERANCE: f32 = 1e-4;
 
-const FIXTURES: [&str; 7] = [
+/// Hugging Face folders, and GGUF files of the same weights in llama.cpp's layout (made by
+/// `scripts/make_gguf_fixtures.py`), which share their folder's reference.
+const FIXTURES: [&str; 10] = [
     "llama",
     "llama-f16",
     "llama-bf16",
@@ -19,6 +21,9 @@ const FIXTURES: [&str; 7] = [
     "qwen2-bf16",
     "gpt2",
     "gpt2-f16",
+    "gguf/llama.F32.gguf",
+    "gguf/qwen2.F32.gguf",
+    "gguf/gpt2.F32.gguf",
 ];
 
 fn fixture(name: &str) -> PathBuf {
@@ -34,7 +39,12 @@ struct Reference {
 }
 
 fn reference(name: &str) -> Reference {
-    let bytes = std::fs::read(fixture(name).join("reference.safetensors")).unwrap();
+    // "gguf/llama.F32.gguf" holds the weights of "llama".
+    let folder = match name.strip_prefix("gguf/") {
+        Some(file) => file.split('.').next().unwrap(),
+        None => name,
+    };
+    let bytes = std::fs::read(fixture(folder).join("reference.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let tokens = st.tensor("tokens").unwrap();
     let tokens: Vec<u32> = tokens

@@ -4,9 +4,12 @@
 //! architecture and uses AVX2/FMA/F16C where the CPU has them. Every kernel has a portable
 //! version that gives the same results up to rounding.
 
+pub mod quant;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_quant;
 
 use std::ops::Range;
 use std::sync::OnceLock;
@@ -153,12 +156,36 @@ impl<T> SimdWeight for T {}
 
 /// `y = x · wᵀ`: `w` is `[n_out, k]` (a Linear weight), `x` is `[n_tok, k]`, `y` is
 /// `[n_tok, n_out]`. Work is split over output rows, so each element is computed by one thread.
+///
+/// Quantized weights need their activations quantized into a buffer; this function allocates
+/// one. The forward pass uses [`matmul_with`] and a buffer made with the session.
 pub fn matmul(par: Par, w: &Tensor, x: &[f32], n_tok: usize, y: &mut [f32]) {
-    matmul_isa(Isa::detect(), par, w, x, n_tok, y)
+    matmul_isa(Isa::detect(), par, w, x, n_tok, y, &mut Vec::new())
 }
 
-/// [`matmul`] with an explicit instruction set (for tests and benchmarks).
-pub fn matmul_isa(isa: Isa, par: Par, w: &Tensor, x: &[f32], n_tok: usize, y: &mut [f32]) {
+/// [`matmul`] with a buffer for quantized activations (grown only if it holds fewer than
+/// `n_tok * k / 32` blocks).
+pub fn matmul_with(
+    par: Par,
+    w: &Tensor,
+    x: &[f32],
+    n_tok: usize,
+    y: &mut [f32],
+    act: &mut Vec<quant::ActBlock>,
+) {
+    matmul_isa(Isa::detect(), par, w, x, n_tok, y, act)
+}
+
+/// [`matmul_with`] with an explicit instruction set (for tests and benchmarks).
+pub fn matmul_isa(
+    isa: Isa,
+    par: Par,
+    w: &Tensor,
+    x: &[f32],
+    n_tok: usize,
+    y: &mut [f32],
+    act: &mut Vec<quant::ActBlock>,
+) {
     assert_eq!(w.shape().len(), 2, "matmul needs a matrix");
     let (n_out, k) = (w.shape()[0], w.shape()[1]);
     assert!(
@@ -173,6 +200,9 @@ pub fn matmul_isa(isa: Isa, par: Par, w: &Tensor, x: &[f32], n_tok: usize, y: &m
         Elements::F32(w) => matmul_typed(isa, par, w, x, n_tok, y),
         Elements::F16(w) => matmul_typed(isa, par, w, x, n_tok, y),
         Elements::BF16(w) => matmul_typed(isa, par, w, x, n_tok, y),
+        Elements::Quantized(dtype, w) => {
+            quant::matmul(isa, par, dtype, w, (n_out, k), x, n_tok, y, act)
+        }
     }
 }
 
@@ -254,6 +284,7 @@ pub fn matmul_in_out_isa(
         Elements::F32(w) => matmul_in_out_typed(isa, par, (w, stride), cols, x, y),
         Elements::F16(w) => matmul_in_out_typed(isa, par, (w, stride), cols, x, y),
         Elements::BF16(w) => matmul_in_out_typed(isa, par, (w, stride), cols, x, y),
+        Elements::Quantized(..) => unreachable!("Conv1D weights are never quantized"),
     }
 }
 
@@ -362,6 +393,17 @@ pub fn rope(head: &mut [f32], cos: &[f32], sin: &[f32]) {
         let (a, b) = (lo[i], hi[i]);
         lo[i] = a * cos[i] - b * sin[i];
         hi[i] = b * cos[i] + a * sin[i];
+    }
+}
+
+/// Rotates one head vector by RoPE in the interleaved layout (pairs `2i` and `2i + 1`, the
+/// layout of GGUF `llama` models, whose Q/K rows are permuted to match), with `cos`/`sin` of
+/// length `d/2`.
+pub fn rope_interleaved(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for (pair, (c, s)) in head.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
+        let (a, b) = (pair[0], pair[1]);
+        pair[0] = a * c - b * s;
+        pair[1] = b * c + a * s;
     }
 }
 

@@ -44,12 +44,38 @@ fn tensor(data: &[f32], dtype: DType, shape: Vec<usize>) -> (Tensor, Vec<f32>) {
                 h.iter().map(|v| v.to_f32()).collect(),
             )
         }
+        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
+            let bytes = quantized_blocks(dtype, data.len() / quant::BLOCK, data.len() as u64);
+            let mut exact = vec![0.0; data.len()];
+            quant::dequantize(dtype, &bytes, &mut exact);
+            (bytes, exact)
+        }
     };
     let storage = Arc::new(Storage::owned(&bytes).unwrap());
     (
         Tensor::new(storage, 0, dtype, shape, "test").unwrap(),
         exact,
     )
+}
+
+/// `n` random blocks of a quantized type: random f16 scales (and minimums) and random values
+/// over the whole range of the format, including Q8_0's -128.
+fn quantized_blocks(dtype: DType, n: usize, seed: u64) -> Vec<u8> {
+    let noise = values(n * 40, seed);
+    let mut bytes = Vec::new();
+    for b in 0..n {
+        let r = &noise[b * 40..(b + 1) * 40];
+        bytes.extend(f16::from_f32(r[0] * 0.05).to_le_bytes());
+        if dtype == DType::Q4_1 {
+            bytes.extend(f16::from_f32(r[1] * 0.2).to_le_bytes());
+        }
+        match dtype {
+            DType::Q8_0 => bytes.extend(r[8..40].iter().map(|v| (v * 128.0).floor() as i8 as u8)),
+            _ => bytes.extend(r[8..24].iter().map(|v| ((v + 1.0) * 128.0) as u8)),
+        }
+    }
+    assert_eq!(bytes.len(), n * dtype.block_bytes());
+    bytes
 }
 
 fn isas() -> Vec<Isa> {
@@ -96,7 +122,7 @@ fn matmul_matches_scalar_for_every_dtype_isa_and_shape() {
             let mut results = Vec::new();
             for isa in isas() {
                 let mut y = vec![0.0; n_tok * n_out];
-                pool.install(|par| matmul_isa(isa, par, &w, &x, n_tok, &mut y));
+                pool.install(|par| matmul_isa(isa, par, &w, &x, n_tok, &mut y, &mut Vec::new()));
                 assert_close(
                     &y,
                     &want,
@@ -108,7 +134,15 @@ fn matmul_matches_scalar_for_every_dtype_isa_and_shape() {
             // Single-token and batched products agree bit for bit on the same ISA.
             for isa in isas() {
                 let mut batched = vec![0.0; n_tok * n_out];
-                matmul_isa(isa, Par::sequential(), &w, &x, n_tok, &mut batched);
+                matmul_isa(
+                    isa,
+                    Par::sequential(),
+                    &w,
+                    &x,
+                    n_tok,
+                    &mut batched,
+                    &mut Vec::new(),
+                );
                 for t in 0..n_tok {
                     let mut single = vec![0.0; n_out];
                     matmul_isa(
@@ -118,6 +152,7 @@ fn matmul_matches_scalar_for_every_dtype_isa_and_shape() {
                         &x[t * k..(t + 1) * k],
                         1,
                         &mut single,
+                        &mut Vec::new(),
                     );
                     assert_eq!(
                         single,
@@ -291,5 +326,120 @@ fn attention_kernels_match_scalar() {
         assert_close(&got, &want, 1e-5, "weighted_sum");
         scalar::weighted_sum(&weights, &keys, stride, &mut got);
         assert_close(&got, &want, 1e-5, "portable weighted_sum");
+    }
+}
+
+#[test]
+fn quantized_matmul_is_the_exact_product_of_dequantized_weights_and_activations() {
+    let pool = ThreadPool::new(3).unwrap();
+    for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+        for &(n_out, k, n_tok) in &[(1, 32, 1), (7, 64, 3), (37, 96, 5), (64, 160, 9)] {
+            let (w, exact) = tensor(&values(n_out * k, 3), dtype, vec![n_out, k]);
+            let x: Vec<f32> = values(n_tok * k, 4).iter().map(|v| v * 3.0).collect();
+            // The kernels quantize the activations to 8 bits per block; the integer product
+            // must equal the f64 product of what both sides really hold.
+            let mut act = vec![quant::ActBlock::default(); n_tok * k / quant::BLOCK];
+            quant::quantize_activations(&x, &mut act);
+            let x_held: Vec<f64> = act
+                .iter()
+                .flat_map(|b| b.qs.map(|q| b.d as f64 * q as f64))
+                .collect();
+            let product = |xs: &dyn Fn(usize) -> f64| -> Vec<f64> {
+                (0..n_tok)
+                    .flat_map(|t| {
+                        (0..n_out)
+                            .map(|r| {
+                                (0..k)
+                                    .map(|i| exact[r * k + i] as f64 * xs(t * k + i))
+                                    .sum()
+                            })
+                            .collect::<Vec<f64>>()
+                    })
+                    .collect()
+            };
+            let want = product(&|i| x_held[i]);
+            let want_f32_x = product(&|i| x[i] as f64);
+            let mut results = Vec::new();
+            for isa in isas() {
+                for threads in [1, 3] {
+                    let mut y = vec![0.0; n_tok * n_out];
+                    let mut act = Vec::new();
+                    if threads == 1 {
+                        matmul_isa(isa, Par::sequential(), &w, &x, n_tok, &mut y, &mut act);
+                    } else {
+                        pool.install(|par| matmul_isa(isa, par, &w, &x, n_tok, &mut y, &mut act));
+                    }
+                    let what = format!("{dtype:?} {isa:?} {threads}t {n_out}x{k}x{n_tok}");
+                    assert_close(&y, &want, 2e-5, &what);
+                    // Against dequantize-then-f32: only the activations' 8-bit rounding
+                    // differs (at most half a step, amax/254, per element).
+                    for (i, (g, f)) in y.iter().zip(&want_f32_x).enumerate() {
+                        let bound: f64 = (0..k)
+                            .map(|j| {
+                                let (t, r) = (i / n_out, i % n_out);
+                                exact[r * k + j].abs() as f64 * 3.0 / 254.0 * 1.01 + 0.0 * t as f64
+                            })
+                            .sum();
+                        assert!((*g as f64 - f).abs() <= bound, "{what}: element {i}");
+                    }
+                    results.push(y);
+                }
+            }
+            for r in &results[1..] {
+                // Portable and SIMD agree to rounding; thread counts bit for bit per ISA.
+                let r64: Vec<f64> = r.iter().map(|&v| v as f64).collect();
+                assert_close(&results[0], &r64, 2e-5, "isas agree");
+            }
+            assert_eq!(results[0], results[1], "{dtype:?}: 1 and 3 threads");
+        }
+    }
+}
+
+#[test]
+fn quantized_decode_and_batched_products_agree() {
+    // The decode path (one token, four-row tiles) and the batched path (two rows x four
+    // tokens) are different code: the same token must give the same values.
+    for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+        let (n_out, k, n_tok) = (30, 128, 6);
+        let (w, _) = tensor(&values(n_out * k, 5), dtype, vec![n_out, k]);
+        let x = values(n_tok * k, 6);
+        for isa in isas() {
+            let mut batched = vec![0.0; n_tok * n_out];
+            let mut act = Vec::new();
+            matmul_isa(
+                isa,
+                Par::sequential(),
+                &w,
+                &x,
+                n_tok,
+                &mut batched,
+                &mut act,
+            );
+            for t in 0..n_tok {
+                let mut single = vec![0.0; n_out];
+                let xt = &x[t * k..(t + 1) * k];
+                matmul_isa(isa, Par::sequential(), &w, xt, 1, &mut single, &mut act);
+                let s64: Vec<f64> = single.iter().map(|&v| v as f64).collect();
+                assert_close(&batched[t * n_out..(t + 1) * n_out], &s64, 1e-6, "decode");
+            }
+        }
+    }
+}
+
+#[test]
+fn q8_0_quantization_round_trips_within_half_a_step() {
+    let x: Vec<f32> = values(256, 7).iter().map(|v| v * 5.0).collect();
+    let mut bytes = Vec::new();
+    quant::quantize_q8_0(&x, &mut bytes);
+    let mut back = vec![0.0; x.len()];
+    quant::dequantize(DType::Q8_0, &bytes, &mut back);
+    for (block, (xb, bb)) in x.chunks(32).zip(back.chunks(32)).enumerate() {
+        let amax = xb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (a, b) in xb.iter().zip(bb) {
+            assert!(
+                (a - b).abs() <= amax / 254.0 * 1.01 + 1e-3 * amax,
+                "block {block}"
+            );
+        }
     }
 }

@@ -2,6 +2,7 @@
 
 use serde_json::Value;
 
+use super::gguf::GgufMetadata;
 use crate::error::{Error, Result};
 
 /// The Transformer families Ember runs.
@@ -72,6 +73,12 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence tokens named by the config.
     pub eos_token_ids: Vec<u32>,
+    /// RoPE rotates adjacent pairs `(2i, 2i + 1)` instead of pairs half a head apart: GGUF
+    /// files of the `llama` architecture store Q and K rows permuted for this layout.
+    pub rope_interleaved: bool,
+    /// Per-frequency divisors of the RoPE frequencies (GGUF's `rope_freqs.weight`, which is
+    /// how GGUF stores Llama 3 scaling), `head_dim / 2` values.
+    pub rope_freq_factors: Option<Vec<f32>>,
 }
 
 fn get_usize(json: &Value, key: &str) -> Result<Option<usize>> {
@@ -292,6 +299,8 @@ fn llama_config(json: &Value, architecture: Architecture) -> Result<ModelConfig>
             .unwrap_or(false),
         bos_token_id: token_ids(json, "bos_token_id")?.first().copied(),
         eos_token_ids: token_ids(json, "eos_token_id")?,
+        rope_interleaved: false,
+        rope_freq_factors: None,
     })
 }
 
@@ -370,5 +379,85 @@ fn gpt2_config(json: &Value) -> Result<ModelConfig> {
         tie_word_embeddings: true,
         bos_token_id: token_ids(json, "bos_token_id")?.first().copied(),
         eos_token_ids: token_ids(json, "eos_token_id")?,
+        rope_interleaved: false,
+        rope_freq_factors: None,
     })
+}
+
+impl ModelConfig {
+    /// The hyper-parameters of a GGUF file's model, from its metadata (`general.architecture`
+    /// and the `<arch>.*` keys). `vocab_size` is the number of rows of the embedding matrix.
+    pub fn from_gguf(meta: &GgufMetadata, vocab_size: usize) -> Result<ModelConfig> {
+        let arch_name = meta
+            .str("general.architecture")?
+            .ok_or_else(|| Error::format("GGUF metadata general.architecture is missing"))?;
+        let architecture = match arch_name {
+            "llama" => Architecture::Llama,
+            "qwen2" => Architecture::Qwen2,
+            "gpt2" => Architecture::Gpt2,
+            other => {
+                return Err(Error::Unsupported(format!(
+                    "GGUF architecture {other:?}; Ember runs llama, qwen2 and gpt2"
+                )))
+            }
+        };
+        let key = |k: &str| format!("{arch_name}.{k}");
+        let hidden_size = meta.require_usize(&key("embedding_length"))?;
+        let n_heads = meta.require_usize(&key("attention.head_count"))?;
+        if n_heads == 0 {
+            return Err(Error::format("GGUF: attention.head_count must be positive"));
+        }
+        let n_kv_heads = meta
+            .usize(&key("attention.head_count_kv"))?
+            .unwrap_or(n_heads);
+        let head_dim = meta
+            .usize(&key("attention.key_length"))?
+            .unwrap_or(hidden_size / n_heads);
+        let eps_key = if architecture == Architecture::Gpt2 {
+            "attention.layer_norm_epsilon"
+        } else {
+            "attention.layer_norm_rms_epsilon"
+        };
+        if let Some(kind) = meta.str(&key("rope.scaling.type"))? {
+            if kind != "none" {
+                return Err(Error::Unsupported(format!("GGUF RoPE scaling {kind:?}")));
+            }
+        }
+        if let Some(n) = meta.usize(&key("rope.dimension_count"))? {
+            if architecture != Architecture::Gpt2 && n != head_dim {
+                return Err(Error::Unsupported(format!(
+                    "partial rotary embeddings ({n} of {head_dim} dimensions)"
+                )));
+            }
+        }
+        let id = |k: &str| -> Result<Option<u32>> {
+            meta.usize(k)?
+                .map(|v| {
+                    u32::try_from(v).map_err(|_| Error::format(format!("GGUF {k} out of range")))
+                })
+                .transpose()
+        };
+        let config = ModelConfig {
+            architecture,
+            vocab_size,
+            hidden_size,
+            intermediate_size: meta.require_usize(&key("feed_forward_length"))?,
+            n_layers: meta.require_usize(&key("block_count"))?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            max_position_embeddings: meta.require_usize(&key("context_length"))?,
+            norm_eps: meta.f64(&key(eps_key))?.unwrap_or(1e-5) as f32,
+            rope_theta: meta.f64(&key("rope.freq_base"))?.unwrap_or(10000.0) as f32,
+            rope_scaling: None,
+            // Decided by the loader, which sees whether an output matrix exists.
+            tie_word_embeddings: false,
+            bos_token_id: id("tokenizer.ggml.bos_token_id")?,
+            eos_token_ids: id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
+            rope_interleaved: architecture == Architecture::Llama,
+            rope_freq_factors: None,
+        };
+        config.validate()?;
+        Ok(config)
+    }
 }

@@ -1,6 +1,7 @@
 //! Reading model files: Hugging Face folders (config.json + safetensors).
 
 pub mod config;
+pub mod gguf;
 pub mod safetensors;
 
 use std::collections::HashMap;

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use super::{FeedForward, Model};
 use crate::error::{try_zeroed_f32, Error, Result};
 use crate::kernels;
+use crate::kernels::quant::{ActBlock, BLOCK};
 use crate::loader::{Architecture, ModelConfig};
-use crate::tensor::Elements;
 use crate::threading::{DisjointSlice, Par};
 
 /// Keys and values of every past position, for every layer, in f32.
@@ -75,6 +75,9 @@ pub(crate) struct ForwardScratch {
     scores: Vec<f32>,   // [n_threads, n_ctx] attention weights, one row per task
     rope_cos: Vec<f32>, // [n_ctx, head_dim / 2]
     rope_sin: Vec<f32>, // [n_ctx, head_dim / 2]
+    /// `[ubatch, max(hidden, intermediate, q_dim) / 32]` activations quantized for products
+    /// with quantized weights (empty when no weight is quantized).
+    act: Vec<ActBlock>,
     /// `[vocab]` logits of the last position computed.
     pub(crate) logits: Vec<f32>,
 }
@@ -87,6 +90,7 @@ impl ForwardScratch {
         n_ctx: usize,
         ubatch: usize,
         n_threads: usize,
+        quantized: bool,
     ) -> Result<ForwardScratch> {
         let (h, inter) = (config.hidden_size, config.intermediate_size);
         let buf = |n: usize, what: &str| try_zeroed_f32(ubatch * n, what);
@@ -104,8 +108,19 @@ impl ForwardScratch {
                 n_ctx * half
             }
         );
+        let widest = h.max(inter).max(config.q_dim());
+        let n_act = if quantized {
+            ubatch * widest.div_ceil(BLOCK)
+        } else {
+            0
+        };
+        let mut act = Vec::new();
+        act.try_reserve_exact(n_act)
+            .map_err(|_| Error::OutOfMemory("quantized activations".into()))?;
+        act.resize(n_act, ActBlock::default());
         Ok(ForwardScratch {
             ubatch,
+            act,
             x: buf(h, "activations")?,
             xn: buf(h, "activations")?,
             q: buf(config.q_dim(), "queries")?,
@@ -130,6 +145,9 @@ fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
     (0..dim / 2)
         .map(|i| {
             let inv = (1.0 / base.powf((2 * i) as f64 / dim as f64)) as f32;
+            if let Some(factors) = &config.rope_freq_factors {
+                return inv / factors[i];
+            }
             match &config.rope_scaling {
                 None => inv,
                 Some(s) => {
@@ -216,7 +234,7 @@ impl Model {
                         );
                     }
                     let out = &mut out[first * vocab..(first + n) * vocab];
-                    kernels::matmul(par, &self.lm_head, &scratch.xn, n, out);
+                    kernels::matmul_with(par, &self.lm_head, &scratch.xn, n, out, &mut scratch.act);
                     if first + n == tokens.len() {
                         scratch.logits.copy_from_slice(&out[(n - 1) * vocab..]);
                     }
@@ -224,7 +242,14 @@ impl Model {
                 LogitsWanted::Last if first + n == tokens.len() => {
                     let last = &scratch.x[(n - 1) * h..n * h];
                     self.final_norm.apply(last, &mut scratch.xn[..h]);
-                    kernels::matmul(par, &self.lm_head, &scratch.xn[..h], 1, &mut scratch.logits);
+                    kernels::matmul_with(
+                        par,
+                        &self.lm_head,
+                        &scratch.xn[..h],
+                        1,
+                        &mut scratch.logits,
+                        &mut scratch.act,
+                    );
                 }
                 LogitsWanted::Last => {}
             }
@@ -248,9 +273,9 @@ impl Model {
         // Embeddings (plus learned positions for GPT-2).
         for (t, &token) in tokens.iter().enumerate() {
             let row = &mut s.x[t * h..(t + 1) * h];
-            copy_row(self.embed.elements(), token as usize, row);
+            self.embed.elements().to_f32(token as usize * h, row);
             if let Some(positions) = &self.positions {
-                copy_row(positions.elements(), pos0 + t, &mut s.xn[..h]);
+                positions.elements().to_f32((pos0 + t) * h, &mut s.xn[..h]);
                 for (a, b) in row.iter_mut().zip(&s.xn[..h]) {
                     *a += b;
                 }
@@ -266,9 +291,9 @@ impl Model {
             par.for_rows(&mut s.xn[..n * h], h, |t, row| {
                 block.attn_norm.apply(&x[t * h..(t + 1) * h], row)
             });
-            block.q.forward(par, &s.xn, n, &mut s.q);
-            block.k.forward(par, &s.xn, n, &mut s.k);
-            block.v.forward(par, &s.xn, n, &mut s.v);
+            block.q.forward(par, &s.xn, n, &mut s.q, &mut s.act);
+            block.k.forward(par, &s.xn, n, &mut s.k, &mut s.act);
+            block.v.forward(par, &s.xn, n, &mut s.v, &mut s.act);
             if !s.rope_cos.is_empty() {
                 let (half, hd) = (c.head_dim / 2, c.head_dim);
                 let (cos, sin) = (&s.rope_cos, &s.rope_sin);
@@ -278,8 +303,13 @@ impl Model {
                         &cos[pos * half..(pos + 1) * half],
                         &sin[pos * half..(pos + 1) * half],
                     );
-                    row.chunks_exact_mut(hd)
-                        .for_each(|head| kernels::rope(head, cos, sin));
+                    if c.rope_interleaved {
+                        row.chunks_exact_mut(hd)
+                            .for_each(|head| kernels::rope_interleaved(head, cos, sin));
+                    } else {
+                        row.chunks_exact_mut(hd)
+                            .for_each(|head| kernels::rope(head, cos, sin));
+                    }
                 };
                 par.for_rows(&mut s.q[..n * q_dim], q_dim, rotate);
                 par.for_rows(&mut s.k[..n * kv_dim], kv_dim, rotate);
@@ -302,7 +332,7 @@ impl Model {
                 &mut s.scores,
                 &mut s.att[..n * q_dim],
             );
-            block.o.forward(par, &s.att, n, &mut s.out);
+            block.o.forward(par, &s.att, n, &mut s.out, &mut s.act);
             add_rows(par, &mut s.x[..n * h], &s.out, h);
 
             // Feed-forward.
@@ -312,20 +342,20 @@ impl Model {
             });
             match &block.ffn {
                 FeedForward::SwiGlu { gate, up, down } => {
-                    gate.forward(par, &s.xn, n, &mut s.ff_a);
-                    up.forward(par, &s.xn, n, &mut s.ff_b);
+                    gate.forward(par, &s.xn, n, &mut s.ff_a, &mut s.act);
+                    up.forward(par, &s.xn, n, &mut s.ff_b, &mut s.act);
                     let up = &s.ff_b;
                     par.for_rows(&mut s.ff_a[..n * inter], inter, |t, row| {
                         kernels::silu_mul(row, &up[t * inter..(t + 1) * inter])
                     });
-                    down.forward(par, &s.ff_a, n, &mut s.out);
+                    down.forward(par, &s.ff_a, n, &mut s.out, &mut s.act);
                 }
                 FeedForward::Gelu { fc, proj } => {
-                    fc.forward(par, &s.xn, n, &mut s.ff_a);
+                    fc.forward(par, &s.xn, n, &mut s.ff_a, &mut s.act);
                     par.for_rows(&mut s.ff_a[..n * inter], inter, |_, row| {
                         kernels::gelu_tanh(row)
                     });
-                    proj.forward(par, &s.ff_a, n, &mut s.out);
+                    proj.forward(par, &s.ff_a, n, &mut s.out, &mut s.act);
                 }
             }
             add_rows(par, &mut s.x[..n * h], &s.out, h);
@@ -341,23 +371,6 @@ fn add_rows(par: Par, x: &mut [f32], y: &[f32], h: usize) {
             *a += b;
         }
     });
-}
-
-/// Copies row `row` of an embedding-like matrix into `out`, widened to f32.
-fn copy_row(elements: Elements<'_>, row: usize, out: &mut [f32]) {
-    let w = out.len();
-    let range = row * w..(row + 1) * w;
-    match elements {
-        Elements::F32(e) => out.copy_from_slice(&e[range]),
-        Elements::F16(e) => out
-            .iter_mut()
-            .zip(&e[range])
-            .for_each(|(o, v)| *o = v.to_f32()),
-        Elements::BF16(e) => out
-            .iter_mut()
-            .zip(&e[range])
-            .for_each(|(o, v)| *o = v.to_f32()),
-    }
 }
 
 /// Causal attention of `n` query rows (positions `pos0..pos0 + n`) over the cache of `layer`,

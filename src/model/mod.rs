@@ -9,8 +9,9 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::kernels;
+use crate::kernels::quant::ActBlock;
 use crate::loader::{self, Architecture, ModelConfig, TensorStore};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 use crate::threading::Par;
 use crate::tokenizer::Tokenizer;
 
@@ -41,18 +42,17 @@ impl Projection {
         }
     }
 
-    /// Output width.
-    pub(crate) fn n_out(&self) -> usize {
+    /// `y[t] = W x[t] + b` for `n_tok` rows of `x`; `act` holds quantized activations.
+    pub(crate) fn forward(
+        &self,
+        par: Par,
+        x: &[f32],
+        n_tok: usize,
+        y: &mut [f32],
+        act: &mut Vec<ActBlock>,
+    ) {
         match &self.weight {
-            ProjectionWeight::Linear(w) => w.shape()[0],
-            ProjectionWeight::InOut { cols, .. } => cols.len(),
-        }
-    }
-
-    /// `y[t] = W x[t] + b` for `n_tok` rows of `x`.
-    pub(crate) fn forward(&self, par: Par, x: &[f32], n_tok: usize, y: &mut [f32]) {
-        match &self.weight {
-            ProjectionWeight::Linear(w) => kernels::matmul(par, w, x, n_tok, y),
+            ProjectionWeight::Linear(w) => kernels::matmul_with(par, w, x, n_tok, y, act),
             ProjectionWeight::InOut { weight, cols } => {
                 kernels::matmul_in_out_cols(par, weight, cols.clone(), x, n_tok, y)
             }
@@ -62,11 +62,19 @@ impl Projection {
         }
     }
 
-    /// The dtype name of the weights (for reports).
-    pub(crate) fn dtype_name(&self) -> &'static str {
+    /// The weights' element type.
+    pub(crate) fn dtype(&self) -> DType {
         match &self.weight {
-            ProjectionWeight::Linear(w) | ProjectionWeight::InOut { weight: w, .. } => {
-                w.dtype().name()
+            ProjectionWeight::Linear(w) | ProjectionWeight::InOut { weight: w, .. } => w.dtype(),
+        }
+    }
+
+    /// Bytes of weights one product reads.
+    pub(crate) fn weight_bytes(&self) -> usize {
+        match &self.weight {
+            ProjectionWeight::Linear(w) => w.bytes().len(),
+            ProjectionWeight::InOut { weight, cols } => {
+                weight.shape()[0] * cols.len() * weight.dtype().block_bytes()
             }
         }
     }
@@ -131,7 +139,7 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a model from a Hugging Face folder (config.json + safetensors).
+    /// Loads a model from a Hugging Face folder (config.json + safetensors) or a GGUF file.
     ///
     /// Weights are memory-mapped and used in place; the files must not be modified while the
     /// model is alive.
@@ -148,10 +156,13 @@ impl Model {
             let model = Model::from_hf_tensors(config, store)?;
             model.with_tokenizer(Tokenizer::from_hf_folder(path)?)
         } else {
-            Err(Error::Unsupported(format!(
-                "{}: model files other than Hugging Face folders are not supported yet",
-                path.display()
-            )))
+            let file = loader::gguf::GgufFile::open(path)?;
+            let name = path.display().to_string();
+            let (config, store) = loader::gguf::model_parts(&file).map_err(|e| e.in_file(&name))?;
+            let model = Model::from_gguf_tensors(config, store).map_err(|e| e.in_file(&name))?;
+            let tokenizer = crate::tokenizer::tokenizer_from_gguf(&file.metadata)
+                .map_err(|e| e.in_file(&name))?;
+            model.with_tokenizer(tokenizer)
         }
     }
 
@@ -159,7 +170,18 @@ impl Model {
     pub fn from_hf_tensors(config: ModelConfig, mut store: TensorStore) -> Result<Model> {
         let model = match config.architecture {
             Architecture::Llama | Architecture::Qwen2 => llama_from_hf(config, &mut store)?,
-            Architecture::Gpt2 => gpt2_from_hf(config, &mut store)?,
+            Architecture::Gpt2 => gpt2_from_hf(config, &mut store, Gpt2Layout::Conv1D)?,
+        };
+        store.finish()?;
+        Ok(model)
+    }
+
+    /// Builds a model from a GGUF file's configuration and tensors, renamed to Hugging Face
+    /// names by the loader (GPT-2 projections stay in GGUF's `[n_out, n_in]` layout).
+    pub fn from_gguf_tensors(config: ModelConfig, mut store: TensorStore) -> Result<Model> {
+        let model = match config.architecture {
+            Architecture::Llama | Architecture::Qwen2 => llama_from_hf(config, &mut store)?,
+            Architecture::Gpt2 => gpt2_from_hf(config, &mut store, Gpt2Layout::Linear)?,
         };
         store.finish()?;
         Ok(model)
@@ -199,7 +221,7 @@ impl Model {
 
     /// A one-line description of the weights' dtypes, e.g. `"BF16"`.
     pub fn weight_dtype(&self) -> &'static str {
-        self.blocks.first().map_or("none", |b| b.q.dtype_name())
+        self.blocks.first().map_or("none", |b| b.q.dtype().name())
     }
 
     /// Total number of weight bytes a decode step reads (all matrices once, the embedding
@@ -207,31 +229,37 @@ impl Model {
     pub fn weight_bytes_per_token(&self) -> usize {
         let mut bytes = self.lm_head.bytes().len();
         for b in &self.blocks {
-            for p in [&b.q, &b.k, &b.v, &b.o] {
-                bytes += p.n_out() * self.config.hidden_size * dtype_size(p);
-            }
-            match &b.ffn {
-                FeedForward::SwiGlu { gate, up, down } => {
-                    for p in [gate, up, down] {
-                        bytes +=
-                            self.config.hidden_size * self.config.intermediate_size * dtype_size(p);
-                    }
-                }
-                FeedForward::Gelu { fc, proj } => {
-                    for p in [fc, proj] {
-                        bytes +=
-                            self.config.hidden_size * self.config.intermediate_size * dtype_size(p);
-                    }
-                }
-            }
+            bytes += b.projections().map(Projection::weight_bytes).sum::<usize>();
         }
         bytes
     }
+
+    /// True when some product runs on quantized weights (the session then needs a buffer
+    /// for quantized activations).
+    pub(crate) fn has_quantized_weights(&self) -> bool {
+        self.lm_head.dtype().is_quantized()
+            || self
+                .blocks
+                .iter()
+                .any(|b| b.projections().any(|p| p.dtype().is_quantized()))
+    }
 }
 
-fn dtype_size(p: &Projection) -> usize {
-    match &p.weight {
-        ProjectionWeight::Linear(w) | ProjectionWeight::InOut { weight: w, .. } => w.dtype().size(),
+impl Block {
+    /// Every projection of the block.
+    fn projections(&self) -> impl Iterator<Item = &Projection> {
+        let ffn: [&Projection; 3] = match &self.ffn {
+            FeedForward::SwiGlu { gate, up, down } => [gate, up, down],
+            FeedForward::Gelu { fc, proj } => [fc, proj, proj],
+        };
+        let ffn_len = if matches!(self.ffn, FeedForward::Gelu { .. }) {
+            2
+        } else {
+            3
+        };
+        [&self.q, &self.k, &self.v, &self.o]
+            .into_iter()
+            .chain(ffn.into_iter().take(ffn_len))
     }
 }
 
@@ -322,7 +350,16 @@ fn llama_from_hf(config: ModelConfig, store: &mut TensorStore) -> Result<Model> 
     })
 }
 
-fn gpt2_from_hf(config: ModelConfig, store: &mut TensorStore) -> Result<Model> {
+/// How a GPT-2 checkpoint stores its projection matrices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gpt2Layout {
+    /// `[n_in, n_out]` (Hugging Face's `Conv1D`).
+    Conv1D,
+    /// `[n_out, n_in]` (GGUF files, converted to ordinary linear layers).
+    Linear,
+}
+
+fn gpt2_from_hf(config: ModelConfig, store: &mut TensorStore, layout: Gpt2Layout) -> Result<Model> {
     // Checkpoints saved from GPT2LMHeadModel prefix names with "transformer."; the original
     // OpenAI conversions do not.
     let prefix = if store.tensors.contains_key("transformer.wte.weight") {
@@ -332,21 +369,29 @@ fn gpt2_from_hf(config: ModelConfig, store: &mut TensorStore) -> Result<Model> {
     };
     let (h, inter) = (config.hidden_size, config.intermediate_size);
     let eps = config.norm_eps;
-    // GPT-2's Conv1D stores [n_in, n_out]; `cols` picks the output columns of a projection.
+    // A projection's weight and bias, in the checkpoint's layout.
     let conv = |store: &mut TensorStore,
                 name: &str,
                 n_in: usize,
                 n_out: usize|
      -> Result<(Tensor, Vec<f32>)> {
-        let w = store.take(&format!("{name}.weight"), &[n_in, n_out])?;
+        let shape = match layout {
+            Gpt2Layout::Conv1D => [n_in, n_out],
+            Gpt2Layout::Linear => [n_out, n_in],
+        };
+        let w = store.take(&format!("{name}.weight"), &shape)?;
         let b = store.take(&format!("{name}.bias"), &[n_out])?.to_f32_vec();
         Ok((w, b))
     };
+    // Output features `cols` of a (possibly fused) projection.
     let split = |w: &Tensor, b: &[f32], cols: Range<usize>| Projection {
         bias: Some(b[cols.clone()].to_vec()),
-        weight: ProjectionWeight::InOut {
-            weight: w.clone(),
-            cols,
+        weight: match layout {
+            Gpt2Layout::Conv1D => ProjectionWeight::InOut {
+                weight: w.clone(),
+                cols,
+            },
+            Gpt2Layout::Linear => ProjectionWeight::Linear(w.rows(cols)),
         },
     };
     let mut blocks = Vec::with_capacity(config.n_layers);

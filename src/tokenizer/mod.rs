@@ -7,6 +7,7 @@
 //! ([`ChatTemplate`]).
 
 mod chat;
+mod gguf;
 mod stream;
 
 use std::path::Path;
@@ -16,6 +17,7 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 
 pub use chat::{ChatMessage, ChatTemplate};
+pub use gguf::{tokenizer_from_gguf, tokenizer_json_from_gguf};
 pub use stream::StreamDecoder;
 
 /// A model's tokenizer.

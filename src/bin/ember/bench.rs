@@ -1,178 +1,11 @@
-//! `ember`: the command-line front end of the library.
-//!
-//! - `ember info MODEL`: architecture, sizes, weight dtype.
-//! - `ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--reps 3] [--json] [--bandwidth]`:
-//!   load time, resident memory, prompt-processing and generation speed, and (with
-//!   `--bandwidth`) the memory read bandwidth and the generation speed it allows.
-//!
-//! - `ember tokenize DIR (TEXT | --file FILE) [--bench]`: token ids of a text with the
-//!   tokenizer of a model folder, or (with `--bench`) single-thread tokenization speed.
-//!
-//! Progress and timings go to stderr, results to stdout; errors are one line and exit code 1.
+//! `ember bench`: load time, resident memory, prompt and generation speed, read bandwidth.
 
-use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Instant;
 
 use ember::sampler::argmax;
-use ember::{Model, Session, SessionOptions};
+use ember::{Session, SessionOptions};
 
-const USAGE: &str = "usage:
-  ember info MODEL
-  ember tokenize DIR (TEXT | --file FILE) [--bench] [--add-special] [--parse-special]
-  ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--reps 3] [--json] [--bandwidth]";
-
-fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("info") => info(&args[1..]),
-        Some("bench") => bench(&args[1..]),
-        Some("tokenize") => tokenize(&args[1..]),
-        Some("-h") | Some("--help") | Some("help") => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        _ => Err(format!("unknown command\n{USAGE}")),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("ember: {message}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// Options of the form `--name value`, and the positional arguments.
-struct Args {
-    positional: Vec<String>,
-    options: Vec<(String, Option<String>)>,
-}
-
-impl Args {
-    fn parse(args: &[String], flags: &[&str]) -> Args {
-        let (mut positional, mut options) = (Vec::new(), Vec::new());
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            if let Some(name) = a.strip_prefix("--") {
-                let value = if flags.contains(&name) {
-                    None
-                } else {
-                    it.next().cloned()
-                };
-                options.push((name.to_string(), value));
-            } else {
-                positional.push(a.clone());
-            }
-        }
-        Args {
-            positional,
-            options,
-        }
-    }
-
-    fn get(&self, name: &str) -> Option<&str> {
-        self.options
-            .iter()
-            .rev()
-            .find(|(n, _)| n == name)
-            .and_then(|(_, v)| v.as_deref())
-    }
-
-    fn flag(&self, name: &str) -> bool {
-        self.options.iter().any(|(n, _)| n == name)
-    }
-
-    fn number(&self, name: &str, default: usize) -> Result<usize, String> {
-        match self.get(name) {
-            None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| format!("--{name} takes a whole number, not {v:?}")),
-        }
-    }
-
-    fn model(&self) -> Result<&str, String> {
-        self.positional
-            .first()
-            .map(String::as_str)
-            .ok_or_else(|| format!("missing MODEL\n{USAGE}"))
-    }
-}
-
-fn load(path: &str) -> Result<(Arc<Model>, f64), String> {
-    let start = Instant::now();
-    let model = Model::load(path).map_err(|e| e.to_string())?;
-    Ok((Arc::new(model), start.elapsed().as_secs_f64()))
-}
-
-fn info(args: &[String]) -> Result<(), String> {
-    let args = Args::parse(args, &[]);
-    let (model, _) = load(args.model()?)?;
-    let c = model.config();
-    println!("architecture      {}", c.architecture.name());
-    println!("weights           {}", model.weight_dtype());
-    println!("vocabulary        {}", c.vocab_size);
-    println!("layers            {}", c.n_layers);
-    println!(
-        "hidden / ffn      {} / {}",
-        c.hidden_size, c.intermediate_size
-    );
-    println!(
-        "heads (kv)        {} ({}) x {}",
-        c.n_heads, c.n_kv_heads, c.head_dim
-    );
-    println!("context           {}", c.max_position_embeddings);
-    println!("bytes per token   {}", model.weight_bytes_per_token());
-    println!(
-        "bos / eos         {:?} / {:?}",
-        c.bos_token_id, c.eos_token_ids
-    );
-    Ok(())
-}
-
-fn tokenize(args: &[String]) -> Result<(), String> {
-    let args = Args::parse(args, &["bench", "add-special", "parse-special"]);
-    let dir = args.model()?;
-    let tokenizer = ember::Tokenizer::from_hf_folder(std::path::Path::new(dir))
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("{dir} has no tokenizer.json"))?;
-    let text = match (args.get("file"), args.positional.get(1)) {
-        (Some(file), _) => std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?,
-        (None, Some(text)) => text.clone(),
-        (None, None) => return Err(format!("missing TEXT or --file\n{USAGE}")),
-    };
-    let (add, parse) = (args.flag("add-special"), args.flag("parse-special"));
-    if !args.flag("bench") {
-        let ids = tokenizer
-            .encode(&text, add, parse)
-            .map_err(|e| e.to_string())?;
-        println!("{ids:?}");
-        return Ok(());
-    }
-    // One call per line, as a server tokenizing prompts would; best of three passes.
-    let mut best = f64::INFINITY;
-    let mut n_tokens = 0;
-    for _ in 0..3 {
-        let start = Instant::now();
-        n_tokens = 0;
-        for line in text.split_inclusive('\n') {
-            n_tokens += tokenizer
-                .encode(line, add, parse)
-                .map_err(|e| e.to_string())?
-                .len();
-        }
-        best = best.min(start.elapsed().as_secs_f64());
-    }
-    println!(
-        "{} bytes, {n_tokens} tokens in {:.1} ms: {:.2} MB/s, {:.0} tokens/s (1 thread)",
-        text.len(),
-        best * 1e3,
-        text.len() as f64 / best / 1e6,
-        n_tokens as f64 / best
-    );
-    Ok(())
-}
+use crate::{load, Args};
 
 /// Resident memory of this process in MiB (Linux), or NaN where unknown.
 fn resident_mib() -> f64 {
@@ -237,7 +70,7 @@ fn bench_tokens(n: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-fn bench(args: &[String]) -> Result<(), String> {
+pub fn bench(args: &[String]) -> Result<(), String> {
     let args = Args::parse(args, &["json", "bandwidth"]);
     let path = args.model()?.to_string();
     let (pp, tg, reps) = (

@@ -1,0 +1,233 @@
+//! `ember`: the command-line front end of the library.
+//!
+//! - `ember run MODEL PROMPT [--chat] [sampling flags]`: streams a completion to stdout.
+//! - `ember chat MODEL [--system TEXT]`: an interactive conversation with the chat template.
+//! - `ember convert MODEL.gguf OUT_DIR [--dtype f32|f16|bf16]`: writes a Hugging Face folder.
+//! - `ember info MODEL`: architecture, sizes, weight dtype, special tokens.
+//! - `ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--reps 3] [--json] [--bandwidth]`:
+//!   load time, resident memory, prompt-processing and generation speed, and (with
+//!   `--bandwidth`) the memory read bandwidth and the generation speed it allows.
+//!
+//! - `ember tokenize MODEL (TEXT | --file FILE) [--bench]`: token ids of a text with the
+//!   model's tokenizer, or (with `--bench`) single-thread tokenization speed.
+//!
+//! Progress and timings go to stderr, results to stdout; errors are one line and exit code 1.
+
+mod bench;
+mod run;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use ember::Model;
+
+/// MODEL is a GGUF file or a Hugging Face model folder.
+const USAGE: &str = "usage:
+  ember run MODEL PROMPT [--chat] [options]
+  ember chat MODEL [--system TEXT] [options]
+  ember convert MODEL.gguf OUT_DIR [--dtype f32|f16|bf16]
+  ember info MODEL
+  ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--reps 3] [--json] [--bandwidth]
+  ember tokenize MODEL (TEXT | --file FILE) [--bench] [--add-special] [--parse-special]
+MODEL is a GGUF file or a Hugging Face model folder. Options of run and chat:";
+
+fn usage() -> String {
+    format!("{USAGE}\n{}", run::OPTIONS_HELP)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or_default();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => run::run(rest),
+        Some("chat") => run::chat(rest),
+        Some("convert") => convert(rest),
+        Some("info") => info(rest),
+        Some("bench") => bench::bench(rest),
+        Some("tokenize") => tokenize(rest),
+        Some("-h") | Some("--help") | Some("help") => {
+            println!("{}", usage());
+            Ok(())
+        }
+        _ => Err(format!("unknown command\n{}", usage())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("ember: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Options of the form `--name value`, and the positional arguments.
+struct Args {
+    positional: Vec<String>,
+    options: Vec<(String, Option<String>)>,
+}
+
+impl Args {
+    fn parse(args: &[String], flags: &[&str]) -> Args {
+        let (mut positional, mut options) = (Vec::new(), Vec::new());
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            if let Some(name) = a.strip_prefix("--") {
+                let value = if flags.contains(&name) {
+                    None
+                } else {
+                    it.next().cloned()
+                };
+                options.push((name.to_string(), value));
+            } else {
+                positional.push(a.clone());
+            }
+        }
+        Args {
+            positional,
+            options,
+        }
+    }
+
+    /// Every value given for a repeatable option.
+    fn all(&self, name: &str) -> Vec<String> {
+        self.options
+            .iter()
+            .filter(|(n, _)| n == name)
+            .filter_map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.options
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    fn flag(&self, name: &str) -> bool {
+        self.options.iter().any(|(n, _)| n == name)
+    }
+
+    fn number(&self, name: &str, default: usize) -> Result<usize, String> {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("--{name} takes a whole number, not {v:?}")),
+        }
+    }
+
+    fn model(&self) -> Result<&str, String> {
+        self.positional
+            .first()
+            .map(String::as_str)
+            .ok_or_else(|| format!("missing MODEL\n{}", usage()))
+    }
+}
+
+/// Loads a model, returning it with the seconds the load took.
+fn load(path: &str) -> Result<(Arc<Model>, f64), String> {
+    let start = Instant::now();
+    let model = Model::load(path).map_err(|e| e.to_string())?;
+    Ok((Arc::new(model), start.elapsed().as_secs_f64()))
+}
+
+fn info(args: &[String]) -> Result<(), String> {
+    let args = Args::parse(args, &[]);
+    let (model, _) = load(args.model()?)?;
+    let c = model.config();
+    println!("architecture      {}", c.architecture.name());
+    println!("weights           {}", model.weight_dtype());
+    println!("vocabulary        {}", c.vocab_size);
+    println!("layers            {}", c.n_layers);
+    println!(
+        "hidden / ffn      {} / {}",
+        c.hidden_size, c.intermediate_size
+    );
+    println!(
+        "heads (kv)        {} ({}) x {}",
+        c.n_heads, c.n_kv_heads, c.head_dim
+    );
+    println!("context           {}", c.max_position_embeddings);
+    println!("bytes per token   {}", model.weight_bytes_per_token());
+    match model.tokenizer() {
+        Ok(t) => {
+            let name = |id: Option<u32>| match id {
+                Some(id) => format!("{id} {:?}", t.token_text(id).unwrap_or_default()),
+                None => "none".into(),
+            };
+            println!("tokenizer         {} tokens", t.n_vocab());
+            println!("bos               {}", name(t.bos()));
+            println!("eos               {}", name(t.eos()));
+            println!("eot               {}", name(t.eot()));
+            println!("chat template     {}", t.chat_template().is_some());
+        }
+        Err(e) => println!("tokenizer         none ({e})"),
+    }
+    Ok(())
+}
+
+fn convert(args: &[String]) -> Result<(), String> {
+    let args = Args::parse(args, &[]);
+    let (Some(input), Some(out)) = (args.positional.first(), args.positional.get(1)) else {
+        return Err(format!("convert needs MODEL.gguf and OUT_DIR\n{}", usage()));
+    };
+    let dtype = match args.get("dtype").unwrap_or("f32") {
+        "f32" | "F32" => ember::tensor::DType::F32,
+        "f16" | "F16" => ember::tensor::DType::F16,
+        "bf16" | "BF16" => ember::tensor::DType::BF16,
+        other => return Err(format!("--dtype {other}: f32, f16 or bf16")),
+    };
+    let start = Instant::now();
+    ember::convert::gguf_to_hf_folder(input.as_ref(), out.as_ref(), dtype)
+        .map_err(|e| e.to_string())?;
+    eprintln!(
+        "[wrote {out} ({}) in {:.1} s]",
+        dtype.name(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn tokenize(args: &[String]) -> Result<(), String> {
+    let args = Args::parse(args, &["bench", "add-special", "parse-special"]);
+    let (model, _) = load(args.model()?)?;
+    let tokenizer = model.tokenizer().map_err(|e| e.to_string())?;
+    let text = match (args.get("file"), args.positional.get(1)) {
+        (Some(file), _) => std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?,
+        (None, Some(text)) => text.clone(),
+        (None, None) => return Err(format!("missing TEXT or --file\n{}", usage())),
+    };
+    let (add, parse) = (args.flag("add-special"), args.flag("parse-special"));
+    if !args.flag("bench") {
+        let ids = tokenizer
+            .encode(&text, add, parse)
+            .map_err(|e| e.to_string())?;
+        println!("{ids:?}");
+        return Ok(());
+    }
+    // One call per line, as a server tokenizing prompts would; best of three passes.
+    let mut best = f64::INFINITY;
+    let mut n_tokens = 0;
+    for _ in 0..3 {
+        let start = Instant::now();
+        n_tokens = 0;
+        for line in text.split_inclusive('\n') {
+            n_tokens += tokenizer
+                .encode(line, add, parse)
+                .map_err(|e| e.to_string())?
+                .len();
+        }
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    println!(
+        "{} bytes, {n_tokens} tokens in {:.1} ms: {:.2} MB/s, {:.0} tokens/s (1 thread)",
+        text.len(),
+        best * 1e3,
+        text.len() as f64 / best / 1e6,
+        n_tokens as f64 / best
+    );
+    Ok(())
+}

@@ -1,0 +1,216 @@
+//! AVX2 integer kernels for block-quantized weights (see [`super::quant`]).
+//!
+//! One block's dot product is one `maddubs` (unsigned 8-bit × signed 8-bit, pairs summed to
+//! 16 bits), one `madd` against ones (to 32 bits), a conversion to f32 and a fused
+//! multiply-add by the block's scale. Tiles of several weight rows × several tokens reuse each
+//! unpacked weight block and each activation block from registers, and give the
+//! multiply-adds independent accumulators to overlap in.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+use super::quant::{ActBlock, QuantGemm};
+use crate::tensor::DType;
+
+/// How one quantized weight format is read.
+trait Format {
+    /// Bytes per block.
+    const BYTES: usize;
+    /// True when the values are signed 8-bit (Q8_0); false for unsigned 4-bit values.
+    const SIGNED: bool;
+    /// True when blocks carry an offset term (Q4_0's −8, Q4_1's minimum).
+    const HAS_OFFSET: bool;
+    /// The block at `p`: 32 values in element order, its scale and its offset coefficient.
+    ///
+    /// # Safety
+    /// `p` must be valid for reading `BYTES` bytes; the CPU must support AVX2 and F16C.
+    unsafe fn load(p: *const u8) -> (__m256i, f32, f32);
+}
+
+/// The f16 at `p` as f32.
+#[inline(always)]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees two readable bytes at `p` and F16C support.
+    unsafe {
+        let bits = u16::from_le_bytes(std::ptr::read_unaligned(p.cast::<[u8; 2]>()));
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+}
+
+/// Sixteen bytes of packed nibbles at `p`, as 32 bytes: low nibbles (elements 0..16), then
+/// high nibbles (elements 16..32).
+#[inline(always)]
+unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 16 readable bytes at `p`; register-only operations follow.
+    unsafe {
+        let packed = _mm_loadu_si128(p.cast());
+        let mask = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(packed, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(packed), mask);
+        _mm256_set_m128i(hi, lo)
+    }
+}
+
+struct Q8_0;
+struct Q4_0;
+struct Q4_1;
+
+impl Format for Q8_0 {
+    const BYTES: usize = 34;
+    const SIGNED: bool = true;
+    const HAS_OFFSET: bool = false;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
+        // SAFETY: a Q8_0 block is an f16 scale then 32 bytes, all readable (caller).
+        unsafe { (_mm256_loadu_si256(p.add(2).cast()), f16_at(p), 0.0) }
+    }
+}
+
+impl Format for Q4_0 {
+    const BYTES: usize = 18;
+    const SIGNED: bool = false;
+    const HAS_OFFSET: bool = true;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
+        // SAFETY: a Q4_0 block is an f16 scale then 16 bytes, all readable (caller).
+        unsafe {
+            let d = f16_at(p);
+            (unpack_nibbles(p.add(2)), d, -8.0 * d)
+        }
+    }
+}
+
+impl Format for Q4_1 {
+    const BYTES: usize = 20;
+    const SIGNED: bool = false;
+    const HAS_OFFSET: bool = true;
+    #[inline(always)]
+    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
+        // SAFETY: a Q4_1 block is f16 scale and minimum then 16 bytes, all readable (caller).
+        unsafe { (unpack_nibbles(p.add(4)), f16_at(p), f16_at(p.add(2))) }
+    }
+}
+
+/// Σ w·x over 32 lanes as eight 32-bit partial sums, converted to f32.
+#[inline(always)]
+unsafe fn block_dot(signed: bool, w: __m256i, x: __m256i) -> __m256 {
+    // SAFETY: register-only AVX2 operations (the caller enabled AVX2). `maddubs` multiplies
+    // unsigned by signed bytes: signed weights are made unsigned by moving their sign onto
+    // the activations. No pair sum can saturate 16 bits (at most 2·128·127).
+    unsafe {
+        let pairs = if signed {
+            _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
+        } else {
+            _mm256_maddubs_epi16(w, x)
+        };
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+}
+
+/// Horizontal sum of eight lanes.
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    // SAFETY: register-only AVX operations.
+    unsafe {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+}
+
+/// Rows `r0..r0 + R` × tokens `t0..t0 + T` of the product.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; the rows and tokens must be in range and the rows
+/// owned by the calling task.
+#[inline(always)]
+unsafe fn tile<F: Format, const R: usize, const T: usize>(g: &QuantGemm<'_>, r0: usize, t0: usize) {
+    let w: [*const u8; R] = std::array::from_fn(|i| g.w_row(r0 + i).as_ptr());
+    let x: [*const ActBlock; T] = std::array::from_fn(|j| g.x_row(t0 + j).as_ptr());
+    // SAFETY: every pointer below stays inside row `r0 + i` (n_blocks blocks of F::BYTES) or
+    // activation row `t0 + j` (n_blocks blocks), which the slices above checked; the output
+    // elements written belong to this task's rows.
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        let mut offset = [[0.0f32; T]; R];
+        for b in 0..g.n_blocks {
+            let xs: [&ActBlock; T] = std::array::from_fn(|j| &*x[j].add(b));
+            let xq: [__m256i; T] =
+                std::array::from_fn(|j| _mm256_loadu_si256(xs[j].qs.as_ptr().cast()));
+            for i in 0..R {
+                let (wq, d, off) = F::load(w[i].add(b * F::BYTES));
+                for j in 0..T {
+                    let s = block_dot(F::SIGNED, wq, xq[j]);
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xs[j].d), s, acc[i][j]);
+                    if F::HAS_OFFSET {
+                        offset[i][j] += off * xs[j].sum;
+                    }
+                }
+            }
+        }
+        for i in 0..R {
+            for j in 0..T {
+                let v = hsum(acc[i][j]) + offset[i][j];
+                g.y.write((t0 + j) * g.n_out + r0 + i, v);
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn rows_of<F: Format>(g: &QuantGemm<'_>, rows: Range<usize>) {
+    // SAFETY (every `tile` call): the features are enabled on this function, rows come from
+    // the caller's range and tokens from 0..n_tok.
+    unsafe {
+        if g.n_tok == 1 {
+            // Decode: four rows at once give four independent accumulators.
+            let mut r = rows.start;
+            while r + 4 <= rows.end {
+                tile::<F, 4, 1>(g, r, 0);
+                r += 4;
+            }
+            for r in r..rows.end {
+                tile::<F, 1, 1>(g, r, 0);
+            }
+            return;
+        }
+        let mut r = rows.start;
+        while r < rows.end {
+            let pair = r + 2 <= rows.end;
+            let mut t = 0;
+            while t + 4 <= g.n_tok {
+                if pair {
+                    tile::<F, 2, 4>(g, r, t);
+                } else {
+                    tile::<F, 1, 4>(g, r, t);
+                }
+                t += 4;
+            }
+            for t in t..g.n_tok {
+                if pair {
+                    tile::<F, 2, 1>(g, r, t);
+                } else {
+                    tile::<F, 1, 1>(g, r, t);
+                }
+            }
+            r += if pair { 2 } else { 1 };
+        }
+    }
+}
+
+/// Computes output rows `rows` for every token.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `rows` must lie in `0..g.n_out` and belong to the
+/// calling task alone.
+pub(crate) unsafe fn gemm_rows(g: &QuantGemm<'_>, rows: Range<usize>) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match g.dtype {
+            DType::Q8_0 => rows_of::<Q8_0>(g, rows),
+            DType::Q4_0 => rows_of::<Q4_0>(g, rows),
+            DType::Q4_1 => rows_of::<Q4_1>(g, rows),
+            DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a quantized type"),
+        }
+    }
+}
