@@ -44,6 +44,11 @@
 #define EMBER_ABI_VERSION 1
 
 /**
+ * Weights per block, for every quantized type.
+ */
+#define BLOCK 32
+
+/**
  * Severity of a log message.
  */
 typedef enum ember_log_level {
@@ -238,9 +243,16 @@ typedef struct ember_model_params {
    */
   uint32_t struct_size;
   /**
-   * Non-zero: load the tokenizer (tokenizer.json) with the weights. Default 1.
+   * Non-zero: the model has its tokenizer (tokenizer.json or GGUF metadata), built on its
+   * first use (a few hundred milliseconds for a 50k vocabulary). Default 1.
    */
   uint32_t load_tokenizer;
+  /**
+   * Non-zero: quantize F32/F16/BF16 weight matrices to Q8_0 at load, for speed and memory
+   * over exactness (GPT-2's Conv1D matrices stay as they are). Default 0. (ABI 1, added
+   * after `load_tokenizer`: older callers' smaller structs get the default.)
+   */
+  uint32_t quantize_q8_0;
 } ember_model_params;
 
 /**
@@ -462,7 +474,8 @@ enum ember_status ember_detokenizer_reset(struct ember_detokenizer *detokenizer)
 enum ember_status ember_model_params_default(size_t struct_size, struct ember_model_params *params);
 
 /**
- * Loads a model from `path`: a Hugging Face folder (config.json, safetensors, tokenizer.json).
+ * Loads a model from `path`: a GGUF file, or a Hugging Face folder (config.json, safetensors,
+ * tokenizer.json).
  * Weights are memory-mapped; the files must stay unchanged while the model is loaded.
  * `params` may be NULL for defaults. On success `*out` receives a model to free with
  * `ember_model_free`.

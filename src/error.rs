@@ -80,6 +80,28 @@ impl Error {
         Error::BadFormat(message.into())
     }
 
+    /// A copy of this error (I/O errors keep their kind and message).
+    pub fn duplicate(&self) -> Error {
+        match self {
+            Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+            Error::Io { path, source } => Error::Io {
+                path: path.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            Error::BadFormat(m) => Error::BadFormat(m.clone()),
+            Error::Unsupported(m) => Error::Unsupported(m.clone()),
+            Error::ContextFull { needed, capacity } => Error::ContextFull {
+                needed: *needed,
+                capacity: *capacity,
+            },
+            Error::BufferTooSmall { needed } => Error::BufferTooSmall { needed: *needed },
+            Error::Cancelled => Error::Cancelled,
+            Error::OutOfMemory(m) => Error::OutOfMemory(m.clone()),
+            Error::Busy(m) => Error::Busy(m.clone()),
+            Error::Internal(m) => Error::Internal(m.clone()),
+        }
+    }
+
     /// Prefixes format and support errors with the file they are about.
     pub fn in_file(self, file: &str) -> Self {
         match self {

@@ -40,7 +40,7 @@ pub mod tokenizer;
 pub use error::{Error, Result};
 pub use generate::{chat, generate, GenerateOptions, Generation, StopReason};
 pub use loader::{Architecture, ModelConfig};
-pub use model::Model;
+pub use model::{LoadOptions, Model};
 pub use sampler::{Sampler, SamplerOptions};
 pub use session::{CancelHandle, Session, SessionOptions};
 pub use threading::ThreadPool;

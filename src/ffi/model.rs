@@ -28,13 +28,19 @@ impl ember_model {
 pub struct ember_model_params {
     /// Size of this struct in bytes, as the caller knows it (set by the default function).
     pub struct_size: u32,
-    /// Non-zero: load the tokenizer (tokenizer.json) with the weights. Default 1.
+    /// Non-zero: the model has its tokenizer (tokenizer.json or GGUF metadata), built on its
+    /// first use (a few hundred milliseconds for a 50k vocabulary). Default 1.
     pub load_tokenizer: u32,
+    /// Non-zero: quantize F32/F16/BF16 weight matrices to Q8_0 at load, for speed and memory
+    /// over exactness (GPT-2's Conv1D matrices stay as they are). Default 0. (ABI 1, added
+    /// after `load_tokenizer`: older callers' smaller structs get the default.)
+    pub quantize_q8_0: u32,
 }
 
 const MODEL_PARAMS_DEFAULT: ember_model_params = ember_model_params {
     struct_size: std::mem::size_of::<ember_model_params>() as u32,
     load_tokenizer: 1,
+    quantize_q8_0: 0,
 };
 
 /// A message of a conversation for chat templates: NUL-terminated UTF-8 strings, borrowed
@@ -62,7 +68,8 @@ pub unsafe extern "C" fn ember_model_params_default(
     run(|| unsafe { write_params(struct_size, params, MODEL_PARAMS_DEFAULT) })
 }
 
-/// Loads a model from `path`: a Hugging Face folder (config.json, safetensors, tokenizer.json).
+/// Loads a model from `path`: a GGUF file, or a Hugging Face folder (config.json, safetensors,
+/// tokenizer.json).
 /// Weights are memory-mapped; the files must stay unchanged while the model is loaded.
 /// `params` may be NULL for defaults. On success `*out` receives a model to free with
 /// `ember_model_free`.
@@ -88,10 +95,11 @@ pub unsafe extern "C" fn ember_model_load(
             return Err(Error::InvalidArgument("out is NULL".into()));
         }
         let start = std::time::Instant::now();
-        let mut model = Model::load(path)?;
-        if params.load_tokenizer == 0 {
-            model = model.with_tokenizer(None)?;
-        }
+        let options = crate::LoadOptions {
+            load_tokenizer: params.load_tokenizer != 0,
+            quantize_q8_0: params.quantize_q8_0 != 0,
+        };
+        let model = Model::load_with(path, &options)?;
         log(
             super::ember_log_level::EMBER_LOG_LEVEL_INFO,
             &format!(

@@ -118,6 +118,9 @@ unsafe fn hsum(v: __m256) -> f32 {
     }
 }
 
+/// How many row tiles ahead single-token products prefetch.
+const PREFETCH_TILES: usize = 4;
+
 /// Rows `r0..r0 + R` × tokens `t0..t0 + T` of the product.
 ///
 /// # Safety
@@ -125,25 +128,45 @@ unsafe fn hsum(v: __m256) -> f32 {
 /// owned by the calling task.
 #[inline(always)]
 unsafe fn tile<F: Format, const R: usize, const T: usize>(g: &QuantGemm<'_>, r0: usize, t0: usize) {
-    let w: [*const u8; R] = std::array::from_fn(|i| g.w_row(r0 + i).as_ptr());
-    let x: [*const ActBlock; T] = std::array::from_fn(|j| g.x_row(t0 + j).as_ptr());
+    // Plain loops, no closures: a closure would not inherit the caller's target features, and
+    // intrinsics in it could be compiled as calls.
+    let mut w = [std::ptr::null::<u8>(); R];
+    for (i, p) in w.iter_mut().enumerate() {
+        *p = g.w_row(r0 + i).as_ptr();
+    }
+    let mut x = [std::ptr::null::<ActBlock>(); T];
+    for (j, p) in x.iter_mut().enumerate() {
+        *p = g.x_row(t0 + j).as_ptr();
+    }
     // SAFETY: every pointer below stays inside row `r0 + i` (n_blocks blocks of F::BYTES) or
     // activation row `t0 + j` (n_blocks blocks), which the slices above checked; the output
     // elements written belong to this task's rows.
     unsafe {
         let mut acc = [[_mm256_setzero_ps(); T]; R];
         let mut offset = [[0.0f32; T]; R];
+        // Single-token products are bound by memory latency: while this tile's rows are read,
+        // fetch the rows `PREFETCH_TILES` tiles ahead (contiguous bytes, one stream), spread
+        // over the blocks.
+        let ahead = w[0].wrapping_add(PREFETCH_TILES * R * g.row_bytes);
+        let step = R * F::BYTES;
         for b in 0..g.n_blocks {
-            let xs: [&ActBlock; T] = std::array::from_fn(|j| &*x[j].add(b));
-            let xq: [__m256i; T] =
-                std::array::from_fn(|j| _mm256_loadu_si256(xs[j].qs.as_ptr().cast()));
+            if T == 1 {
+                let mut line = b * step;
+                while line < (b + 1) * step {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+                    line += 64;
+                }
+            }
             for i in 0..R {
                 let (wq, d, off) = F::load(w[i].add(b * F::BYTES));
                 for j in 0..T {
-                    let s = block_dot(F::SIGNED, wq, xq[j]);
-                    acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xs[j].d), s, acc[i][j]);
+                    // Activations are read from L1 in each product: holding them in
+                    // registers would push the accumulators out to the stack.
+                    let xb = &*x[j].add(b);
+                    let s = block_dot(F::SIGNED, wq, _mm256_loadu_si256(xb.qs.as_ptr().cast()));
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), s, acc[i][j]);
                     if F::HAS_OFFSET {
-                        offset[i][j] += off * xs[j].sum;
+                        offset[i][j] += off * xb.sum;
                     }
                 }
             }

@@ -285,7 +285,8 @@ impl<'a> Reader<'a> {
                     _ => 1,
                 };
                 let n = self.count(min_size, key)?;
-                let mut items = Vec::with_capacity(n);
+                // Grown as items are read: the count is only checked against the bytes left.
+                let mut items = Vec::with_capacity(n.min(1 << 16));
                 for _ in 0..n {
                     items.push(self.value(item_type, key, depth + 1)?);
                 }
@@ -345,7 +346,7 @@ impl GgufFile {
             return Err(Error::format(format!("GGUF alignment {alignment}")));
         }
 
-        let mut raw = Vec::with_capacity(n_tensors);
+        let mut raw = Vec::with_capacity(n_tensors.min(1 << 12));
         for _ in 0..n_tensors {
             let name = r.string("tensor name")?;
             let n_dims = r.u32(&name)? as usize;
@@ -365,12 +366,13 @@ impl GgufFile {
             raw.push((name, shape, dtype, offset));
         }
         let data_start = r.pos.div_ceil(alignment) * alignment;
-        if data_start > bytes.len() {
+        // A file without tensors (a vocabulary-only file) may end before the padding.
+        if data_start > bytes.len() && n_tensors > 0 {
             return Err(Error::format("GGUF file truncated before its tensor data"));
         }
 
-        let mut tensors = HashMap::with_capacity(n_tensors);
-        let mut infos = Vec::with_capacity(n_tensors);
+        let mut tensors = HashMap::with_capacity(raw.len());
+        let mut infos = Vec::with_capacity(raw.len());
         for (name, shape, dtype, offset) in raw {
             let offset = usize::try_from(offset)
                 .ok()

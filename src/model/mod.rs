@@ -135,7 +135,89 @@ pub struct Model {
     pub(crate) blocks: Vec<Block>,
     pub(crate) final_norm: Norm,
     pub(crate) lm_head: Tensor, // [vocab, hidden]
-    pub(crate) tokenizer: Option<Tokenizer>,
+    pub(crate) tokenizer: LazyTokenizer,
+}
+
+/// How a model is loaded.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Make the tokenizer available (built from `tokenizer.json` or GGUF metadata on first
+    /// use). Default true.
+    pub load_tokenizer: bool,
+    /// Quantize F32/F16/BF16 matrices to Q8_0 at load (faster, about 1/4 of the F32 memory,
+    /// not bit-exact). GPT-2's Conv1D matrices stay as they are. Default false.
+    pub quantize_q8_0: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            load_tokenizer: true,
+            quantize_q8_0: false,
+        }
+    }
+}
+
+/// Builds the tokenizer from its source.
+type TokenizerBuilder = Box<dyn FnOnce() -> Result<Option<Tokenizer>> + Send>;
+
+/// A tokenizer built on first use: parsing a 50k-token vocabulary takes a few hundred
+/// milliseconds, which loading the weights should not pay (nor users who only step ids).
+#[derive(Default)]
+pub(crate) struct LazyTokenizer {
+    builder: std::sync::Mutex<Option<TokenizerBuilder>>,
+    built: std::sync::OnceLock<Result<Option<Tokenizer>, Error>>,
+}
+
+impl std::fmt::Debug for LazyTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LazyTokenizer")
+            .field("built", &self.built.get())
+            .finish()
+    }
+}
+
+impl LazyTokenizer {
+    fn ready(tokenizer: Option<Tokenizer>) -> LazyTokenizer {
+        let lazy = LazyTokenizer::default();
+        let _ = lazy.built.set(Ok(tokenizer));
+        lazy
+    }
+
+    fn deferred(builder: TokenizerBuilder) -> LazyTokenizer {
+        LazyTokenizer {
+            builder: std::sync::Mutex::new(Some(builder)),
+            built: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The tokenizer, built now if this is the first call.
+    fn get(&self, n_vocab: usize) -> Result<Option<&Tokenizer>> {
+        let built = self.built.get_or_init(|| {
+            let builder = self
+                .builder
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            let tokenizer = builder.map_or(Ok(None), |build| build())?;
+            check_tokenizer_fits(tokenizer.as_ref(), n_vocab)?;
+            Ok(tokenizer)
+        });
+        match built {
+            Ok(t) => Ok(t.as_ref()),
+            Err(e) => Err(e.duplicate()),
+        }
+    }
+}
+
+fn check_tokenizer_fits(tokenizer: Option<&Tokenizer>, n_vocab: usize) -> Result<()> {
+    match tokenizer {
+        Some(t) if t.n_vocab() > n_vocab => Err(Error::format(format!(
+            "the tokenizer has {} tokens but the model only {n_vocab} embeddings",
+            t.n_vocab()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 impl Model {
@@ -144,6 +226,11 @@ impl Model {
     /// Weights are memory-mapped and used in place; the files must not be modified while the
     /// model is alive.
     pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+        Model::load_with(path, &LoadOptions::default())
+    }
+
+    /// [`Model::load`] with options (load-time Q8_0 quantization, no tokenizer).
+    pub fn load_with(path: impl AsRef<Path>, options: &LoadOptions) -> Result<Model> {
         let path = path.as_ref();
         if !path.exists() {
             return Err(Error::io(
@@ -151,19 +238,59 @@ impl Model {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
             ));
         }
-        if path.is_dir() {
+        let (mut model, builder): (Model, TokenizerBuilder) = if path.is_dir() {
             let (config, store) = loader::load_hf_folder(path)?;
-            let model = Model::from_hf_tensors(config, store)?;
-            model.with_tokenizer(Tokenizer::from_hf_folder(path)?)
+            let dir = path.to_path_buf();
+            (
+                Model::from_hf_tensors(config, store)?,
+                Box::new(move || Tokenizer::from_hf_folder(&dir)),
+            )
         } else {
             let file = loader::gguf::GgufFile::open(path)?;
             let name = path.display().to_string();
             let (config, store) = loader::gguf::model_parts(&file).map_err(|e| e.in_file(&name))?;
             let model = Model::from_gguf_tensors(config, store).map_err(|e| e.in_file(&name))?;
-            let tokenizer = crate::tokenizer::tokenizer_from_gguf(&file.metadata)
-                .map_err(|e| e.in_file(&name))?;
-            model.with_tokenizer(tokenizer)
+            let metadata = file.metadata;
+            (
+                model,
+                Box::new(move || {
+                    crate::tokenizer::tokenizer_from_gguf(&metadata).map_err(|e| e.in_file(&name))
+                }),
+            )
+        };
+        if options.load_tokenizer {
+            model.tokenizer = LazyTokenizer::deferred(builder);
         }
+        if options.quantize_q8_0 {
+            model.quantize_q8_0()?;
+        }
+        Ok(model)
+    }
+
+    /// Replaces every F32/F16/BF16 linear weight matrix (and the output matrix) by a Q8_0
+    /// copy. The embedding table stays as it is (one row is read per token).
+    fn quantize_q8_0(&mut self) -> Result<()> {
+        for block in &mut self.blocks {
+            let Block {
+                q, k, v, o, ffn, ..
+            } = block;
+            let mut projections: Vec<&mut Projection> = vec![q, k, v, o];
+            match ffn {
+                FeedForward::SwiGlu { gate, up, down } => projections.extend([gate, up, down]),
+                FeedForward::Gelu { fc, proj } => projections.extend([fc, proj]),
+            }
+            for p in projections {
+                if let ProjectionWeight::Linear(w) = &p.weight {
+                    if let Some(quantized) = quantized_q8_0(w)? {
+                        p.weight = ProjectionWeight::Linear(quantized);
+                    }
+                }
+            }
+        }
+        if let Some(head) = quantized_q8_0(&self.lm_head)? {
+            self.lm_head = head;
+        }
+        Ok(())
     }
 
     /// Builds a model from its configuration and Hugging Face-named tensors.
@@ -187,25 +314,19 @@ impl Model {
         Ok(model)
     }
 
-    /// Attaches a tokenizer, checking that its ids fit the model's vocabulary.
+    /// Attaches a tokenizer (or none), checking that its ids fit the model's vocabulary.
     pub fn with_tokenizer(mut self, tokenizer: Option<Tokenizer>) -> Result<Model> {
-        if let Some(t) = &tokenizer {
-            if t.n_vocab() > self.config.vocab_size {
-                return Err(Error::format(format!(
-                    "the tokenizer has {} tokens but the model only {} embeddings",
-                    t.n_vocab(),
-                    self.config.vocab_size
-                )));
-            }
-        }
-        self.tokenizer = tokenizer;
+        check_tokenizer_fits(tokenizer.as_ref(), self.config.vocab_size)?;
+        self.tokenizer = LazyTokenizer::ready(tokenizer);
         Ok(self)
     }
 
-    /// The model's tokenizer, or an error naming what is missing.
+    /// The model's tokenizer (built on the first call), or an error saying why there is none.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
-        self.tokenizer.as_ref().ok_or_else(|| {
-            Error::Unsupported("this model has no tokenizer (tokenizer.json)".into())
+        self.tokenizer.get(self.config.vocab_size)?.ok_or_else(|| {
+            Error::Unsupported(
+                "this model has no tokenizer (no tokenizer.json or tokenizer.ggml metadata)".into(),
+            )
         })
     }
 
@@ -222,6 +343,29 @@ impl Model {
     /// A one-line description of the weights' dtypes, e.g. `"BF16"`.
     pub fn weight_dtype(&self) -> &'static str {
         self.blocks.first().map_or("none", |b| b.q.dtype().name())
+    }
+
+    /// The dtypes of the weights, e.g. `"matrices Q4_1, embedding Q8_0, output Q8_0 (tied)"`.
+    pub fn dtype_summary(&self) -> String {
+        let mut matrices: Vec<&str> = Vec::new();
+        for b in &self.blocks {
+            for p in b.projections() {
+                if !matrices.contains(&p.dtype().name()) {
+                    matrices.push(p.dtype().name());
+                }
+            }
+        }
+        let tied = if self.config.tie_word_embeddings {
+            " (tied)"
+        } else {
+            ""
+        };
+        format!(
+            "matrices {}, embedding {}, output {}{tied}",
+            matrices.join("+"),
+            self.embed.dtype().name(),
+            self.lm_head.dtype().name()
+        )
     }
 
     /// Total number of weight bytes a decode step reads (all matrices once, the embedding
@@ -261,6 +405,30 @@ impl Block {
             .into_iter()
             .chain(ffn.into_iter().take(ffn_len))
     }
+}
+
+/// A Q8_0 copy of a float matrix whose rows are whole blocks, or `None` if it is already
+/// quantized or its rows cannot be.
+fn quantized_q8_0(w: &Tensor) -> Result<Option<Tensor>> {
+    let (rows, cols) = (w.shape()[0], w.shape()[1]);
+    if w.dtype().is_quantized() || cols % kernels::quant::BLOCK != 0 {
+        return Ok(None);
+    }
+    let mut bytes = Vec::new();
+    let size = DType::Q8_0
+        .bytes_for(rows * cols)
+        .ok_or_else(|| Error::OutOfMemory("quantized weights".into()))?;
+    bytes
+        .try_reserve_exact(size)
+        .map_err(|_| Error::OutOfMemory(format!("{size} bytes of Q8_0 weights")))?;
+    let mut row = vec![0.0; cols];
+    let elements = w.elements();
+    for r in 0..rows {
+        elements.to_f32(r * cols, &mut row);
+        kernels::quant::quantize_q8_0(&row, &mut bytes);
+    }
+    let storage = std::sync::Arc::new(crate::tensor::Storage::owned(&bytes)?);
+    Tensor::new(storage, 0, DType::Q8_0, vec![rows, cols], "Q8_0 copy").map(Some)
 }
 
 fn norm(
@@ -346,7 +514,7 @@ fn llama_from_hf(config: ModelConfig, store: &mut TensorStore) -> Result<Model> 
         blocks,
         lm_head,
         config,
-        tokenizer: None,
+        tokenizer: LazyTokenizer::default(),
     })
 }
 
@@ -429,6 +597,6 @@ fn gpt2_from_hf(config: ModelConfig, store: &mut TensorStore, layout: Gpt2Layout
         blocks,
         lm_head,
         config,
-        tokenizer: None,
+        tokenizer: LazyTokenizer::default(),
     })
 }

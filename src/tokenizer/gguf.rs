@@ -12,9 +12,15 @@
 //!
 //! Supported:
 //! - `tokenizer.ggml.model = "gpt2"` (byte-level BPE) with `tokenizer.ggml.pre` one of
-//!   `gpt-2` (alias `gpt2`), `smollm`, `qwen2`, `llama-bpe` (Llama 3).
-//! - `tokenizer.ggml.model = "llama"` (SentencePiece BPE with byte fallback, as Hugging Face
-//!   converts Llama 2 / Mistral tokenizers).
+//!   `gpt-2` (alias `gpt2`), `smollm`, `qwen2`, `llama-bpe` (Llama 3). Not `default`: llama.cpp
+//!   gives that name (or a missing key) its own regex set, which no Hugging Face tokenizer has.
+//! - `tokenizer.ggml.model = "llama"` (SentencePiece BPE with byte fallback; the pre-tokenizer
+//!   name is ignored, as llama.cpp ignores it). Laid out like the tokenizer.json published with
+//!   Llama 2, Mistral 7B v0.1 or Phi-3 (transformers' "legacy" conversion), which tokenizes as
+//!   SentencePiece itself does. transformers 5 converts a `tokenizer.model` differently
+//!   (`Metaspace` with `prepend_scheme: first`, merges in id order), which differs on leading
+//!   spaces and on pieces whose score does not follow their id; GGUF does not record which
+//!   conversion a model's repository used.
 
 use std::collections::HashMap;
 
@@ -223,7 +229,10 @@ fn vocab_object(vocab: &Vocab) -> Value {
 /// `TemplateProcessing` that adds BOS before and EOS after each sequence, as requested (the
 /// layout of Hugging Face's Llama tokenizers). With neither it leaves the ids as they are.
 fn post_processor(vocab: &Vocab, bos: Option<u32>, eos: Option<u32>) -> Value {
-    let special = |id: u32, type_id: u32| json!({"SpecialToken": {"id": vocab.tokens[id as usize], "type_id": type_id}});
+    let special = |id: u32, type_id: u32| {
+        let text = vocab.tokens[id as usize];
+        json!({"SpecialToken": {"id": text, "type_id": type_id}})
+    };
     let sequence = |name: &str, type_id: u32| json!({"Sequence": {"id": name, "type_id": type_id}});
     let mut single = Vec::new();
     let mut pair = Vec::new();

@@ -177,6 +177,53 @@ static void test_model(void) {
   ember_model_free(NULL);
 }
 
+/* A GGUF file of the same weights, and load-time Q8_0 quantization. */
+static void test_gguf_and_quantization(void) {
+  char path[4096];
+  snprintf(path, sizeof path, "%s/../gguf/llama.Q4_1.gguf", model_dir);
+  ember_model *gguf = NULL;
+  CHECK_STATUS(ember_model_load(path, NULL, &gguf), EMBER_OK);
+  CHECK(strcmp(ember_model_architecture(gguf), "llama") == 0);
+  CHECK(ember_model_n_vocab(gguf) == 320 && ember_model_has_chat_template(gguf));
+  int32_t a[16], b[16];
+  size_t na = 0, nb = 0;
+  CHECK_STATUS(ember_tokenize(model, "Hello <|im_end|>", 16, false, true, a, 16, &na), EMBER_OK);
+  CHECK_STATUS(ember_tokenize(gguf, "Hello <|im_end|>", 16, false, true, b, 16, &nb), EMBER_OK);
+  CHECK(na == nb && memcmp(a, b, na * sizeof a[0]) == 0);
+
+  /* Quantized at load: close to the F32 logits, but not equal. */
+  ember_model_params params;
+  EMBER_MODEL_PARAMS_DEFAULT(&params);
+  CHECK(params.quantize_q8_0 == 0);
+  params.quantize_q8_0 = 1;
+  ember_model *q8 = NULL;
+  CHECK_STATUS(ember_model_load(model_dir, &params, &q8), EMBER_OK);
+  ember_session *s1 = NULL, *s2 = NULL;
+  CHECK_STATUS(ember_session_new(model, NULL, &s1), EMBER_OK);
+  CHECK_STATUS(ember_session_new(q8, NULL, &s2), EMBER_OK);
+  static float l1[320], l2[320];
+  CHECK_STATUS(ember_step(s1, a, na, l1), EMBER_OK);
+  CHECK_STATUS(ember_step(s2, a, na, l2), EMBER_OK);
+  float worst = 0.0f;
+  for (int i = 0; i < 320; i++) {
+    float d = l1[i] > l2[i] ? l1[i] - l2[i] : l2[i] - l1[i];
+    if (d > worst) worst = d;
+  }
+  CHECK(worst > 0.0f && worst < 0.2f);
+  ember_session_free(s1);
+  ember_session_free(s2);
+  ember_model_free(q8);
+  ember_model_free(gguf);
+
+  /* A truncated GGUF file. */
+  snprintf(path, sizeof path, "%s/cut.gguf", scratch_dir);
+  char cmd[8192];
+  snprintf(cmd, sizeof cmd, "head -c 5000 '%s/../gguf/llama.Q4_1.gguf' > '%s'", model_dir, path);
+  CHECK(system(cmd) == 0);
+  CHECK_STATUS(ember_model_load(path, NULL, &gguf), EMBER_ERR_BAD_FORMAT);
+  CHECK(strstr(ember_last_error(), "cut.gguf") != NULL);
+}
+
 static void test_tokenize(void) {
   int32_t ids[64];
   size_t n = 0;
@@ -554,6 +601,7 @@ int main(int argc, char **argv) {
   test_version();
   test_load_errors();
   test_model();
+  test_gguf_and_quantization();
   test_tokenize();
   test_session();
   test_sampler();

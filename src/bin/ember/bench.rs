@@ -71,7 +71,7 @@ fn bench_tokens(n: usize, vocab: usize) -> Vec<u32> {
 }
 
 pub fn bench(args: &[String]) -> Result<(), String> {
-    let args = Args::parse(args, &["json", "bandwidth"]);
+    let args = Args::parse(args, &["json", "bandwidth", "q8_0"]);
     let path = args.model()?.to_string();
     let (pp, tg, reps) = (
         args.number("pp", 512)?,
@@ -89,7 +89,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         })
         .collect::<Result<_, _>>()?;
     let rss_before = resident_mib();
-    let (model, load_s) = load(&path)?;
+    let (model, load_s) = load(&path, &args)?;
     let rss_loaded = resident_mib();
     let tokens = bench_tokens(pp.max(1), model.n_vocab());
     let mut rows = Vec::new();
@@ -152,7 +152,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
                 )
             })
             .collect();
-        println!(
+        out!(
             "{{\"model\":{:?},\"dtype\":\"{}\",\"isa\":\"{}\",\"load_s\":{load_s:.6},\"rss_before_mib\":{rss_before:.1},\"rss_loaded_mib\":{rss_loaded:.1},\"rss_after_mib\":{rss_after:.1},\"weight_bytes_per_token\":{bytes},\"pp\":{pp},\"tg\":{tg},\"results\":[{}]}}",
             path,
             model.weight_dtype(),
@@ -160,17 +160,17 @@ pub fn bench(args: &[String]) -> Result<(), String> {
             results.join(",")
         );
     } else {
-        println!(
+        out!(
             "model        {path} ({}, {})",
             model.weight_dtype(),
             ember::kernels::Isa::detect().name()
         );
-        println!("load         {:.2} ms", load_s * 1e3);
-        println!("resident     {rss_before:.1} MiB before load, {rss_loaded:.1} MiB after load, {rss_after:.1} MiB after the runs");
-        println!("weights/tok  {:.1} MiB", bytes / (1 << 20) as f64);
-        println!("threads  pp{pp} tok/s  tg{tg} tok/s  read GB/s  tg limit tok/s");
+        out!("load         {:.2} ms", load_s * 1e3);
+        out!("resident     {rss_before:.1} MiB before load, {rss_loaded:.1} MiB after load, {rss_after:.1} MiB after the runs");
+        out!("weights/tok  {:.1} MiB", bytes / (1 << 20) as f64);
+        out!("threads  pp{pp} tok/s  tg{tg} tok/s  read GB/s  tg limit tok/s");
         for (t, p, g, b) in rows {
-            println!(
+            out!(
                 "{t:>7}  {p:>11.1}  {g:>10.1}  {b:>9.1}  {:>14.1}",
                 b * 1e9 / bytes
             );

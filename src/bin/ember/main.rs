@@ -13,6 +13,20 @@
 //!
 //! Progress and timings go to stderr, results to stdout; errors are one line and exit code 1.
 
+/// `println!` for command output: a closed stdout (e.g. piped into `head`) ends the command
+/// quietly instead of panicking. Only in functions returning `Result<(), String>`.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(());
+            }
+            return Err(format!("writing to stdout: {e}"));
+        }
+    }};
+}
+
 mod bench;
 mod run;
 
@@ -30,7 +44,8 @@ const USAGE: &str = "usage:
   ember info MODEL
   ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--reps 3] [--json] [--bandwidth]
   ember tokenize MODEL (TEXT | --file FILE) [--bench] [--add-special] [--parse-special]
-MODEL is a GGUF file or a Hugging Face model folder. Options of run and chat:";
+MODEL is a GGUF file or a Hugging Face model folder; --q8_0 (run, chat, bench, info,
+tokenize) quantizes F32/F16/BF16 weights to Q8_0 at load. Options of run and chat:";
 
 fn usage() -> String {
     format!("{USAGE}\n{}", run::OPTIONS_HELP)
@@ -128,43 +143,50 @@ impl Args {
 }
 
 /// Loads a model, returning it with the seconds the load took.
-fn load(path: &str) -> Result<(Arc<Model>, f64), String> {
+fn load(path: &str, args: &Args) -> Result<(Arc<Model>, f64), String> {
     let start = Instant::now();
-    let model = Model::load(path).map_err(|e| e.to_string())?;
+    let options = ember::LoadOptions {
+        quantize_q8_0: args.flag("q8_0"),
+        ..ember::LoadOptions::default()
+    };
+    let model = Model::load_with(path, &options).map_err(|e| e.to_string())?;
     Ok((Arc::new(model), start.elapsed().as_secs_f64()))
 }
 
 fn info(args: &[String]) -> Result<(), String> {
-    let args = Args::parse(args, &[]);
-    let (model, _) = load(args.model()?)?;
+    let args = Args::parse(args, &["q8_0"]);
+    let (model, _) = load(args.model()?, &args)?;
     let c = model.config();
-    println!("architecture      {}", c.architecture.name());
-    println!("weights           {}", model.weight_dtype());
-    println!("vocabulary        {}", c.vocab_size);
-    println!("layers            {}", c.n_layers);
-    println!(
+    out!("architecture      {}", c.architecture.name());
+    out!("weights           {}", model.dtype_summary());
+    out!("vocabulary        {}", c.vocab_size);
+    out!("layers            {}", c.n_layers);
+    out!(
         "hidden / ffn      {} / {}",
-        c.hidden_size, c.intermediate_size
+        c.hidden_size,
+        c.intermediate_size
     );
-    println!(
+    out!(
         "heads (kv)        {} ({}) x {}",
-        c.n_heads, c.n_kv_heads, c.head_dim
+        c.n_heads,
+        c.n_kv_heads,
+        c.head_dim
     );
-    println!("context           {}", c.max_position_embeddings);
-    println!("bytes per token   {}", model.weight_bytes_per_token());
+    out!("context           {}", c.max_position_embeddings);
+    out!("bytes per token   {}", model.weight_bytes_per_token());
     match model.tokenizer() {
         Ok(t) => {
             let name = |id: Option<u32>| match id {
                 Some(id) => format!("{id} {:?}", t.token_text(id).unwrap_or_default()),
                 None => "none".into(),
             };
-            println!("tokenizer         {} tokens", t.n_vocab());
-            println!("bos               {}", name(t.bos()));
-            println!("eos               {}", name(t.eos()));
-            println!("eot               {}", name(t.eot()));
-            println!("chat template     {}", t.chat_template().is_some());
+            out!("tokenizer         {} tokens", t.n_vocab());
+            out!("bos               {}", name(t.bos()));
+            out!("eos               {}", name(t.eos()));
+            out!("eot               {}", name(t.eot()));
+            out!("chat template     {}", t.chat_template().is_some());
         }
-        Err(e) => println!("tokenizer         none ({e})"),
+        Err(e) => out!("tokenizer         none ({e})"),
     }
     Ok(())
 }
@@ -192,8 +214,8 @@ fn convert(args: &[String]) -> Result<(), String> {
 }
 
 fn tokenize(args: &[String]) -> Result<(), String> {
-    let args = Args::parse(args, &["bench", "add-special", "parse-special"]);
-    let (model, _) = load(args.model()?)?;
+    let args = Args::parse(args, &["bench", "add-special", "parse-special", "q8_0"]);
+    let (model, _) = load(args.model()?, &args)?;
     let tokenizer = model.tokenizer().map_err(|e| e.to_string())?;
     let text = match (args.get("file"), args.positional.get(1)) {
         (Some(file), _) => std::fs::read_to_string(file).map_err(|e| format!("{file}: {e}"))?,
@@ -205,7 +227,7 @@ fn tokenize(args: &[String]) -> Result<(), String> {
         let ids = tokenizer
             .encode(&text, add, parse)
             .map_err(|e| e.to_string())?;
-        println!("{ids:?}");
+        out!("{ids:?}");
         return Ok(());
     }
     // One call per line, as a server tokenizing prompts would; best of three passes.
@@ -222,7 +244,7 @@ fn tokenize(args: &[String]) -> Result<(), String> {
         }
         best = best.min(start.elapsed().as_secs_f64());
     }
-    println!(
+    out!(
         "{} bytes, {n_tokens} tokens in {:.1} ms: {:.2} MB/s, {:.0} tokens/s (1 thread)",
         text.len(),
         best * 1e3,

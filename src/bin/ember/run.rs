@@ -90,12 +90,12 @@ fn report(prompt_tokens: usize, start: Instant, g: &Generation) {
 /// `ember run MODEL PROMPT`: streams a completion of PROMPT (with `--chat`, of PROMPT as one
 /// user message in the model's chat template).
 pub fn run(args: &[String]) -> Result<(), String> {
-    let args = Args::parse(args, &["chat"]);
+    let args = Args::parse(args, &["chat", "q8_0"]);
     let prompt = args
         .positional
         .get(1)
         .ok_or_else(|| format!("missing PROMPT\n{}", crate::usage()))?;
-    let (model, load_seconds) = load(args.model()?)?;
+    let (model, load_seconds) = load(args.model()?, &args)?;
     eprintln!("[loaded in {:.0} ms]", load_seconds * 1e3);
     let mut session = session(&args, &model)?;
     let mut sampler = sampler(&args)?;
@@ -136,8 +136,8 @@ pub fn run(args: &[String]) -> Result<(), String> {
 /// `ember chat MODEL`: reads user messages line by line from stdin and streams the replies,
 /// keeping the conversation in one session. `/reset` starts over; end of input quits.
 pub fn chat(args: &[String]) -> Result<(), String> {
-    let args = Args::parse(args, &[]);
-    let (model, _) = load(args.model()?)?;
+    let args = Args::parse(args, &["q8_0"]);
+    let (model, _) = load(args.model()?, &args)?;
     let mut session = session(&args, &model)?;
     let mut sampler = sampler(&args)?;
     let options = generate_options(&args)?;
@@ -184,7 +184,7 @@ pub fn chat(args: &[String]) -> Result<(), String> {
         );
         match result {
             Ok(g) => {
-                println!();
+                out!();
                 report(session.position().saturating_sub(before), start, &g);
                 messages.push(ChatMessage {
                     role: "assistant".into(),

@@ -1,0 +1,910 @@
+"""The Python API over the C handles: ``Model``, ``Session``, ``Sampler``, ``Detokenizer`` and
+the ``TextStream`` of a generation. Everything computes in the C library; this module only
+converts arguments, owns handles and turns failures into ``EmberError`` exceptions."""
+
+from __future__ import annotations
+
+import array
+import atexit
+import ctypes
+import operator
+import os
+import queue
+import sys
+import threading
+import weakref
+from ctypes import byref, c_char_p, c_float, c_int, c_int32, c_size_t
+from typing import (
+    Any,
+    Callable,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Tuple,
+    Union,
+)
+
+from . import _ffi
+from .errors import (
+    BufferTooSmallError,
+    BusyError,
+    CancelledError,
+    InvalidArgumentError,
+    LogLevel,
+    StopReason,
+)
+
+try:  # numpy is optional: without it logits are memoryviews of float32.
+    import numpy as _np
+except ImportError:  # pragma: no cover - exercised by a subprocess test
+    _np = None
+
+_lib = _ffi.lib
+
+#: True when numpy is installed: logits are then numpy arrays.
+HAVE_NUMPY: bool = _np is not None
+
+#: A conversation message: ``{"role": ..., "content": ...}`` or ``(role, content)``.
+Message = Union[Mapping[str, str], Tuple[str, str]]
+#: Logits: what ``Session.step`` returns (numpy array or memoryview), or any sequence of floats.
+Logits = Any
+#: Text given to the library: ``str``, or ``bytes`` already in UTF-8.
+Text = Union[str, bytes]
+#: A path to a model folder.
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# ---- conversions ----
+
+
+def _utf8(text: Text) -> bytes:
+    """UTF-8 bytes of ``text``. Lone surrogates pass through as invalid UTF-8, so that the
+    library, which checks every text, rejects them (``InvalidArgumentError``)."""
+    if isinstance(text, bytes):
+        return text
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _cstr(text: Text, what: str) -> bytes:
+    """UTF-8 bytes for a NUL-terminated C string; a NUL inside cannot be passed."""
+    data = _utf8(text)
+    if b"\0" in data:
+        raise InvalidArgumentError(f"{what} contains a NUL character")
+    return data
+
+
+def _uint(value: int, what: str, bits: int = 32) -> int:
+    """``value`` checked to fit an unsigned C integer (ctypes would wrap it silently)."""
+    value = operator.index(value)
+    if not 0 <= value < 1 << bits:
+        raise InvalidArgumentError(f"{what} = {value} is out of range")
+    return value
+
+
+def _token(token: int) -> int:
+    """A token id checked to fit an ``int32_t`` (the library checks the vocabulary)."""
+    token = operator.index(token)
+    if not -(1 << 31) <= token < 1 << 31:
+        raise InvalidArgumentError(f"token {token} is out of range")
+    return token
+
+
+def _tokens(ids: Union[int, Iterable[int]]) -> "ctypes.Array[c_int32]":
+    """``ids`` (one id or an iterable of ids) as a C ``int32_t`` array."""
+    if not hasattr(ids, "__iter__"):
+        ids = [operator.index(ids)]  # type: ignore[arg-type]
+    try:
+        values = array.array("i", ids)  # type: ignore[arg-type]
+    except OverflowError as e:
+        raise InvalidArgumentError(f"a token id is out of range: {e}") from None
+    return (c_int32 * len(values)).from_buffer(values)
+
+
+def _floats(logits: Logits) -> Tuple[Any, int, Any]:
+    """``(pointer, count, keepalive)`` for a vector of float32 logits, without copying when
+    it already is one (numpy float32 arrays, memoryviews, ``array('f')``, ctypes arrays)."""
+    if isinstance(logits, ctypes.Array) and logits._type_ is c_float:
+        return logits, len(logits), logits
+    if _np is not None and isinstance(logits, _np.ndarray):
+        if logits.ndim != 1:
+            raise InvalidArgumentError(f"logits must be one-dimensional, not {logits.shape}")
+        arr = _np.ascontiguousarray(logits, dtype=_np.float32)
+        return arr.ctypes.data_as(ctypes.POINTER(c_float)), arr.size, arr
+    try:
+        view = memoryview(logits)
+    except TypeError:
+        view = None
+    if view is not None and view.format in ("f", "<f", "=f") and view.ndim == 1 \
+            and view.c_contiguous:
+        n = view.shape[0]
+        buf = (c_float * n).from_buffer_copy(view) if view.readonly \
+            else (c_float * n).from_buffer(view)
+        return buf, n, (buf, view)
+    values = array.array("f", logits)
+    buf = (c_float * len(values)).from_buffer(values)
+    return buf, len(values), (buf, values)
+
+
+def _float_view(buffer: "ctypes.Array[c_float]", shape: Tuple[int, ...]) -> Any:
+    """A view of a C float buffer, sharing its memory: a numpy array, else a memoryview."""
+    if _np is not None:
+        return _np.ctypeslib.as_array(buffer).reshape(shape)
+    return memoryview(buffer).cast("B").cast("f", list(shape))
+
+
+def _read_text(call: Callable[[Any, int, Any], Any], cap: int = 256) -> str:
+    """Runs ``call(buffer, capacity, n_out)`` for a text output of the C API, growing the
+    buffer to the size the library asks for on ``EMBER_ERR_BUFFER_TOO_SMALL``."""
+    n = c_size_t()
+    while True:
+        buf = ctypes.create_string_buffer(cap)
+        try:
+            call(buf, cap, byref(n))
+        except BufferTooSmallError:
+            if n.value <= cap:
+                raise
+            cap = n.value
+            continue
+        return buf.raw[: n.value].decode("utf-8")
+
+
+def _messages(messages: Iterable[Message]) -> Tuple[Any, int, List[bytes]]:
+    """``(array, count, keepalive)``: a conversation as ``ember_chat_message`` structs."""
+    strings: List[bytes] = []
+    for message in messages:
+        if isinstance(message, Mapping):
+            role, content = message["role"], message["content"]
+        else:
+            role, content = message
+        strings += [_cstr(role, "a message role"), _cstr(content, "a message content")]
+    n = len(strings) // 2
+    arr = (_ffi.ember_chat_message * n)()
+    for i in range(n):
+        arr[i].role = strings[2 * i]
+        arr[i].content = strings[2 * i + 1]
+    return arr, n, strings
+
+
+def _generate_params(
+    max_tokens: int,
+    stop: Union[Text, Iterable[Text]],
+    ignore_end_tokens: bool,
+    add_special: bool = True,
+    parse_special: bool = False,
+) -> _ffi.ember_generate_params:
+    """An ``ember_generate_params`` from the library's defaults and these options."""
+    params = _ffi.ember_generate_params()
+    _lib.ember_generate_params_default(ctypes.sizeof(params), byref(params))
+    params.max_tokens = _uint(max_tokens, "max_tokens")
+    stops = [stop] if isinstance(stop, (str, bytes)) else list(stop)
+    encoded = [_cstr(s, "a stop string") for s in stops]
+    # ctypes keeps the array (and the bytes in it) alive as long as params.
+    params.stop_strings = (c_char_p * len(encoded))(*encoded)
+    params.n_stop_strings = len(encoded)
+    params.ignore_end_tokens = int(bool(ignore_end_tokens))
+    params.add_special = int(bool(add_special))
+    params.parse_special = int(bool(parse_special))
+    return params
+
+
+# ---- handle ownership ----
+
+
+class _Closing:
+    """Closes itself when used as a context manager or collected."""
+
+    def close(self) -> None:  # pragma: no cover - every subclass has its own
+        raise NotImplementedError
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - nothing can be done in a finaliser
+            pass
+
+
+class _Owned(_Closing):
+    """Owns one C handle. Counts the calls in flight so that ``close()`` never frees a
+    handle another thread is inside (it raises ``BusyError`` instead)."""
+
+    _free: Callable[[Any], None]  # the C free function
+    _kind = "object"
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self._lock = threading.Lock()
+        self._in_use = 0
+
+    def _use(self) -> "_Use":
+        """Context manager giving the live handle for one call."""
+        return _Use(self)
+
+    @property
+    def closed(self) -> bool:
+        """True once ``close()`` has released the C object."""
+        return not getattr(self, "_handle", None)
+
+    def close(self) -> None:
+        """Releases the C object now (it is also released when this object is collected).
+        Further use raises ``InvalidArgumentError``; closing twice is fine."""
+        lock = getattr(self, "_lock", None)
+        if lock is None:  # __init__ did not get as far as owning a handle
+            return
+        with lock:
+            if self._in_use:
+                raise BusyError(f"the {self._kind} is in use by another thread")
+            handle, self._handle = self._handle, None
+        if handle:
+            type(self)._free(handle)
+
+
+class _Use:
+    """One call's use of an ``_Owned`` handle (see ``_Owned._use``)."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: _Owned) -> None:
+        self.owner = owner
+
+    def __enter__(self) -> Any:
+        owner = self.owner
+        with owner._lock:
+            if not owner._handle:
+                raise InvalidArgumentError(f"the {owner._kind} is closed")
+            owner._in_use += 1
+            return owner._handle
+
+    def __exit__(self, *exc: Any) -> None:
+        with self.owner._lock:
+            self.owner._in_use -= 1
+
+
+# ---- library-wide functions ----
+
+_log_callbacks: List[Any] = []  # every callback ever installed stays alive (see below)
+
+
+def version() -> str:
+    """The library's version, e.g. ``"0.1.0"``."""
+    return _lib.ember_version().decode()
+
+
+def abi_version() -> int:
+    """The C ABI version the loaded library implements (``ember.ABI_VERSION`` expected)."""
+    return int(_lib.ember_abi_version())
+
+
+def status_name(status: int) -> str:
+    """The C name of a status value, e.g. ``"EMBER_ERR_CONTEXT_FULL"``."""
+    return _lib.ember_status_name(status).decode()
+
+
+def set_log_callback(callback: Optional[Callable[[LogLevel, str], None]]) -> None:
+    """Sends the library's log messages to ``callback(level, message)`` (``None`` removes
+    it). The callback may run on any thread that calls into Ember and must be quick;
+    exceptions it raises are ignored. Installed callbacks are kept alive for the life of
+    the process, since another thread may still be inside one when it is replaced."""
+
+    def trampoline(level: int, message: bytes, user: Any) -> None:
+        try:
+            callback(LogLevel(level), message.decode("utf-8", "replace"))  # type: ignore[misc]
+        except BaseException:
+            pass
+
+    if callback is None:
+        _lib.ember_set_log_callback(_ffi.ember_log_callback(), None)
+        return
+    function = _ffi.ember_log_callback(trampoline)
+    _log_callbacks.append(function)
+    _lib.ember_set_log_callback(function, None)
+
+
+# ---- model ----
+
+
+class Model(_Owned):
+    """A loaded model: a GGUF file or a Hugging Face folder (``config.json``, safetensors
+    weights, ``tokenizer.json``), memory-mapped. Immutable and shared: any number of sessions and
+    threads may use it at once. Use it as a context manager or call ``close()``; sessions
+    made from it keep the weights alive until they are closed too.
+
+    ``threads`` is the default worker count of the sessions made by ``session()``,
+    ``generate()`` and ``chat()`` (0 = half the machine's cores). ``quantize_q8_0`` quantizes
+    F32/F16/BF16 weights to Q8_0 at load (faster, not bit-exact).
+    """
+
+    _free = _lib.ember_model_free
+    _kind = "model"
+
+    def __init__(
+        self,
+        path: PathLike,
+        *,
+        threads: int = 0,
+        load_tokenizer: bool = True,
+        quantize_q8_0: bool = False,
+    ) -> None:
+        #: Default thread count of the sessions this model makes.
+        self.threads: int = _uint(threads, "threads")
+        params = _ffi.ember_model_params()
+        _lib.ember_model_params_default(ctypes.sizeof(params), byref(params))
+        params.load_tokenizer = int(bool(load_tokenizer))
+        params.quantize_q8_0 = int(bool(quantize_q8_0))
+        handle = ctypes.POINTER(_ffi.ember_model)()
+        _lib.ember_model_load(_cstr(os.fsencode(path), "the path"), byref(params), byref(handle))
+        super().__init__(handle)
+        #: The folder the model was loaded from.
+        self.path: str = os.fspath(path)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.architecture}, {self.n_vocab} tokens"
+        return f"<ember.Model {self.path!r} ({state})>"
+
+    @property
+    def n_vocab(self) -> int:
+        """Vocabulary size: the length of a logits vector."""
+        with self._use() as h:
+            return int(_lib.ember_model_n_vocab(h))
+
+    @property
+    def n_ctx_train(self) -> int:
+        """The longest context the model was trained for."""
+        with self._use() as h:
+            return int(_lib.ember_model_n_ctx_train(h))
+
+    def _special(self, function: Callable[[Any], int]) -> Optional[int]:
+        with self._use() as h:
+            token = int(function(h))
+        return None if token < 0 else token
+
+    @property
+    def bos_token(self) -> Optional[int]:
+        """Beginning-of-sequence token, or ``None``."""
+        return self._special(_lib.ember_model_token_bos)
+
+    @property
+    def eos_token(self) -> Optional[int]:
+        """End-of-sequence token, or ``None``."""
+        return self._special(_lib.ember_model_token_eos)
+
+    @property
+    def eot_token(self) -> Optional[int]:
+        """End-of-turn token of chat models (else the EOS token), or ``None``."""
+        return self._special(_lib.ember_model_token_eot)
+
+    def is_end_token(self, token: int) -> bool:
+        """True if ``token`` ends generation (EOS, EOT, or a configured end token)."""
+        with self._use() as h:
+            return bool(_lib.ember_model_token_is_end(h, _token(token)))
+
+    @property
+    def architecture(self) -> str:
+        """The architecture's name: ``"llama"``, ``"qwen2"`` or ``"gpt2"``."""
+        with self._use() as h:
+            return _lib.ember_model_architecture(h).decode()
+
+    @property
+    def has_chat_template(self) -> bool:
+        """True if the tokenizer has a chat template."""
+        with self._use() as h:
+            return bool(_lib.ember_model_has_chat_template(h))
+
+    def tokenize(self, text: Text, add_special: bool = True,
+                 parse_special: bool = False) -> List[int]:
+        """Token ids of ``text``. ``add_special`` adds BOS/EOS as the tokenizer does;
+        ``parse_special`` recognises special tokens written in the text (off by default, so
+        user text cannot inject control tokens)."""
+        data = _utf8(text)
+        cap = len(data) + 8
+        n = c_size_t()
+        with self._use() as h:
+            while True:
+                out = (c_int32 * cap)()
+                try:
+                    _lib.ember_tokenize(h, data, len(data), add_special, parse_special, out, cap,
+                                        byref(n))
+                except BufferTooSmallError:
+                    cap = n.value
+                    continue
+                return out[: n.value]
+
+    def detokenize(self, ids: Iterable[int]) -> str:
+        """The text of token ids."""
+        tokens = _tokens(ids)
+        with self._use() as h:
+            return _read_text(lambda buf, cap, n: _lib.ember_detokenize(h, tokens, len(tokens), buf,
+                                                                        cap, n),
+                              cap=4 * len(tokens) + 16)
+
+    def apply_chat_template(self, messages: Iterable[Message],
+                            add_generation_prompt: bool = True) -> str:
+        """The prompt text the model's chat template makes of ``messages``, with the
+        assistant's turn opened when ``add_generation_prompt``."""
+        arr, n, _keep = _messages(messages)
+        with self._use() as h:
+            return _read_text(lambda buf, cap, n_out: _lib.ember_chat_apply(
+                h, arr, n, add_generation_prompt, buf, cap, n_out))
+
+    def session(self, n_ctx: int = 0, threads: Optional[int] = None,
+                n_ubatch: Optional[int] = None) -> "Session":
+        """A new ``Session`` over this model (see ``Session``)."""
+        return Session(self, n_ctx=n_ctx, threads=threads, n_ubatch=n_ubatch)
+
+    def detokenizer(self) -> "Detokenizer":
+        """A new streaming ``Detokenizer`` for this model's tokenizer."""
+        return Detokenizer(self)
+
+    def generate(self, prompt: Text, *, max_tokens: int = 256, sampler: Optional["Sampler"] = None,
+                 stop: Union[Text, Iterable[Text]] = (), ignore_end_tokens: bool = False,
+                 add_special: bool = True, parse_special: bool = False, n_ctx: int = 0,
+                 threads: Optional[int] = None) -> "TextStream":
+        """Generates a continuation of ``prompt`` in a session of its own (made for this
+        call, closed when the stream ends), yielding text as it comes. See
+        ``Session.generate`` for the options; ``n_ctx`` and ``threads`` size the session."""
+        session = self.session(n_ctx=n_ctx, threads=threads)
+        return session._stream_generate(prompt, max_tokens, sampler, stop, ignore_end_tokens,
+                                        add_special, parse_special, owned=[session])
+
+    def chat(self, messages: Iterable[Message], *, max_tokens: int = 256,
+             sampler: Optional["Sampler"] = None, stop: Union[Text, Iterable[Text]] = (),
+             ignore_end_tokens: bool = False, n_ctx: int = 0,
+             threads: Optional[int] = None) -> "TextStream":
+        """The assistant's reply to ``messages`` (the chat template applied), in a session of
+        its own, yielding text as it comes. To keep a conversation, use ``Session.chat`` on
+        one session: earlier turns are then not computed again."""
+        session = self.session(n_ctx=n_ctx, threads=threads)
+        return session._stream_chat(messages, max_tokens, sampler, stop, ignore_end_tokens,
+                                    owned=[session])
+
+
+# ---- session ----
+
+
+class Session(_Owned):
+    """One sequence's state over a model: the KV cache (allocated here, ``n_ctx`` tokens;
+    0 = the model's trained context, at most 2048) and the position. Computes on
+    ``threads`` worker threads (the caller's included; ``None`` = the model's default).
+
+    A session is used by one thread at a time: a call made while another is running on it
+    raises ``BusyError``. ``cancel()`` and ``position`` work from any thread.
+    """
+
+    _free = _lib.ember_session_free
+    _kind = "session"
+
+    def __init__(self, model: Model, *, n_ctx: int = 0, threads: Optional[int] = None,
+                 n_ubatch: Optional[int] = None) -> None:
+        params = _ffi.ember_session_params()
+        _lib.ember_session_params_default(ctypes.sizeof(params), byref(params))
+        params.n_ctx = _uint(n_ctx, "n_ctx")
+        params.n_threads = _uint(model.threads if threads is None else threads, "threads")
+        if n_ubatch is not None:
+            params.n_ubatch = _uint(n_ubatch, "n_ubatch")
+        handle = ctypes.POINTER(_ffi.ember_session)()
+        with model._use() as m:
+            _lib.ember_session_new(m, byref(params), byref(handle))
+            n_vocab = int(_lib.ember_model_n_vocab(m))
+        super().__init__(handle)
+        #: The model this session runs.
+        self.model: Model = model
+        self._n_vocab = n_vocab
+        self._logits = (c_float * n_vocab)()
+        self._logits_view = _float_view(self._logits, (n_vocab,))
+        self._streams: "weakref.WeakSet[TextStream]" = weakref.WeakSet()
+
+    def __repr__(self) -> str:
+        if self.closed:
+            return "<ember.Session (closed)>"
+        return f"<ember.Session {self.position}/{self.n_ctx} tokens>"
+
+    def close(self) -> None:
+        """Ends this session's unfinished generations, then releases the session."""
+        for stream in list(getattr(self, "_streams", ())):
+            stream.close()
+        super().close()
+
+    @property
+    def n_ctx(self) -> int:
+        """The context length in tokens."""
+        with self._use() as h:
+            return int(_lib.ember_session_n_ctx(h))
+
+    @property
+    def position(self) -> int:
+        """How many tokens the session holds (during a step: before the step). Safe from any
+        thread at any time."""
+        with self._use() as h:
+            return int(_lib.ember_session_position(h))
+
+    def step(self, ids: Union[int, Iterable[int]]) -> Logits:
+        """Appends tokens and returns the logits of the last one (``n_vocab`` float32).
+
+        The result is a view of a buffer this session owns, with no copy: a numpy array
+        when numpy is installed, else a ``memoryview``. The next ``step`` overwrites it;
+        copy it (``numpy.copy``, ``list``) to keep it. On failure (bad token, full context,
+        cancellation) the session is unchanged."""
+        tokens = _tokens(ids)
+        with self._use() as h:
+            _lib.ember_step(h, tokens, len(tokens), self._logits)
+        return self._logits_view
+
+    def step_all(self, ids: Iterable[int]) -> Logits:
+        """Appends tokens and returns the logits of every one of them, shape
+        ``(len(ids), n_vocab)``, in a new array (numpy, else a 2-D ``memoryview``)."""
+        tokens = _tokens(ids)
+        n = len(tokens) * self._n_vocab
+        if _np is not None:
+            out = _np.empty((len(tokens), self._n_vocab), dtype=_np.float32)
+            pointer = out.ctypes.data_as(ctypes.POINTER(c_float))
+        else:
+            buf = (c_float * n)()
+            out, pointer = _float_view(buf, (len(tokens), self._n_vocab)), buf
+        with self._use() as h:
+            _lib.ember_step_all(h, tokens, len(tokens), pointer, n)
+        return out
+
+    def rewind(self, n_past: int) -> None:
+        """Truncates the session to its first ``n_past`` tokens (undo, regenerate)."""
+        with self._use() as h:
+            _lib.ember_session_rewind(h, _uint(n_past, "n_past", 64))
+
+    def reset(self) -> None:
+        """Forgets every token (and any pending cancellation)."""
+        with self._use() as h:
+            _lib.ember_session_reset(h)
+
+    def cancel(self) -> None:
+        """Asks the step or generation running on this session (in another thread) to stop
+        with ``CancelledError``, leaving the session at its previous position. If nothing is
+        running, the next step is cancelled (``reset()`` clears the request)."""
+        with self._use() as h:
+            _lib.ember_session_cancel(h)
+
+    def generate(self, prompt: Text, *, max_tokens: int = 256, sampler: Optional["Sampler"] = None,
+                 stop: Union[Text, Iterable[Text]] = (), ignore_end_tokens: bool = False,
+                 add_special: bool = True, parse_special: bool = False) -> "TextStream":
+        """Tokenizes ``prompt`` (appended to what the session holds) and generates until an
+        end token, ``max_tokens`` tokens (0 = no limit), a ``stop`` string (not yielded) or a
+        full context. Returns a ``TextStream`` yielding complete UTF-8 text as it comes.
+
+        ``sampler`` defaults to a new greedy ``Sampler``. ``add_special`` adds BOS as the
+        tokenizer does (pass ``False`` to continue a session that holds text already);
+        ``parse_special`` lets the prompt name special tokens. Afterwards the session holds
+        the prompt and the generated tokens except the last."""
+        return self._stream_generate(prompt, max_tokens, sampler, stop, ignore_end_tokens,
+                                     add_special, parse_special, owned=[])
+
+    def chat(self, messages: Iterable[Message], *, max_tokens: int = 256,
+             sampler: Optional["Sampler"] = None, stop: Union[Text, Iterable[Text]] = (),
+             ignore_end_tokens: bool = False) -> "TextStream":
+        """The assistant's reply to the whole conversation ``messages`` (the model's chat
+        template applied), as a ``TextStream``. Keep a conversation in one session and pass
+        all its messages each turn: the tokens of earlier turns the session still holds are
+        reused, so each turn costs only its new tokens."""
+        return self._stream_chat(messages, max_tokens, sampler, stop, ignore_end_tokens, owned=[])
+
+    def _stream_generate(self, prompt: Text, max_tokens: int, sampler: Optional["Sampler"],
+                         stop: Union[Text, Iterable[Text]], ignore_end_tokens: bool,
+                         add_special: bool, parse_special: bool,
+                         owned: List[_Owned]) -> "TextStream":
+        data = _utf8(prompt)
+        params = _generate_params(max_tokens, stop, ignore_end_tokens, add_special, parse_special)
+
+        def start(session: Any, smp: Any, callback: Any, reason: Any, n_tokens: Any) -> None:
+            _lib.ember_generate(session, smp, data, len(data), byref(params), callback, None,
+                                reason, n_tokens)
+
+        return TextStream(self, sampler, start, owned)
+
+    def _stream_chat(self, messages: Iterable[Message], max_tokens: int,
+                     sampler: Optional["Sampler"], stop: Union[Text, Iterable[Text]],
+                     ignore_end_tokens: bool, owned: List[_Owned]) -> "TextStream":
+        arr, n, keep = _messages(messages)
+        params = _generate_params(max_tokens, stop, ignore_end_tokens)
+
+        def start(session: Any, smp: Any, callback: Any, reason: Any, n_tokens: Any,
+                  _strings: List[bytes] = keep) -> None:  # the strings live as long as this
+            _lib.ember_chat(session, smp, arr, n, byref(params), callback, None, reason, n_tokens)
+
+        return TextStream(self, sampler, start, owned)
+
+
+# ---- sampler ----
+
+
+class Sampler(_Owned):
+    """Picks the next token from logits. Every option left at ``None`` takes the library's
+    default, so ``Sampler()`` is greedy decoding without penalties.
+
+    - ``temperature``: softmax temperature; 0 = greedy (default 0).
+    - ``top_k``: keep the k most likely tokens; 0 = off.
+    - ``top_p``: keep the most likely tokens up to this probability mass; 1 = off.
+    - ``min_p``: drop tokens below this fraction of the best token's probability; 0 = off.
+    - ``repetition_penalty`` (1 = off), ``presence_penalty``, ``frequency_penalty`` (0 = off)
+      over the last ``penalty_window`` tokens (default 64).
+    - ``seed``: the same seed gives the same tokens.
+
+    A sampler is used by one thread at a time (else ``BusyError``).
+    """
+
+    _free = _lib.ember_sampler_free
+    _kind = "sampler"
+
+    def __init__(self, *, temperature: Optional[float] = None, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, min_p: Optional[float] = None,
+                 repetition_penalty: Optional[float] = None,
+                 presence_penalty: Optional[float] = None,
+                 frequency_penalty: Optional[float] = None,
+                 penalty_window: Optional[int] = None, seed: Optional[int] = None) -> None:
+        params = _ffi.ember_sampler_params()
+        _lib.ember_sampler_params_default(ctypes.sizeof(params), byref(params))
+        for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
+                            ("repetition_penalty", repetition_penalty),
+                            ("presence_penalty", presence_penalty),
+                            ("frequency_penalty", frequency_penalty)):
+            if value is not None:
+                setattr(params, name, float(value))
+        if top_k is not None:
+            params.top_k = _uint(top_k, "top_k")
+        if penalty_window is not None:
+            params.penalty_window = _uint(penalty_window, "penalty_window")
+        if seed is not None:
+            params.seed = _uint(seed, "seed", 64)
+        handle = ctypes.POINTER(_ffi.ember_sampler)()
+        _lib.ember_sampler_new(byref(params), byref(handle))
+        super().__init__(handle)
+        #: The options the sampler was made with (the library's struct).
+        self.params: _ffi.ember_sampler_params = params
+
+    def __repr__(self) -> str:
+        p = self.params
+        return (f"<ember.Sampler temperature={p.temperature:g} top_k={p.top_k} top_p={p.top_p:g} "
+                f"min_p={p.min_p:g} seed={p.seed}>")
+
+    def sample(self, logits: Logits) -> int:
+        """A token id picked from ``logits`` (any float vector: what ``Session.step``
+        returns is passed without a copy). The token is remembered for the penalties."""
+        pointer, n, _keep = _floats(logits)
+        out = c_int32()
+        with self._use() as h:
+            _lib.ember_sample(h, pointer, n, byref(out))
+        return out.value
+
+    def accept(self, token: int) -> None:
+        """Remembers ``token`` for the penalties (e.g. the prompt's tokens)."""
+        with self._use() as h:
+            _lib.ember_sampler_accept(h, _token(token))
+
+    def reset(self) -> None:
+        """Restarts the random sequence from the seed and forgets recent tokens."""
+        with self._use() as h:
+            _lib.ember_sampler_reset(h)
+
+
+# ---- detokenizer ----
+
+
+class Detokenizer(_Owned):
+    """Turns tokens fed one by one into text, giving only complete UTF-8 characters: a
+    character split across tokens comes out whole with its last token."""
+
+    _free = _lib.ember_detokenizer_free
+    _kind = "detokenizer"
+
+    def __init__(self, model: Model) -> None:
+        handle = ctypes.POINTER(_ffi.ember_detokenizer)()
+        with model._use() as m:
+            _lib.ember_detokenizer_new(m, byref(handle))
+        super().__init__(handle)
+
+    def push(self, token: int) -> str:
+        """Adds ``token``; returns the text it completes (often ``""`` mid-character)."""
+        token = _token(token)
+        with self._use() as h:
+            return _read_text(
+                lambda buf, cap, n: _lib.ember_detokenizer_push(h, token, buf, cap, n), cap=64)
+
+    def flush(self) -> str:
+        """Returns what is still held back (an incomplete character as U+FFFD) and resets."""
+        with self._use() as h:
+            return _read_text(lambda buf, cap, n: _lib.ember_detokenizer_flush(h, buf, cap, n),
+                              cap=64)
+
+    def reset(self) -> None:
+        """Forgets every token fed so far."""
+        with self._use() as h:
+            _lib.ember_detokenizer_reset(h)
+
+
+# ---- streaming generation ----
+#
+# ember_generate and ember_chat report text through a callback, while a Python generator
+# yields to its consumer. A callback cannot yield, and keeping a C call suspended on the
+# consumer's thread across yields is impossible, so the C call runs on a worker thread:
+# the callback hands each piece to the consumer through a queue, then waits until the
+# consumer asks for the next piece (or closes the stream, and then the callback returns
+# false, which ends the generation at once). So generation runs in step with the consumer
+# and computes nothing it will not show, all the logic (stop strings, end tokens, UTF-8
+# boundaries, chat prefix reuse) stays in the library, and an early `break` leaves the
+# session as ember_generate leaves it after a callback that stops: usable, holding the
+# prompt and the tokens generated. Re-implementing the loop in Python over ember_step and
+# ember_sample would have duplicated that logic.
+
+
+class _Done:
+    """The end of a generation: its stop reason and token count, or the error it raised."""
+
+    __slots__ = ("reason", "n_tokens", "error")
+
+    def __init__(self) -> None:
+        self.reason: Optional[StopReason] = None
+        self.n_tokens: Optional[int] = None
+        self.error: Optional[BaseException] = None
+
+
+class _Channel:
+    """What the generation thread and the consumer share. The thread never refers to the
+    ``TextStream`` itself, so a stream the consumer drops is collected and closes."""
+
+    def __init__(self) -> None:
+        self.items: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self.resume = threading.Semaphore(0)
+        self.stop = False
+        self.error: Optional[BaseException] = None
+
+
+def _generation_thread(channel: _Channel, session: Session, sampler: Sampler,
+                       start: Callable[..., None]) -> None:
+    """Body of a generation's worker thread: runs ``start`` (ember_generate or ember_chat)."""
+
+    def on_text(piece: Any, length: int, user: Any) -> bool:
+        if channel.stop:
+            return False
+        try:
+            channel.items.put(ctypes.string_at(piece, length).decode("utf-8"))
+        except BaseException as e:  # must not propagate into the C library
+            channel.error = e
+            return False
+        channel.resume.acquire()
+        return not channel.stop
+
+    callback = _ffi.ember_text_callback(on_text)
+    reason, n_tokens = c_int(), c_size_t()
+    done = _Done()
+    try:
+        with session._use() as s, sampler._use() as smp:
+            start(s, smp, callback, byref(reason), byref(n_tokens))
+        done.reason, done.n_tokens = StopReason(reason.value), n_tokens.value
+    except CancelledError as e:
+        # Cancelled because the stream was being closed (at exit): not an error then.
+        done.error = None if channel.stop else e
+    except BaseException as e:
+        done.error = e
+    if channel.error is not None:
+        done.error = channel.error
+    channel.items.put(done)
+
+
+#: Every stream not yet collected, for _close_at_exit.
+_live_streams: "weakref.WeakSet[TextStream]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Ends the generations still running or suspended when the interpreter exits.
+
+    atexit handlers run before the interpreter starts finalizing; after that, a daemon
+    thread that wants the GIL is ended with pthread_exit, and one inside ember_generate
+    would unwind through the library's frames, which aborts the process. So every worker
+    is stopped (cancelled, in case it is inside a long step) and joined here."""
+    for stream in list(_live_streams):
+        if stream._thread is not None and not stream._finished:
+            stream._channel.stop = True
+            try:
+                stream._session.cancel()
+            except Exception:
+                pass
+        stream.close()
+
+
+class TextStream(_Closing, Iterator[str]):
+    """The text of one generation, piece by piece: iterate it (``for piece in stream``).
+    The generation starts at the first ``next()`` and runs in step with the consumer.
+
+    Breaking out early, ``close()``, leaving a ``with`` block or dropping the stream ends
+    the generation and leaves the session usable. After the end, ``stop_reason`` and
+    ``n_tokens`` tell why it stopped and how many tokens were generated. Errors (e.g.
+    ``ContextFullError`` for a prompt that does not fit, ``CancelledError``) are raised by
+    ``next()``. One consumer thread at a time.
+    """
+
+    def __init__(self, session: Session, sampler: Optional[Sampler],
+                 start: Callable[..., None], owned: List[_Owned]) -> None:
+        if sampler is None:
+            sampler = Sampler()
+            owned = owned + [sampler]
+        self._session, self._sampler, self._start = session, sampler, start
+        self._owned = owned
+        self._channel = _Channel()
+        self._thread: Optional[threading.Thread] = None
+        self._waiting = False  # the worker waits for the consumer to ask for more
+        self._finished = False
+        #: Why the generation stopped (``None`` until it has).
+        self.stop_reason: Optional[StopReason] = None
+        #: Tokens generated (``None`` until the generation has stopped).
+        self.n_tokens: Optional[int] = None
+        session._streams.add(self)
+        _live_streams.add(self)
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        if self._finished:
+            raise StopIteration
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=_generation_thread,
+                args=(self._channel, self._session, self._sampler, self._start),
+                name="ember-generate", daemon=True)
+            self._thread.start()
+        elif self._waiting:
+            self._waiting = False
+            self._channel.resume.release()
+        item = self._channel.items.get()
+        if isinstance(item, _Done):
+            self._end(item)
+            if item.error is not None:
+                raise item.error
+            raise StopIteration
+        self._waiting = True
+        return item
+
+    def read(self) -> str:
+        """All the (remaining) text at once."""
+        return "".join(self)
+
+    def close(self) -> None:
+        """Ends the generation (if it runs, after the token being computed) and releases
+        what the stream owns; the session stays usable."""
+        if self._finished:
+            return
+        done = _Done()
+        if self._thread is not None:
+            if sys.is_finalizing():
+                # Too late: a worker woken now would be killed by the interpreter inside the
+                # library. _close_at_exit has ended every generation before this point.
+                self._finished = True
+                return
+            self._channel.stop = True
+            self._channel.resume.release()
+            if self._thread is not threading.current_thread():
+                self._thread.join()
+            while True:
+                try:
+                    item = self._channel.items.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Done):
+                    done = item
+        self._end(done)
+
+    def _end(self, done: _Done) -> None:
+        self._finished = True
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self.stop_reason, self.n_tokens = done.reason, done.n_tokens
+        self._session._streams.discard(self)
+        for owned in self._owned:
+            owned.close()
+
+    def __enter__(self) -> "TextStream":
+        return self

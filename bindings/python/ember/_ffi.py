@@ -1,0 +1,298 @@
+"""The C library: where it is found, and the ctypes declarations of ``include/ember.h``.
+
+Every function of the header is declared here (``SIGNATURES``) with its argument and result
+types; ``tests/test_header.py`` parses the header and fails when a declaration here differs
+from it, so a change of the C API cannot go unnoticed.
+
+The library is looked up in this order (the first that exists is loaded):
+
+1. the ``EMBER_LIBRARY`` environment variable: the library file itself (or a folder holding
+   it); if it is set but names nothing, importing ``ember`` fails rather than fall back;
+2. next to this package (``pip install`` copies the library built from the repository here);
+3. the repository's ``target/release`` then ``target/debug`` (a source checkout used as is);
+4. the system's library path (``ctypes.util.find_library("ember")``, e.g. after
+   ``scripts/install-c``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+from ctypes import (
+    CFUNCTYPE,
+    POINTER,
+    Structure,
+    c_bool,
+    c_char,
+    c_char_p,
+    c_float,
+    c_int,
+    c_int32,
+    c_size_t,
+    c_uint32,
+    c_uint64,
+    c_void_p,
+)
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Tuple
+
+#: The C ABI version these declarations describe (``EMBER_ABI_VERSION`` in ``ember.h``).
+ABI_VERSION = 1
+
+if sys.platform == "win32":
+    LIBRARY_NAME = "ember.dll"
+elif sys.platform == "darwin":
+    LIBRARY_NAME = "libember.dylib"
+else:
+    LIBRARY_NAME = "libember.so"
+
+
+# ---- opaque handles ----
+
+
+class ember_model(Structure):
+    """Opaque ``ember_model``: only pointers to it are used."""
+
+
+class ember_session(Structure):
+    """Opaque ``ember_session``."""
+
+
+class ember_sampler(Structure):
+    """Opaque ``ember_sampler``."""
+
+
+class ember_detokenizer(Structure):
+    """Opaque ``ember_detokenizer``."""
+
+
+class ember_status(c_int):
+    """``enum ember_status`` as a result type: a subclass, so that ctypes hands the value to
+    the ``errcheck`` hook that turns failures into exceptions (see ``errors.check``)."""
+
+
+# ---- parameter structs (each begins with uint32_t struct_size) ----
+
+
+class ember_generate_params(Structure):
+    """Options of ``ember_generate`` and ``ember_chat``."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("max_tokens", c_uint32),
+        ("stop_strings", POINTER(c_char_p)),
+        ("n_stop_strings", c_size_t),
+        ("ignore_end_tokens", c_uint32),
+        ("add_special", c_uint32),
+        ("parse_special", c_uint32),
+    ]
+
+
+class ember_chat_message(Structure):
+    """One message of a conversation (NUL-terminated UTF-8 role and content)."""
+
+    _fields_ = [("role", c_char_p), ("content", c_char_p)]
+
+
+class ember_model_params(Structure):
+    """Options of ``ember_model_load``."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("load_tokenizer", c_uint32),
+        ("quantize_q8_0", c_uint32),
+    ]
+
+
+class ember_sampler_params(Structure):
+    """Options of ``ember_sampler_new``."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("temperature", c_float),
+        ("top_k", c_uint32),
+        ("top_p", c_float),
+        ("min_p", c_float),
+        ("repetition_penalty", c_float),
+        ("presence_penalty", c_float),
+        ("frequency_penalty", c_float),
+        ("penalty_window", c_uint32),
+        ("seed", c_uint64),
+    ]
+
+
+class ember_session_params(Structure):
+    """Options of ``ember_session_new``."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("n_ctx", c_uint32),
+        ("n_threads", c_uint32),
+        ("n_ubatch", c_uint32),
+    ]
+
+
+#: Every struct of the header with its fields, by C name (checked by the tests).
+STRUCTS: Dict[str, type] = {
+    cls.__name__: cls
+    for cls in (
+        ember_generate_params,
+        ember_chat_message,
+        ember_model_params,
+        ember_sampler_params,
+        ember_session_params,
+    )
+}
+
+# ---- callbacks ----
+
+#: ``void (*)(enum ember_log_level level, const char *message, void *user)``
+ember_log_callback = CFUNCTYPE(None, c_int, c_char_p, c_void_p)
+#: ``bool (*)(const char *piece, size_t len, void *user)``; the piece is read by length.
+ember_text_callback = CFUNCTYPE(c_bool, POINTER(c_char), c_size_t, c_void_p)
+
+CALLBACKS: Dict[str, Any] = {
+    "ember_log_callback": ember_log_callback,
+    "ember_text_callback": ember_text_callback,
+}
+
+# ---- functions: name -> (result type, argument types), in the header's order ----
+
+_model_p = POINTER(ember_model)
+_session_p = POINTER(ember_session)
+_sampler_p = POINTER(ember_sampler)
+_detok_p = POINTER(ember_detokenizer)
+_chars = POINTER(c_char)  # an output text buffer
+_size_p = POINTER(c_size_t)
+_tokens = POINTER(c_int32)
+_floats = POINTER(c_float)
+_enum_p = POINTER(c_int)
+
+SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
+    "ember_last_error": (c_char_p, []),
+    "ember_version": (c_char_p, []),
+    "ember_abi_version": (c_uint32, []),
+    "ember_status_name": (c_char_p, [c_int32]),
+    "ember_set_log_callback": (None, [ember_log_callback, c_void_p]),
+    "ember_generate_params_default": (ember_status, [c_size_t, POINTER(ember_generate_params)]),
+    "ember_generate": (
+        ember_status,
+        [_session_p, _sampler_p, c_char_p, c_size_t, POINTER(ember_generate_params),
+         ember_text_callback, c_void_p, _enum_p, _size_p],
+    ),
+    "ember_chat": (
+        ember_status,
+        [_session_p, _sampler_p, POINTER(ember_chat_message), c_size_t,
+         POINTER(ember_generate_params), ember_text_callback, c_void_p, _enum_p, _size_p],
+    ),
+    "ember_detokenizer_new": (ember_status, [_model_p, POINTER(_detok_p)]),
+    "ember_detokenizer_free": (None, [_detok_p]),
+    "ember_detokenizer_push": (ember_status, [_detok_p, c_int32, _chars, c_size_t, _size_p]),
+    "ember_detokenizer_flush": (ember_status, [_detok_p, _chars, c_size_t, _size_p]),
+    "ember_detokenizer_reset": (ember_status, [_detok_p]),
+    "ember_model_params_default": (ember_status, [c_size_t, POINTER(ember_model_params)]),
+    "ember_model_load": (
+        ember_status, [c_char_p, POINTER(ember_model_params), POINTER(_model_p)]),
+    "ember_model_free": (None, [_model_p]),
+    "ember_model_n_vocab": (c_size_t, [_model_p]),
+    "ember_model_n_ctx_train": (c_size_t, [_model_p]),
+    "ember_model_token_bos": (c_int32, [_model_p]),
+    "ember_model_token_eos": (c_int32, [_model_p]),
+    "ember_model_token_eot": (c_int32, [_model_p]),
+    "ember_model_token_is_end": (c_bool, [_model_p, c_int32]),
+    "ember_model_architecture": (c_char_p, [_model_p]),
+    "ember_model_has_chat_template": (c_bool, [_model_p]),
+    "ember_tokenize": (
+        ember_status,
+        [_model_p, c_char_p, c_size_t, c_bool, c_bool, _tokens, c_size_t, _size_p],
+    ),
+    "ember_detokenize": (ember_status, [_model_p, _tokens, c_size_t, _chars, c_size_t, _size_p]),
+    "ember_chat_apply": (
+        ember_status,
+        [_model_p, POINTER(ember_chat_message), c_size_t, c_bool, _chars, c_size_t, _size_p],
+    ),
+    "ember_sampler_params_default": (ember_status, [c_size_t, POINTER(ember_sampler_params)]),
+    "ember_sampler_new": (ember_status, [POINTER(ember_sampler_params), POINTER(_sampler_p)]),
+    "ember_sampler_free": (None, [_sampler_p]),
+    "ember_sample": (ember_status, [_sampler_p, _floats, c_size_t, _tokens]),
+    "ember_sampler_accept": (ember_status, [_sampler_p, c_int32]),
+    "ember_sampler_reset": (ember_status, [_sampler_p]),
+    "ember_session_params_default": (ember_status, [c_size_t, POINTER(ember_session_params)]),
+    "ember_session_new": (
+        ember_status, [_model_p, POINTER(ember_session_params), POINTER(_session_p)]),
+    "ember_session_free": (None, [_session_p]),
+    "ember_session_reset": (ember_status, [_session_p]),
+    "ember_session_rewind": (ember_status, [_session_p, c_size_t]),
+    "ember_session_position": (c_size_t, [_session_p]),
+    "ember_session_n_ctx": (c_size_t, [_session_p]),
+    "ember_session_cancel": (ember_status, [_session_p]),
+    "ember_step": (ember_status, [_session_p, _tokens, c_size_t, _floats]),
+    "ember_step_all": (ember_status, [_session_p, _tokens, c_size_t, _floats, c_size_t]),
+}
+
+
+# ---- finding and loading the library ----
+
+
+def _candidates() -> Iterator[Path]:
+    """Places to look for the library, in the documented order (see the module docstring)."""
+    here = Path(__file__).resolve().parent
+    yield here / LIBRARY_NAME
+    repo = here.parents[2] if len(here.parents) > 2 else here
+    for profile in ("release", "debug"):
+        yield repo / "target" / profile / LIBRARY_NAME
+
+
+def find_library() -> str:
+    """The path of the library to load, following the documented lookup order.
+
+    Raises ``ImportError`` when ``EMBER_LIBRARY`` names no file or nothing is found.
+    """
+    env = os.environ.get("EMBER_LIBRARY")
+    if env:
+        path = Path(env)
+        if path.is_dir():
+            path = path / LIBRARY_NAME
+        if not path.is_file():
+            raise ImportError(f"EMBER_LIBRARY={env!r}: no such library file")
+        return str(path)
+    tried = []
+    for path in _candidates():
+        if path.is_file():
+            return str(path)
+        tried.append(str(path))
+    system = ctypes.util.find_library("ember")
+    if system:
+        return system
+    raise ImportError(
+        "the Ember library was not found; set EMBER_LIBRARY to libember's path, or build it "
+        "with `cargo build --release --lib`. Tried: " + ", ".join(tried)
+    )
+
+
+def load(path: str) -> ctypes.CDLL:
+    """Loads the library at ``path`` and declares every function of ``SIGNATURES`` on it.
+
+    ``ctypes.CDLL`` (not ``PyDLL``) releases the GIL during every call, so a long step in
+    one Python thread does not hold up the others. Status results are left as
+    ``ember_status`` values; ``errors`` installs the hook that raises on failure.
+    """
+    lib = ctypes.CDLL(path)
+    for name, (restype, argtypes) in SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype = restype
+        function.argtypes = argtypes
+    version = lib.ember_abi_version()
+    if version != ABI_VERSION:
+        raise ImportError(
+            f"{path} implements Ember ABI version {version}; this package needs {ABI_VERSION}"
+        )
+    return lib
+
+
+#: The path of the loaded library.
+LIBRARY_PATH: str = find_library()
+#: The loaded library with every function declared.
+lib: ctypes.CDLL = load(LIBRARY_PATH)

@@ -1,0 +1,144 @@
+"""Session: steps and their logits, context limits, rewind, reset, cancel, closing."""
+
+import ctypes
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import ember
+
+
+def test_step_returns_a_view_of_the_sessions_buffer(llama):
+    with llama.session(n_ctx=32) as session:
+        assert session.n_ctx == 32 and session.position == 0
+        logits = session.step([10, 20, 30])
+        assert isinstance(logits, np.ndarray) and logits.dtype == np.float32
+        assert logits.shape == (320,) and session.position == 3
+        # No copy: the array is the session's buffer, overwritten by the next step.
+        assert logits.ctypes.data == ctypes.addressof(session._logits)
+        first = logits.copy()
+        again = session.step(40)
+        assert again is logits and not np.array_equal(first, logits)
+        assert session.position == 4
+
+
+def test_logits_agree_with_step_all(llama):
+    with llama.session(n_ctx=32) as a, llama.session(n_ctx=32, threads=2) as b:
+        rows = a.step_all([10, 20, 30, 40])
+        assert rows.shape == (4, 320) and rows.dtype == np.float32
+        assert a.position == 4
+        last = b.step([10, 20, 30, 40])
+        assert np.array_equal(rows[-1], last)  # bitwise, whatever the thread count
+        b.reset()
+        assert np.array_equal(b.step([10]), rows[0])
+
+
+def test_steps_accept_numpy_ids(llama):
+    with llama.session(n_ctx=16) as a, llama.session(n_ctx=16) as b:
+        x = a.step(np.array([5, 6, 7], dtype=np.int64)).copy()
+        assert np.array_equal(x, b.step([5, 6, 7]))
+        assert np.array_equal(a.step(np.int32(8)), b.step(8))
+
+
+def test_bad_tokens_leave_the_session_unchanged(llama):
+    with llama.session(n_ctx=16) as session:
+        session.step([1, 2, 3])
+        for bad in ([1, 320], [-5], [2 ** 31], []):
+            with pytest.raises(ember.InvalidArgumentError):
+                session.step(bad)
+        assert session.position == 3
+        with pytest.raises(TypeError):
+            session.step(["a"])
+
+
+def test_context_full_then_continued_use(llama):
+    with llama.session(n_ctx=16) as session:
+        session.step(list(range(10, 20)))
+        with pytest.raises(ember.ContextFullError) as info:
+            session.step([5] * 7)
+        assert info.value.status == ember.Status.CONTEXT_FULL and info.value.message
+        assert session.position == 10
+        session.step([5] * 6)
+        assert session.position == 16
+        with pytest.raises(ember.ContextFullError):
+            session.step(5)
+
+
+def test_rewind_and_reset(llama):
+    with llama.session(n_ctx=16) as session:
+        prompt = list(range(10, 20))
+        expected = session.step(prompt).copy()
+        session.step([7, 8, 9])
+        with pytest.raises(ember.InvalidArgumentError):
+            session.rewind(14)
+        session.rewind(9)
+        assert session.position == 9
+        assert np.array_equal(session.step(prompt[9]), expected)  # same state again
+        session.reset()
+        assert session.position == 0
+        assert np.array_equal(session.step(prompt), expected)
+        with pytest.raises(ember.InvalidArgumentError):
+            session.rewind(-1)
+
+
+def test_pending_cancel(llama):
+    with llama.session(n_ctx=32) as session:
+        session.step([1, 2, 3])
+        session.cancel()
+        with pytest.raises(ember.CancelledError):
+            session.step([4, 5])
+        assert session.position == 3
+        session.step([4, 5])
+        assert session.position == 5
+        session.cancel()
+        session.reset()  # clears the request
+        session.step([4, 5])
+
+
+def test_cancel_a_long_step_from_another_thread(long_context):
+    with long_context.session(n_ctx=2048, threads=1, n_ubatch=1) as session:
+        session.step([1, 2])
+        errors = []
+
+        def run():
+            try:
+                session.step([3 + i % 300 for i in range(2000)])
+            except ember.EmberError as e:
+                errors.append(e)
+
+        thread = threading.Thread(target=run)
+        started = time.perf_counter()
+        thread.start()
+        time.sleep(0.05)
+        session.cancel()
+        thread.join()
+        assert len(errors) == 1 and isinstance(errors[0], ember.CancelledError)
+        assert time.perf_counter() - started < 5
+        assert session.position == 2
+        session.step([3])
+        assert session.position == 3
+
+
+def test_closed_session(llama):
+    session = llama.session(n_ctx=8)
+    session.close()
+    assert session.closed and "closed" in repr(session)
+    with pytest.raises(ember.InvalidArgumentError, match="closed"):
+        session.step(1)
+    with pytest.raises(ember.InvalidArgumentError):
+        _ = session.position
+    session.close()
+
+
+def test_session_options(llama):
+    with llama.session() as session:
+        assert session.n_ctx == 128  # the trained context
+    with pytest.raises(ember.InvalidArgumentError):
+        llama.session(n_ctx=100000)
+    with pytest.raises(ember.InvalidArgumentError):
+        llama.session(n_ctx=-1)
+    with llama.session(n_ctx=16, threads=2, n_ubatch=3) as session:
+        session.step(list(range(10)))
+        assert repr(session) == "<ember.Session 10/16 tokens>"

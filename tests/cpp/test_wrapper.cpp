@@ -1,0 +1,502 @@
+// Tests of the C++ wrapper bindings/cpp/ember.hpp against the tiny fixtures.
+// Usage: test_wrapper LLAMA_FIXTURE_DIR GPT2_FIXTURE_DIR
+// Built by scripts/test-bindings twice with -std=c++17 -Wall -Wextra -Werror: once as is
+// (both APIs) and once with -fno-exceptions (only the non-throwing try_* API exists).
+#include "ember.hpp"
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+static int checks = 0;
+static int failures = 0;
+
+#define CHECK(cond)                                                                \
+  do {                                                                             \
+    checks++;                                                                      \
+    if (!(cond)) {                                                                 \
+      failures++;                                                                  \
+      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+    }                                                                              \
+  } while (0)
+
+// The throwing API exists exactly when exceptions are on.
+template <class T, class = void>
+struct has_throwing_tokenize : std::false_type {};
+template <class T>
+struct has_throwing_tokenize<T, std::void_t<decltype(std::declval<const T &>().tokenize(std::string_view()))>>
+    : std::true_type {};
+static_assert(has_throwing_tokenize<ember::Model>::value == (EMBER_HPP_EXCEPTIONS != 0),
+              "the throwing API is compiled exactly when exceptions are on");
+#if !defined(__cpp_exceptions)
+static_assert(EMBER_HPP_EXCEPTIONS == 0, "-fno-exceptions turns the throwing API off");
+#endif
+// Owners are move-only.
+static_assert(!std::is_copy_constructible_v<ember::Model> && std::is_move_constructible_v<ember::Model>);
+static_assert(!std::is_copy_assignable_v<ember::Session> && std::is_move_assignable_v<ember::Session>);
+static_assert(!std::is_copy_constructible_v<ember::Sampler> && !std::is_copy_constructible_v<ember::Detokenizer>);
+
+static const char *llama_dir;
+static const char *gpt2_dir;
+
+static size_t argmax(const std::vector<float> &v) {
+  return static_cast<size_t>(std::max_element(v.begin(), v.end()) - v.begin());
+}
+
+static bool valid_utf8(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    unsigned char c = static_cast<unsigned char>(s[i]);
+    size_t n = c < 0x80 ? 1 : (c >> 5) == 6 ? 2 : (c >> 4) == 14 ? 3 : (c >> 3) == 30 ? 4 : 0;
+    if (n == 0 || i + n > s.size()) return false;
+    for (size_t k = 1; k < n; k++)
+      if ((static_cast<unsigned char>(s[i + k]) >> 6) != 2) return false;
+    i += n;
+  }
+  return true;
+}
+
+static ember::Session new_session(const ember::Model &model, uint32_t n_ctx, uint32_t threads) {
+  ember::SessionParams p;
+  p.n_ctx = n_ctx;
+  p.n_threads = threads;
+  auto s = ember::Session::try_create(model, p);
+  CHECK(s.ok());
+  return std::move(s).value();
+}
+
+// Options for `max_tokens` tokens whatever the model says (end tokens ignored).
+static ember::GenerateOptions exactly(uint32_t max_tokens) {
+  ember::GenerateOptions options;
+  options.max_tokens = max_tokens;
+  options.ignore_end_tokens = 1;
+  return options;
+}
+
+// Greedy generation done by hand: step, argmax, detokenize.
+static std::string manual_greedy(const ember::Model &model, std::vector<int32_t> prompt, int n) {
+  ember::Session s = new_session(model, 0, 1);
+  CHECK(s.try_step(prompt).ok());
+  std::vector<int32_t> generated;
+  for (int i = 0; i < n; i++) {
+    int32_t t = static_cast<int32_t>(argmax(s.logits()));
+    generated.push_back(t);
+    CHECK(s.try_step(&t, 1).ok());
+  }
+  auto text = model.try_detokenize(generated);
+  CHECK(text.ok());
+  return text.ok() ? *text : std::string();
+}
+
+// ---- the non-throwing API (always built) ----
+
+static void test_library() {
+  CHECK(ember::abi_compatible());
+  CHECK(std::strlen(ember::version()) > 0);
+  CHECK(std::string(ember::status_name(ember::Status::context_full)) == "EMBER_ERR_CONTEXT_FULL");
+}
+
+static void test_load_errors() {
+  auto missing = ember::Model::try_load("/nonexistent/model");
+  CHECK(!missing.ok() && !missing);
+  CHECK(missing.status() == ember::Status::io);
+  CHECK(missing.message().find("/nonexistent/model") != std::string::npos);
+  auto bad_utf8 = ember::Model::try_load("\xff\xfe");
+  CHECK(bad_utf8.status() == ember::Status::invalid_argument);
+  ember::Model empty;
+  CHECK(!empty && empty.n_vocab() == 0 && empty.architecture().empty());
+  // Without the tokenizer, text functions say so.
+  ember::ModelParams params;
+  params.load_tokenizer = 0;
+  auto no_tokenizer = ember::Model::try_load(llama_dir, params);
+  CHECK(no_tokenizer.ok());
+  if (no_tokenizer.ok()) CHECK(no_tokenizer->try_tokenize("hi").status() == ember::Status::unsupported);
+}
+
+static void test_model(const ember::Model &model) {
+  CHECK(model.n_vocab() == 320);
+  CHECK(model.n_ctx_train() == 128);
+  CHECK(model.bos_token() == 1 && model.eos_token() == 2 && model.eot_token() == 2);
+  CHECK(model.is_end_token(2) && !model.is_end_token(5));
+  CHECK(model.architecture() == "llama");
+  CHECK(model.has_chat_template());
+
+  const std::string text = "h\xc3\xa9llo \xe2\x9c\x93 w\xc3\xb6rld";
+  auto ids = model.try_tokenize(text, false);
+  CHECK(ids.ok() && !ids->empty());
+  auto with_special = model.try_tokenize(text, true);  // this tokenizer adds no BOS
+  CHECK(with_special.ok() && *with_special == *ids);
+  auto back = model.try_detokenize(*ids);
+  CHECK(back.ok() && *back == text);
+  // Special tokens only when asked for.
+  auto special = model.try_tokenize("<|im_start|>", false, true);
+  CHECK(special.ok() && special->size() == 1 && (*special)[0] == 1);
+  auto plain = model.try_tokenize("<|im_start|>", false, false);
+  CHECK(plain.ok() && plain->size() > 1);
+  // A text longer than the first buffer, back and forth.
+  std::string long_text;
+  for (int i = 0; i < 100; i++) long_text += "caf\xc3\xa9 number " + std::to_string(i) + ". ";
+  auto long_ids = model.try_tokenize(long_text, false);
+  CHECK(long_ids.ok());
+  auto long_back = model.try_detokenize(*long_ids);
+  CHECK(long_back.ok() && *long_back == long_text);
+  // Errors.
+  CHECK(model.try_detokenize(std::vector<int32_t>{5, 320}).status() == ember::Status::invalid_argument);
+  CHECK(model.try_detokenize(std::vector<int32_t>{-1}).status() == ember::Status::invalid_argument);
+  CHECK(model.try_tokenize("a\xc3").status() == ember::Status::invalid_argument);
+  // Chat template.
+  auto prompt = model.try_apply_chat_template({{"system", "Be brief."}, {"user", "Hi!"}});
+  CHECK(prompt.ok() &&
+        *prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n");
+  auto closed = model.try_apply_chat_template({{"user", "Hi!"}}, false);
+  CHECK(closed.ok() && *closed == "<|im_start|>user\nHi!<|im_end|>\n");
+  // C strings cannot hold a NUL: refused rather than cut short.
+  auto nul = model.try_apply_chat_template({{"user", std::string("a\0b", 3)}});
+  CHECK(nul.status() == ember::Status::invalid_argument && nul.message().find("NUL") != std::string::npos);
+  CHECK(ember::Model::try_load(std::string(llama_dir) + std::string("\0x", 2)).status() ==
+        ember::Status::invalid_argument);
+}
+
+static void test_session(const ember::Model &model) {
+  ember::SessionParams too_big;
+  too_big.n_ctx = 100000;
+  CHECK(ember::Session::try_create(model, too_big).status() == ember::Status::invalid_argument);
+  ember::Session s = new_session(model, 16, 1);
+  CHECK(s.n_ctx() == 16 && s.position() == 0);
+  CHECK(s.logits().size() == 320);
+  std::vector<int32_t> prompt = {10, 20, 30, 40, 50, 60, 70, 80, 90, 100};
+  CHECK(s.try_step(prompt).ok() && s.position() == 10);
+  std::vector<float> after_prompt = s.logits();
+  CHECK(s.try_step(std::vector<int32_t>{1, 320}).status() == ember::Status::invalid_argument);
+  CHECK(s.try_step(std::vector<int32_t>{}).status() == ember::Status::invalid_argument);
+  CHECK(s.position() == 10 && s.logits() == after_prompt);
+  // Context full, then continued use.
+  auto full = s.try_step(std::vector<int32_t>(7, 5));
+  CHECK(full.status() == ember::Status::context_full && !full.message().empty());
+  CHECK(s.position() == 10);
+  CHECK(s.try_step(std::vector<int32_t>(6, 5)).ok() && s.position() == 16);
+  CHECK(s.try_rewind(17).status() == ember::Status::invalid_argument);
+  CHECK(s.try_rewind(10).ok() && s.position() == 10);
+  // After a rewind the same tokens give the same logits.
+  CHECK(s.try_rewind(9).ok() && s.try_step(&prompt[9], 1).ok() && s.logits() == after_prompt);
+  CHECK(s.try_reset().ok() && s.position() == 0);
+  // step_all's last row is step's logits.
+  auto all = s.try_step_all({10, 20, 30, 40});
+  CHECK(all.ok() && all->size() == 4 * 320);
+  ember::Session s2 = new_session(model, 16, 2);
+  CHECK(s2.try_step({10, 20, 30, 40}).ok());
+  CHECK(all.ok() && std::equal(s2.logits().begin(), s2.logits().end(), all->begin() + 3 * 320));
+  // A pending cancellation cancels the next step, which leaves the session as it was.
+  s.cancel();
+  CHECK(s.try_step({7, 8}).status() == ember::Status::cancelled);
+  CHECK(s.position() == 4);
+  CHECK(s.try_step({7, 8}).ok() && s.position() == 6);
+  // Moves: the moved-from session is empty and fails cleanly.
+  ember::Session moved = std::move(s);
+  CHECK(!s && moved && moved.position() == 6);  // NOLINT(bugprone-use-after-move)
+  CHECK(s.try_step({1}).status() == ember::Status::invalid_argument);  // NOLINT
+  CHECK(s.position() == 0);                                            // NOLINT
+}
+
+static void test_sampler() {
+  auto greedy = ember::Sampler::try_create();
+  CHECK(greedy.ok());
+  std::vector<float> logits = {0.5f, 2.0f, -1.0f, 1.9f, 0.0f};
+  auto t = greedy->try_sample(logits);
+  CHECK(t.ok() && *t == 1);
+  CHECK(greedy->try_accept(-1).status() == ember::Status::invalid_argument);
+  CHECK(greedy->try_reset().ok());
+  // The repetition penalty divides a positive logit of a recent token.
+  ember::SamplerParams penalised;
+  penalised.repetition_penalty = 2.0f;
+  auto p = ember::Sampler::try_create(penalised);
+  CHECK(p.ok() && p->try_accept(1).ok());
+  auto pt = p->try_sample(logits);
+  CHECK(pt.ok() && *pt == 3);
+  ember::SamplerParams bad;
+  bad.temperature = -1.0f;
+  CHECK(ember::Sampler::try_create(bad).status() == ember::Status::invalid_argument);
+  // A seed fixes the sequence.
+  ember::SamplerParams random;
+  random.temperature = 1.0f;
+  random.seed = 1234;
+  auto a = ember::Sampler::try_create(random);
+  auto b = ember::Sampler::try_create(random);
+  bool same = true;
+  std::vector<int32_t> seen;
+  for (int i = 0; i < 30; i++) {
+    int32_t x = a->try_sample(logits).value(), y = b->try_sample(logits).value();
+    same = same && x == y;
+    seen.push_back(x);
+  }
+  CHECK(same);
+  std::sort(seen.begin(), seen.end());
+  CHECK(std::unique(seen.begin(), seen.end()) - seen.begin() > 1);  // it does sample
+}
+
+static void test_detokenizer(const ember::Model &model) {
+  const std::string text = "caf\xc3\xa9 \xf0\x9f\x98\x80 \xe6\x97\xa5\xe6\x9c\xac \xe2\x9c\x93 end";
+  auto ids = model.try_tokenize(text, false);
+  CHECK(ids.ok());
+  auto d = ember::Detokenizer::try_create(model);
+  CHECK(d.ok());
+  std::string joined;
+  int empty_pieces = 0;
+  for (int32_t id : *ids) {
+    auto piece = d->try_push(id);
+    CHECK(piece.ok() && valid_utf8(*piece));
+    if (piece->empty()) empty_pieces++;
+    joined += *piece;
+  }
+  auto rest = d->try_flush();
+  CHECK(rest.ok() && rest->empty());
+  CHECK(joined == text);
+  CHECK(empty_pieces > 0);  // some character was split across tokens and held back
+  // An incomplete character at the end comes out as U+FFFD.
+  auto check_mark = model.try_tokenize("\xe2\x9c\x93", false);
+  CHECK(check_mark.ok() && check_mark->size() == 3);  // one token per byte
+  CHECK(d->try_push((*check_mark)[0]).value().empty());
+  CHECK(d->try_flush().value() == "\xef\xbf\xbd");
+  CHECK(d->try_push(320).status() == ember::Status::invalid_argument);
+  CHECK(d->try_reset().ok());
+}
+
+static void test_generate(const ember::Model &model) {
+  ember::Session s = new_session(model, 64, 2);
+  ember::Sampler greedy = ember::Sampler::try_create().value();
+  ember::GenerateOptions options = exactly(12);
+  std::string text;
+  int calls = 0;
+  auto r = s.try_generate("Once upon a time", greedy, options, [&](std::string_view piece) {
+    CHECK(valid_utf8(piece));
+    text += piece;
+    calls++;
+    return true;
+  });
+  CHECK(r.ok() && r->reason == ember::StopReason::max_tokens && r->n_tokens == 12);
+  CHECK(calls > 0 && !text.empty());
+  CHECK(text == manual_greedy(model, model.try_tokenize("Once upon a time").value(), 12));
+
+  // A callback returning false stops; a void callback never does.
+  CHECK(s.try_reset().ok());
+  int pieces = 0;
+  auto stopped = s.try_generate("Once upon a time", greedy, options, [&](std::string_view) { return ++pieces < 2; });
+  CHECK(stopped.ok() && stopped->reason == ember::StopReason::callback && pieces == 2);
+  CHECK(s.position() > 4);
+  CHECK(s.try_reset().ok());
+  std::string again;
+  auto all = s.try_generate("Once upon a time", greedy, options, [&](std::string_view piece) { again += piece; });
+  CHECK(all.ok() && again == text);
+
+  // Stop strings: the text up to the stop string, which is not passed on.
+  size_t at = text.size() / 2;
+  if (text.size() > 4 && static_cast<unsigned char>(text[at]) < 0x80 &&
+      static_cast<unsigned char>(text[at + 1]) < 0x80) {
+    ember::GenerateOptions with_stop = options;
+    with_stop.stop = {text.substr(at, 2)};
+    std::string cut;
+    CHECK(s.try_reset().ok());
+    auto r2 = s.try_generate("Once upon a time", greedy, with_stop, [&](std::string_view piece) { cut += piece; });
+    CHECK(r2.ok() && r2->reason == ember::StopReason::stop_string);
+    CHECK(cut == text.substr(0, text.find(with_stop.stop[0])));
+  }
+
+  // A prompt that does not fit: context_full, session unchanged.
+  ember::Session small = new_session(model, 8, 1);
+  auto too_long = small.try_generate("a long prompt that needs more than eight tokens", greedy, options,
+                                     [](std::string_view) {});
+  CHECK(too_long.status() == ember::Status::context_full && small.position() == 0);
+  CHECK(s.try_generate("\xff", greedy, options, [](std::string_view) {}).status() ==
+        ember::Status::invalid_argument);
+  ember::GenerateOptions nul_stop = options;
+  nul_stop.stop = {std::string("\0", 1)};
+  CHECK(s.try_generate("Hi", greedy, nul_stop, [](std::string_view) {}).status() == ember::Status::invalid_argument);
+}
+
+static void test_chat(const ember::Model &model) {
+  ember::Session s = new_session(model, 0, 1);
+  ember::Sampler greedy = ember::Sampler::try_create().value();
+  ember::GenerateOptions options = exactly(8);
+  std::vector<ember::ChatMessage> messages = {{"system", "Be brief."}, {"user", "Hello"}};
+  std::string reply;
+  auto r = s.try_chat(messages, greedy, options, [&](std::string_view piece) { reply += piece; });
+  CHECK(r.ok() && r->n_tokens == 8);
+  // The same reply by hand: the template's text, tokenized with its control tokens.
+  auto prompt = model.try_apply_chat_template(messages);
+  CHECK(prompt.ok());
+  CHECK(reply == manual_greedy(model, model.try_tokenize(*prompt, false, true).value(), 8));
+  // A second turn in the same session.
+  messages.push_back({"assistant", reply});
+  messages.push_back({"user", "More"});
+  size_t before = s.position();
+  std::string second;
+  auto r2 = s.try_chat(messages, greedy, options, [&](std::string_view piece) { second += piece; });
+  CHECK(r2.ok() && s.position() > before);
+  auto prompt2 = model.try_apply_chat_template(messages);
+  CHECK(second == manual_greedy(model, model.try_tokenize(*prompt2, false, true).value(), 8));
+}
+
+static void test_threads(const ember::Model &model) {
+  auto run = [&](std::string *out) {
+    ember::Session s = new_session(model, 96, 2);
+    ember::SamplerParams p;
+    p.temperature = 0.8f;
+    p.top_k = 40;
+    p.seed = 99;
+    ember::Sampler sampler = ember::Sampler::try_create(p).value();
+    auto r = s.try_generate("The robot said", sampler, exactly(40), [&](std::string_view piece) { *out += piece; });
+    CHECK(r.ok());
+  };
+  std::string reference;
+  run(&reference);
+  CHECK(!reference.empty());
+  std::vector<std::string> outputs(4);
+  std::vector<std::thread> threads;
+  for (std::string &out : outputs) threads.emplace_back(run, &out);
+  for (std::thread &t : threads) t.join();
+  for (const std::string &out : outputs) CHECK(out == reference);
+}
+
+static void test_moves(const char *dir) {
+  ember::Model a = ember::Model::try_load(dir).value();
+  ember::Session s = new_session(a, 16, 1);
+  ember::Model b = std::move(a);
+  CHECK(!a && b && b.n_vocab() == 320);  // NOLINT(bugprone-use-after-move)
+  a = std::move(b);
+  CHECK(a && !b);  // NOLINT
+  // A session keeps the model alive: destroying the model first is fine.
+  a = ember::Model();
+  CHECK(!a && s.try_step({1, 2, 3}).ok() && s.position() == 3);
+}
+
+// ---- the throwing API ----
+
+#if EMBER_HPP_EXCEPTIONS
+struct Stop {};
+
+static void test_exceptions(const ember::Model &model) {
+  try {
+    ember::Model missing("/nonexistent/model");
+    CHECK(false);
+  } catch (const ember::Error &e) {
+    CHECK(e.status() == ember::Status::io);
+    CHECK(std::string(e.what()).find("EMBER_ERR_IO") != std::string::npos);
+    CHECK(e.message().find("/nonexistent/model") != std::string::npos);
+  }
+  ember::Model gpt2(gpt2_dir);
+  CHECK(gpt2.architecture() == "gpt2");
+  std::vector<int32_t> ids = model.tokenize("Hello world", false);
+  CHECK(model.detokenize(ids) == "Hello world");
+  try {
+    model.detokenize({320});
+    CHECK(false);
+  } catch (const ember::Error &e) {
+    CHECK(e.status() == ember::Status::invalid_argument);
+  }
+  // Result::value() of a failure throws.
+  try {
+    (void)ember::Model::try_load("/nonexistent").value();
+    CHECK(false);
+  } catch (const ember::Error &e) {
+    CHECK(e.status() == ember::Status::io);
+  }
+
+  ember::SessionParams sp;
+  sp.n_ctx = 16;
+  ember::Session s(model, sp);
+  const std::vector<float> &logits = s.step(std::vector<int32_t>(10, 5));
+  CHECK(&logits == &s.logits() && logits.size() == 320);
+  try {
+    s.step(std::vector<int32_t>(7, 5));
+    CHECK(false);
+  } catch (const ember::Error &e) {
+    CHECK(e.status() == ember::Status::context_full);
+  }
+  CHECK(s.position() == 10);
+  s.step(5);
+  CHECK(s.position() == 11);
+  s.rewind(4);
+  CHECK(s.step_all({1, 2}).size() == 2 * 320);
+  s.reset();
+
+  // Generation with a lambda; the same text on both fixtures as by hand.
+  const ember::Model *models[] = {&model, &gpt2};
+  for (const ember::Model *m : models) {
+    ember::Session gs(*m);
+    ember::Sampler greedy = ember::Sampler::greedy();
+    std::string text;
+    ember::Generation g = gs.generate("Once upon a time", greedy, exactly(10), [&](std::string_view piece) {
+      text += piece;
+      return true;
+    });
+    CHECK(g.reason == ember::StopReason::max_tokens && g.n_tokens == 10);
+    CHECK(text == manual_greedy(*m, m->tokenize("Once upon a time"), 10));
+  }
+
+  // An exception thrown by the callback stops the generation and comes out of generate();
+  // the session is usable afterwards.
+  ember::Sampler greedy = ember::Sampler::greedy();
+  ember::GenerateOptions options = exactly(0);
+  int pieces = 0;
+  try {
+    s.generate("Once upon a time", greedy, options, [&](std::string_view) {
+      if (++pieces == 3) throw Stop();
+    });
+    CHECK(false);
+  } catch (const Stop &) {
+    CHECK(pieces == 3);
+  }
+  CHECK(s.position() > 0);
+  s.step(5);
+
+  ember::Detokenizer d(model);
+  std::string out;
+  for (int32_t id : model.tokenize("\xe2\x9c\x93t\xe2\x9c\x93", false)) out += d.push(id);
+  CHECK(out + d.flush() == "\xe2\x9c\x93t\xe2\x9c\x93");
+
+  ember::SamplerParams bad;
+  bad.top_p = 2.0f;
+  try {
+    ember::Sampler sampler(bad);
+    CHECK(false);
+  } catch (const ember::Error &e) {
+    CHECK(e.status() == ember::Status::invalid_argument);
+  }
+}
+#endif
+
+int main(int argc, char **argv) {
+  if (argc != 3) {
+    std::fprintf(stderr, "usage: %s LLAMA_FIXTURE_DIR GPT2_FIXTURE_DIR\n", argv[0]);
+    return 2;
+  }
+  llama_dir = argv[1];
+  gpt2_dir = argv[2];
+  test_library();
+  test_load_errors();
+  auto loaded = ember::Model::try_load(llama_dir);
+  CHECK(loaded.ok());
+  if (!loaded.ok()) {
+    std::fprintf(stderr, "cannot load %s: %s\n", llama_dir, loaded.message().c_str());
+    return 1;
+  }
+  const ember::Model &model = *loaded;
+  test_model(model);
+  test_session(model);
+  test_sampler();
+  test_detokenizer(model);
+  test_generate(model);
+  test_chat(model);
+  test_threads(model);
+  test_moves(llama_dir);
+#if EMBER_HPP_EXCEPTIONS
+  test_exceptions(model);
+#endif
+  std::printf("test_wrapper, exceptions %s\n", EMBER_HPP_EXCEPTIONS ? "on" : "off");
+  std::printf("%d passed, %d failed\n", checks - failures, failures);
+  return failures == 0 ? 0 : 1;
+}
