@@ -38,11 +38,18 @@ static GLOBAL: Counting = Counting;
 
 fn main() {
     decode_steps_do_not_allocate();
-    println!("no_alloc: decode steps allocate nothing (llama 1 and 2 threads, qwen2, gpt2)");
+    println!("no_alloc: decode steps allocate nothing (F32 llama, qwen2, gpt2; Q4_1, Q8_0 llama)");
 }
 
 fn decode_steps_do_not_allocate() {
-    for (name, threads) in [("llama", 1), ("llama", 2), ("qwen2", 2), ("gpt2", 2)] {
+    for (name, threads) in [
+        ("llama", 1),
+        ("llama", 2),
+        ("qwen2", 2),
+        ("gpt2", 2),
+        ("gguf/llama.Q4_1.gguf", 2),
+        ("gguf/llama.Q8_0.gguf", 1),
+    ] {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures")
             .join(name);

@@ -12,7 +12,7 @@
 //   (__cpp_exceptions); with -fno-exceptions they are compiled out. Define
 //   EMBER_HPP_EXCEPTIONS to 0 or 1 to choose by hand.
 //
-//   ember::Model model("models/SmolLM2-135M-Instruct-f32");
+//   ember::Model model("models/SmolLM2-135M-Instruct.Q4_1.gguf");
 //   ember::SessionParams sp;  sp.n_threads = 2;
 //   ember::Session session(model, sp);
 //   ember::Sampler sampler;                              // greedy

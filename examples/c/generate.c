@@ -2,7 +2,7 @@
  * text as it completes.
  *
  *   cc -std=c11 -Iinclude examples/c/generate.c -Ltarget/release -lember -o generate
- *   ./generate MODEL_DIR "Once upon a time" [max_tokens] [n_threads]
+ *   ./generate MODEL "Once upon a time" [max_tokens] [n_threads]
  */
 #include "ember.h"
 
@@ -17,7 +17,7 @@ static int fail(const char *what, ember_status status) {
 
 int main(int argc, char **argv) {
   if (argc < 2) {
-    fprintf(stderr, "usage: %s MODEL_DIR [PROMPT] [MAX_TOKENS] [N_THREADS]\n", argv[0]);
+    fprintf(stderr, "usage: %s MODEL [PROMPT] [MAX_TOKENS] [N_THREADS]\n", argv[0]);
     return 2;
   }
   const char *prompt = argc > 2 ? argv[2] : "Once upon a time";

@@ -4,7 +4,7 @@
 // conversation stays in one session: each turn computes only its new tokens.
 //
 //   c++ -std=c++17 -Iinclude -Ibindings/cpp examples/cpp/chat.cpp -Ltarget/release -lember -o chat
-//   ./chat models/SmolLM2-135M-Instruct-f32 --system "Be brief."
+//   ./chat models/SmolLM2-135M-Instruct.Q4_1.gguf --system "Be brief."
 //
 // Options: --system TEXT, --max-tokens N (per reply, default 256), --threads N (0 = half the
 // cores), --temperature T (0 = greedy), --seed S. Prints exactly what
@@ -64,7 +64,7 @@ int main(int argc, char **argv) {
   Options o;
   if (!parse(argc, argv, o)) {
     std::cerr << "usage: " << argv[0]
-              << " MODEL_DIR [--system TEXT] [--max-tokens N] [--threads N] [--temperature T] [--seed S]\n";
+              << " MODEL [--system TEXT] [--max-tokens N] [--threads N] [--temperature T] [--seed S]\n";
     return 2;
   }
   try {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Interactive chat with Ember's Python bindings, using the model's chat template.
 
-    python3 examples/python/chat.py models/SmolLM2-135M-Instruct-f32 --system "Be brief."
+    python3 examples/python/chat.py models/SmolLM2-135M-Instruct.Q4_1.gguf --system "Be brief."
 
 Reads one user message per line from stdin until EOF and prints each reply on stdout (the
 "> " prompt goes to stderr, so piped output is only the replies). The conversation is kept
@@ -17,7 +17,7 @@ import ember
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="model folder with a chat template")
+    parser.add_argument("model", help="GGUF file or Hugging Face folder of a model with a chat template")
     parser.add_argument("--system", default=None, help="a system message")
     parser.add_argument("--max-tokens", type=int, default=256, help="per reply")
     parser.add_argument("--threads", type=int, default=0, help="0 = half the cores")

@@ -2,7 +2,7 @@
 """Streams a completion of a prompt with Ember's Python bindings.
 
     pip install ./bindings/python        # or: EMBER_LIBRARY=target/release/libember.so
-    python3 examples/python/generate.py models/SmolLM2-135M-Instruct-f32 "Once upon a time"
+    python3 examples/python/generate.py models/SmolLM2-135M-Instruct.Q4_1.gguf "Once upon a time"
 
 Greedy by default (the same text every run, as examples/c/generate.c prints);
 --temperature and --seed sample instead.
@@ -16,7 +16,7 @@ import ember
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="model folder (config.json, safetensors, tokenizer.json)")
+    parser.add_argument("model", help="GGUF file or Hugging Face folder (config.json, safetensors, tokenizer.json)")
     parser.add_argument("prompt", nargs="?", default="Once upon a time")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="0 = half the cores")

@@ -160,10 +160,18 @@ impl<T> SimdWeight for T {}
 /// Quantized weights need their activations quantized into a buffer; this function allocates
 /// one. The forward pass uses [`matmul_with`] and a buffer made with the session.
 pub fn matmul(par: Par, w: &Tensor, x: &[f32], n_tok: usize, y: &mut [f32]) {
-    matmul_isa(Isa::detect(), par, w, x, n_tok, y, &mut Vec::new())
+    matmul_isa(
+        Isa::detect(),
+        par,
+        w,
+        x,
+        n_tok,
+        y,
+        &mut quant::QuantActs::default(),
+    )
 }
 
-/// [`matmul`] with a buffer for quantized activations (grown only if it holds fewer than
+/// [`matmul`] with buffers for quantized activations (grown only if they hold fewer than
 /// `n_tok * k / 32` blocks).
 pub fn matmul_with(
     par: Par,
@@ -171,7 +179,7 @@ pub fn matmul_with(
     x: &[f32],
     n_tok: usize,
     y: &mut [f32],
-    act: &mut Vec<quant::ActBlock>,
+    act: &mut quant::QuantActs,
 ) {
     matmul_isa(Isa::detect(), par, w, x, n_tok, y, act)
 }
@@ -184,7 +192,7 @@ pub fn matmul_isa(
     x: &[f32],
     n_tok: usize,
     y: &mut [f32],
-    act: &mut Vec<quant::ActBlock>,
+    act: &mut quant::QuantActs,
 ) {
     assert_eq!(w.shape().len(), 2, "matmul needs a matrix");
     let (n_out, k) = (w.shape()[0], w.shape()[1]);

@@ -33,6 +33,54 @@ pub struct ActBlock {
     pub qs: [i8; BLOCK],
 }
 
+/// Quantized activations of several tokens, with each block's scale and sum also stored
+/// block-major (`[n_blocks, n_tok]`) so SIMD kernels can load eight tokens' values at once.
+#[derive(Debug, Default, Clone)]
+pub struct QuantActs {
+    /// `[n_tok, n_blocks]` blocks.
+    blocks: Vec<ActBlock>,
+    /// `[n_blocks, n_tok]` scales (`ActBlock::d`).
+    scales: Vec<f32>,
+    /// `[n_blocks, n_tok]` sums (`ActBlock::sum`).
+    sums: Vec<f32>,
+}
+
+impl QuantActs {
+    /// Buffers for `n_blocks` blocks in all (tokens × blocks per token), allocated now and
+    /// fallibly, so that products never allocate.
+    pub fn with_capacity(n_blocks: usize) -> crate::Result<QuantActs> {
+        let mut acts = QuantActs::default();
+        let oom = |_| crate::Error::OutOfMemory("quantized activations".into());
+        acts.blocks.try_reserve_exact(n_blocks).map_err(oom)?;
+        acts.scales.try_reserve_exact(n_blocks).map_err(oom)?;
+        acts.sums.try_reserve_exact(n_blocks).map_err(oom)?;
+        acts.blocks.resize(n_blocks, ActBlock::default());
+        acts.scales.resize(n_blocks, 0.0);
+        acts.sums.resize(n_blocks, 0.0);
+        Ok(acts)
+    }
+
+    /// Quantizes `n_tok` rows of `x` (`[n_tok, k]`, `k` a multiple of [`BLOCK`]), growing the
+    /// buffers only if they are too small.
+    pub fn quantize(&mut self, x: &[f32], n_tok: usize) {
+        let n = x.len() / BLOCK;
+        if self.blocks.len() < n {
+            self.blocks.resize(n, ActBlock::default());
+            self.scales.resize(n, 0.0);
+            self.sums.resize(n, 0.0);
+        }
+        quantize_activations(x, &mut self.blocks[..n]);
+        let n_blocks = n / n_tok.max(1);
+        for t in 0..n_tok {
+            for b in 0..n_blocks {
+                let block = &self.blocks[t * n_blocks + b];
+                self.scales[b * n_tok + t] = block.d;
+                self.sums[b * n_tok + t] = block.sum;
+            }
+        }
+    }
+}
+
 /// Rounds `v` (within ±127) to the nearest integer, halves away from zero. Unlike
 /// `f32::round` this needs no library call on CPUs without SSE4.1, so it vectorizes.
 #[inline(always)]
@@ -146,6 +194,10 @@ pub(crate) struct QuantGemm<'a> {
     pub(crate) row_bytes: usize,
     /// `[n_tok, k / BLOCK]` quantized activations.
     pub(crate) x: &'a [ActBlock],
+    /// `[k / BLOCK, n_tok]` the activations' block scales.
+    pub(crate) x_scales: &'a [f32],
+    /// `[k / BLOCK, n_tok]` the activations' block sums.
+    pub(crate) x_sums: &'a [f32],
     /// Blocks per row.
     pub(crate) n_blocks: usize,
     /// Number of activation rows.
@@ -189,8 +241,9 @@ fn gemm_rows(isa: Isa, g: &QuantGemm<'_>, rows: Range<usize>) {
 }
 
 /// `y = x · wᵀ` for quantized `w` (`[n_out, k]` as blocks): quantizes `x` (`[n_tok, k]`)
-/// into `act` (grown if too small: callers that must not allocate pass one of
-/// `n_tok * k / BLOCK` blocks), then runs the integer products in parallel over rows.
+/// into `act` (grown if too small: callers that must not allocate pass one made by
+/// [`QuantActs::with_capacity`] for `n_tok * k / BLOCK` blocks), then runs the integer
+/// products in parallel over rows.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(
     isa: Isa,
@@ -201,7 +254,7 @@ pub(crate) fn matmul(
     x: &[f32],
     n_tok: usize,
     y: &mut [f32],
-    act: &mut Vec<ActBlock>,
+    act: &mut QuantActs,
 ) {
     assert!(k % BLOCK == 0, "quantized rows must be whole blocks");
     let n_blocks = k / BLOCK;
@@ -211,17 +264,16 @@ pub(crate) fn matmul(
         n_out * row_bytes,
         "quantized weights of the wrong size"
     );
-    if act.len() < n_tok * n_blocks {
-        act.resize(n_tok * n_blocks, ActBlock::default());
-    }
-    let act = &mut act[..n_tok * n_blocks];
-    quantize_activations(&x[..n_tok * k], act);
+    act.quantize(&x[..n_tok * k], n_tok);
+    let n = n_tok * n_blocks;
     let y = DisjointSlice::new(&mut y[..n_tok * n_out]);
     let g = QuantGemm {
         dtype,
         w,
         row_bytes,
-        x: act,
+        x: &act.blocks[..n],
+        x_scales: &act.scales[..n],
+        x_sums: &act.sums[..n],
         n_blocks,
         n_tok,
         y: &y,

@@ -122,7 +122,17 @@ fn matmul_matches_scalar_for_every_dtype_isa_and_shape() {
             let mut results = Vec::new();
             for isa in isas() {
                 let mut y = vec![0.0; n_tok * n_out];
-                pool.install(|par| matmul_isa(isa, par, &w, &x, n_tok, &mut y, &mut Vec::new()));
+                pool.install(|par| {
+                    matmul_isa(
+                        isa,
+                        par,
+                        &w,
+                        &x,
+                        n_tok,
+                        &mut y,
+                        &mut quant::QuantActs::default(),
+                    )
+                });
                 assert_close(
                     &y,
                     &want,
@@ -141,7 +151,7 @@ fn matmul_matches_scalar_for_every_dtype_isa_and_shape() {
                     &x,
                     n_tok,
                     &mut batched,
-                    &mut Vec::new(),
+                    &mut quant::QuantActs::default(),
                 );
                 for t in 0..n_tok {
                     let mut single = vec![0.0; n_out];
@@ -152,7 +162,7 @@ fn matmul_matches_scalar_for_every_dtype_isa_and_shape() {
                         &x[t * k..(t + 1) * k],
                         1,
                         &mut single,
-                        &mut Vec::new(),
+                        &mut quant::QuantActs::default(),
                     );
                     assert_eq!(
                         single,
@@ -363,7 +373,7 @@ fn quantized_matmul_is_the_exact_product_of_dequantized_weights_and_activations(
             for isa in isas() {
                 for threads in [1, 3] {
                     let mut y = vec![0.0; n_tok * n_out];
-                    let mut act = Vec::new();
+                    let mut act = quant::QuantActs::default();
                     if threads == 1 {
                         matmul_isa(isa, Par::sequential(), &w, &x, n_tok, &mut y, &mut act);
                     } else {
@@ -400,12 +410,12 @@ fn quantized_decode_and_batched_products_agree() {
     // The decode path (one token, four-row tiles) and the batched path (two rows x four
     // tokens) are different code: the same token must give the same values.
     for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_1] {
-        let (n_out, k, n_tok) = (30, 128, 6);
+        let (n_out, k, n_tok) = (30, 128, 11);
         let (w, _) = tensor(&values(n_out * k, 5), dtype, vec![n_out, k]);
         let x = values(n_tok * k, 6);
         for isa in isas() {
             let mut batched = vec![0.0; n_tok * n_out];
-            let mut act = Vec::new();
+            let mut act = quant::QuantActs::default();
             matmul_isa(
                 isa,
                 Par::sequential(),

@@ -94,6 +94,13 @@ impl Format for Q4_1 {
 /// Σ w·x over 32 lanes as eight 32-bit partial sums, converted to f32.
 #[inline(always)]
 unsafe fn block_dot(signed: bool, w: __m256i, x: __m256i) -> __m256 {
+    // SAFETY: register-only AVX2 operation.
+    unsafe { _mm256_cvtepi32_ps(block_dot_i32(signed, w, x)) }
+}
+
+/// Σ w·x over 32 lanes as eight 32-bit partial sums.
+#[inline(always)]
+unsafe fn block_dot_i32(signed: bool, w: __m256i, x: __m256i) -> __m256i {
     // SAFETY: register-only AVX2 operations (the caller enabled AVX2). `maddubs` multiplies
     // unsigned by signed bytes: signed weights are made unsigned by moving their sign onto
     // the activations. No pair sum can saturate 16 bits (at most 2·128·127).
@@ -103,7 +110,7 @@ unsafe fn block_dot(signed: bool, w: __m256i, x: __m256i) -> __m256 {
         } else {
             _mm256_maddubs_epi16(w, x)
         };
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
     }
 }
 
@@ -180,6 +187,70 @@ unsafe fn tile<F: Format, const R: usize, const T: usize>(g: &QuantGemm<'_>, r0:
     }
 }
 
+/// The eight 8-lane sums `p[0..8]` as one vector of eight totals (exact integer sums).
+#[inline(always)]
+unsafe fn sum_lanes8(p: [__m256i; 8]) -> __m256i {
+    // SAFETY: register-only AVX2 operations.
+    unsafe {
+        let q0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
+        let q1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+        // q0 = [p0..p3 of the low 128 bits | p0..p3 of the high], q1 likewise for p4..p7.
+        let lo = _mm256_permute2x128_si256::<0x20>(q0, q1);
+        let hi = _mm256_permute2x128_si256::<0x31>(q0, q1);
+        _mm256_add_epi32(lo, hi)
+    }
+}
+
+/// Rows `r0..r0 + R` × eight tokens `t0..t0 + 8`, one accumulator per row whose lanes are the
+/// tokens: the integer dot products of a block for eight tokens are summed into one vector,
+/// then scaled by the weight's scale times the eight tokens' scales in one multiply.
+///
+/// # Safety
+/// As [`tile`].
+#[inline(always)]
+unsafe fn tile_tokens8<F: Format, const R: usize>(g: &QuantGemm<'_>, r0: usize, t0: usize) {
+    let mut w = [std::ptr::null::<u8>(); R];
+    for (i, p) in w.iter_mut().enumerate() {
+        *p = g.w_row(r0 + i).as_ptr();
+    }
+    let mut x = [std::ptr::null::<ActBlock>(); 8];
+    for (j, p) in x.iter_mut().enumerate() {
+        *p = g.x_row(t0 + j).as_ptr();
+    }
+    let n_tok = g.n_tok;
+    assert!(g.x_scales.len() >= g.n_blocks * n_tok && t0 + 8 <= n_tok);
+    // SAFETY: weight and activation pointers stay inside the rows checked above; scales and
+    // sums are read at b * n_tok + t0 .. + 8 <= n_blocks * n_tok (asserted); the output
+    // elements written belong to this task's rows.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..g.n_blocks {
+            let xd = _mm256_loadu_ps(g.x_scales.as_ptr().add(b * n_tok + t0));
+            let xs = _mm256_loadu_ps(g.x_sums.as_ptr().add(b * n_tok + t0));
+            for i in 0..R {
+                let (wq, d, off) = F::load(w[i].add(b * F::BYTES));
+                let mut p = [_mm256_setzero_si256(); 8];
+                for (j, pj) in p.iter_mut().enumerate() {
+                    let xq = _mm256_loadu_si256((*x[j].add(b)).qs.as_ptr().cast());
+                    *pj = block_dot_i32(F::SIGNED, wq, xq);
+                }
+                let dots = _mm256_cvtepi32_ps(sum_lanes8(p));
+                acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(d), xd), dots, acc[i]);
+                if F::HAS_OFFSET {
+                    acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(off), xs, acc[i]);
+                }
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+            for (j, v) in lanes.iter().enumerate() {
+                g.y.write((t0 + j) * g.n_out + r0 + i, *v);
+            }
+        }
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_of<F: Format>(g: &QuantGemm<'_>, rows: Range<usize>) {
     // SAFETY (every `tile` call): the features are enabled on this function, rows come from
@@ -201,6 +272,14 @@ unsafe fn rows_of<F: Format>(g: &QuantGemm<'_>, rows: Range<usize>) {
         while r < rows.end {
             let pair = r + 2 <= rows.end;
             let mut t = 0;
+            while t + 8 <= g.n_tok {
+                if pair {
+                    tile_tokens8::<F, 2>(g, r, t);
+                } else {
+                    tile_tokens8::<F, 1>(g, r, t);
+                }
+                t += 8;
+            }
             while t + 4 <= g.n_tok {
                 if pair {
                     tile::<F, 2, 4>(g, r, t);

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use super::{FeedForward, Model};
 use crate::error::{try_zeroed_f32, Error, Result};
 use crate::kernels;
-use crate::kernels::quant::{ActBlock, BLOCK};
+use crate::kernels::quant::{QuantActs, BLOCK};
 use crate::loader::{Architecture, ModelConfig};
 use crate::threading::{DisjointSlice, Par};
 
@@ -77,7 +77,7 @@ pub(crate) struct ForwardScratch {
     rope_sin: Vec<f32>, // [n_ctx, head_dim / 2]
     /// `[ubatch, max(hidden, intermediate, q_dim) / 32]` activations quantized for products
     /// with quantized weights (empty when no weight is quantized).
-    act: Vec<ActBlock>,
+    act: QuantActs,
     /// `[vocab]` logits of the last position computed.
     pub(crate) logits: Vec<f32>,
 }
@@ -114,10 +114,7 @@ impl ForwardScratch {
         } else {
             0
         };
-        let mut act = Vec::new();
-        act.try_reserve_exact(n_act)
-            .map_err(|_| Error::OutOfMemory("quantized activations".into()))?;
-        act.resize(n_act, ActBlock::default());
+        let act = QuantActs::with_capacity(n_act)?;
         Ok(ForwardScratch {
             ubatch,
             act,

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::kernels::quant::ActBlock;
+use crate::kernels::quant::QuantActs;
 use crate::loader::{self, Architecture, ModelConfig, TensorStore};
 use crate::tensor::{DType, Tensor};
 use crate::threading::Par;
@@ -49,7 +49,7 @@ impl Projection {
         x: &[f32],
         n_tok: usize,
         y: &mut [f32],
-        act: &mut Vec<ActBlock>,
+        act: &mut QuantActs,
     ) {
         match &self.weight {
             ProjectionWeight::Linear(w) => kernels::matmul_with(par, w, x, n_tok, y, act),

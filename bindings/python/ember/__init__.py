@@ -5,7 +5,7 @@ by the library, which releases the GIL during every call. ::
 
     import ember
 
-    with ember.Model("models/SmolLM2-135M-Instruct-f32", threads=2) as model:
+    with ember.Model("models/SmolLM2-135M-Instruct.Q4_1.gguf", threads=2) as model:
         for piece in model.generate("Once upon a time", max_tokens=32):
             print(piece, end="", flush=True)
 

@@ -52,7 +52,7 @@ Message = Union[Mapping[str, str], Tuple[str, str]]
 Logits = Any
 #: Text given to the library: ``str``, or ``bytes`` already in UTF-8.
 Text = Union[str, bytes]
-#: A path to a model folder.
+#: A path to a model: a GGUF file or a Hugging Face folder.
 PathLike = Union[str, "os.PathLike[str]"]
 
 
