@@ -211,6 +211,14 @@ fn hf_config(c: &ModelConfig, dtype: DType) -> Value {
     }
 }
 
+/// Whether the tokenizer's post-processor puts a special token before a single sequence (the
+/// GGUF loader decides that from `add_bos_token` and the pre-tokenizer's default).
+fn adds_bos(tokenizer: &Value) -> bool {
+    tokenizer["post_processor"]["single"]
+        .get(0)
+        .is_some_and(|first| first.get("SpecialToken").is_some())
+}
+
 /// A `tokenizer_config.json` naming the special tokens and holding the chat template.
 fn tokenizer_config(file: &GgufFile, tokenizer_json: &str) -> Result<Value> {
     let meta = &file.metadata;
@@ -240,7 +248,7 @@ fn tokenizer_config(file: &GgufFile, tokenizer_json: &str) -> Result<Value> {
         "eos_token": token("tokenizer.ggml.eos_token_id")?,
         "unk_token": token("tokenizer.ggml.unknown_token_id")?,
         "pad_token": token("tokenizer.ggml.padding_token_id")?,
-        "add_bos_token": meta.bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false),
+        "add_bos_token": adds_bos(&tokenizer),
         "clean_up_tokenization_spaces": false,
         "added_tokens_decoder": Value::Object(added),
     });

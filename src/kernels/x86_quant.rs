@@ -1,10 +1,13 @@
 //! AVX2 integer kernels for block-quantized weights (see [`super::quant`]).
 //!
 //! One block's dot product is one `maddubs` (unsigned 8-bit × signed 8-bit, pairs summed to
-//! 16 bits), one `madd` against ones (to 32 bits), a conversion to f32 and a fused
-//! multiply-add by the block's scale. Tiles of several weight rows × several tokens reuse each
-//! unpacked weight block and each activation block from registers, and give the
-//! multiply-adds independent accumulators to overlap in.
+//! 16 bits) and one `madd` against ones (to eight 32-bit sums). The eight sums of eight
+//! products are reduced together into one vector of exact integer totals, whose lanes are
+//! eight weight rows (single-token products) or eight tokens (prompts). Every path, including
+//! the one for leftover rows and tokens, then accumulates each output the same way,
+//! `acc = fma(d_w·d_x, total, acc)` and `acc = fma(offset_w, sum_x, acc)` per block, so a
+//! result does not depend on the tile or the thread that computed it: decode and prompt
+//! products agree bit for bit.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -91,13 +94,6 @@ impl Format for Q4_1 {
     }
 }
 
-/// Σ w·x over 32 lanes as eight 32-bit partial sums, converted to f32.
-#[inline(always)]
-unsafe fn block_dot(signed: bool, w: __m256i, x: __m256i) -> __m256 {
-    // SAFETY: register-only AVX2 operation.
-    unsafe { _mm256_cvtepi32_ps(block_dot_i32(signed, w, x)) }
-}
-
 /// Σ w·x over 32 lanes as eight 32-bit partial sums.
 #[inline(always)]
 unsafe fn block_dot_i32(signed: bool, w: __m256i, x: __m256i) -> __m256i {
@@ -114,76 +110,46 @@ unsafe fn block_dot_i32(signed: bool, w: __m256i, x: __m256i) -> __m256i {
     }
 }
 
-/// Horizontal sum of eight lanes.
+/// How many 8-row tiles ahead single-token products prefetch.
+const PREFETCH_TILES: usize = 2;
+
+/// The total of the eight 32-bit lanes of `v`.
 #[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
-    // SAFETY: register-only AVX operations.
+unsafe fn total_i32(v: __m256i) -> i32 {
+    // SAFETY: register-only AVX2 operations.
     unsafe {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
+        _mm_cvtsi128_si32(s)
     }
 }
 
-/// How many row tiles ahead single-token products prefetch.
-const PREFETCH_TILES: usize = 4;
-
-/// Rows `r0..r0 + R` × tokens `t0..t0 + T` of the product.
+/// One output, row `r` × token `t`, block by block (for rows and tokens left over by the
+/// 8-lane tiles), with the same arithmetic as the tiles.
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be available; the rows and tokens must be in range and the rows
-/// owned by the calling task.
+/// AVX2, FMA and F16C must be available; `r` and `t` must be in range and row `r` owned by
+/// the calling task.
 #[inline(always)]
-unsafe fn tile<F: Format, const R: usize, const T: usize>(g: &QuantGemm<'_>, r0: usize, t0: usize) {
-    // Plain loops, no closures: a closure would not inherit the caller's target features, and
-    // intrinsics in it could be compiled as calls.
-    let mut w = [std::ptr::null::<u8>(); R];
-    for (i, p) in w.iter_mut().enumerate() {
-        *p = g.w_row(r0 + i).as_ptr();
-    }
-    let mut x = [std::ptr::null::<ActBlock>(); T];
-    for (j, p) in x.iter_mut().enumerate() {
-        *p = g.x_row(t0 + j).as_ptr();
-    }
-    // SAFETY: every pointer below stays inside row `r0 + i` (n_blocks blocks of F::BYTES) or
-    // activation row `t0 + j` (n_blocks blocks), which the slices above checked; the output
-    // elements written belong to this task's rows.
+unsafe fn single<F: Format>(g: &QuantGemm<'_>, r: usize, t: usize) {
+    let w = g.w_row(r).as_ptr();
+    let x = g.x_row(t).as_ptr();
+    // SAFETY: the pointers stay inside row `r` and token `t`'s blocks (checked by the slices
+    // above); the output element belongs to this task.
     unsafe {
-        let mut acc = [[_mm256_setzero_ps(); T]; R];
-        let mut offset = [[0.0f32; T]; R];
-        // Single-token products are bound by memory latency: while this tile's rows are read,
-        // fetch the rows `PREFETCH_TILES` tiles ahead (contiguous bytes, one stream), spread
-        // over the blocks.
-        let ahead = w[0].wrapping_add(PREFETCH_TILES * R * g.row_bytes);
-        let step = R * F::BYTES;
+        let mut acc = 0.0f32;
         for b in 0..g.n_blocks {
-            if T == 1 {
-                let mut line = b * step;
-                while line < (b + 1) * step {
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
-                    line += 64;
-                }
-            }
-            for i in 0..R {
-                let (wq, d, off) = F::load(w[i].add(b * F::BYTES));
-                for j in 0..T {
-                    // Activations are read from L1 in each product: holding them in
-                    // registers would push the accumulators out to the stack.
-                    let xb = &*x[j].add(b);
-                    let s = block_dot(F::SIGNED, wq, _mm256_loadu_si256(xb.qs.as_ptr().cast()));
-                    acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), s, acc[i][j]);
-                    if F::HAS_OFFSET {
-                        offset[i][j] += off * xb.sum;
-                    }
-                }
+            let (wq, d, off) = F::load(w.add(b * F::BYTES));
+            let xb = &*x.add(b);
+            let xq = _mm256_loadu_si256(xb.qs.as_ptr().cast());
+            let total = total_i32(block_dot_i32(F::SIGNED, wq, xq));
+            acc = (d * xb.d).mul_add(total as f32, acc);
+            if F::HAS_OFFSET {
+                acc = off.mul_add(xb.sum, acc);
             }
         }
-        for i in 0..R {
-            for j in 0..T {
-                let v = hsum(acc[i][j]) + offset[i][j];
-                g.y.write((t0 + j) * g.n_out + r0 + i, v);
-            }
-        }
+        g.y.write(t * g.n_out + r, acc);
     }
 }
 
@@ -201,12 +167,64 @@ unsafe fn sum_lanes8(p: [__m256i; 8]) -> __m256i {
     }
 }
 
+/// Rows `r0..r0 + 8` × one token: the lanes of the accumulator are the rows. Weights are
+/// prefetched `PREFETCH_TILES` tiles ahead, since single-token products wait on memory.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; the rows must be in range and owned by the calling
+/// task.
+#[inline(always)]
+unsafe fn tile_rows8<F: Format>(g: &QuantGemm<'_>, r0: usize) {
+    let mut w = [std::ptr::null::<u8>(); 8];
+    for (i, p) in w.iter_mut().enumerate() {
+        *p = g.w_row(r0 + i).as_ptr();
+    }
+    let x = g.x_row(0).as_ptr();
+    // SAFETY: the pointers stay inside rows r0..r0 + 8 and token 0's blocks (checked by the
+    // slices above); prefetches may point anywhere; the outputs belong to this task.
+    unsafe {
+        let mut acc = _mm256_setzero_ps();
+        let ahead = w[0].wrapping_add(PREFETCH_TILES * 8 * g.row_bytes);
+        let step = 8 * F::BYTES;
+        for b in 0..g.n_blocks {
+            let mut line = b * step;
+            while line < (b + 1) * step {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
+                line += 64;
+            }
+            let xb = &*x.add(b);
+            let xq = _mm256_loadu_si256(xb.qs.as_ptr().cast());
+            let mut p = [_mm256_setzero_si256(); 8];
+            let mut d = [0.0f32; 8];
+            let mut off = [0.0f32; 8];
+            for i in 0..8 {
+                let (wq, di, oi) = F::load(w[i].add(b * F::BYTES));
+                p[i] = block_dot_i32(F::SIGNED, wq, xq);
+                d[i] = di;
+                off[i] = oi;
+            }
+            let totals = _mm256_cvtepi32_ps(sum_lanes8(p));
+            let scale = _mm256_mul_ps(_mm256_loadu_ps(d.as_ptr()), _mm256_set1_ps(xb.d));
+            acc = _mm256_fmadd_ps(scale, totals, acc);
+            if F::HAS_OFFSET {
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(off.as_ptr()), _mm256_set1_ps(xb.sum), acc);
+            }
+        }
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        for (i, v) in lanes.iter().enumerate() {
+            g.y.write(r0 + i, *v);
+        }
+    }
+}
+
 /// Rows `r0..r0 + R` × eight tokens `t0..t0 + 8`, one accumulator per row whose lanes are the
 /// tokens: the integer dot products of a block for eight tokens are summed into one vector,
 /// then scaled by the weight's scale times the eight tokens' scales in one multiply.
 ///
 /// # Safety
-/// As [`tile`].
+/// AVX2, FMA and F16C must be available; the rows and tokens must be in range and the rows
+/// owned by the calling task.
 #[inline(always)]
 unsafe fn tile_tokens8<F: Format, const R: usize>(g: &QuantGemm<'_>, r0: usize, t0: usize) {
     let mut w = [std::ptr::null::<u8>(); R];
@@ -253,49 +271,37 @@ unsafe fn tile_tokens8<F: Format, const R: usize>(g: &QuantGemm<'_>, r0: usize, 
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_of<F: Format>(g: &QuantGemm<'_>, rows: Range<usize>) {
-    // SAFETY (every `tile` call): the features are enabled on this function, rows come from
+    // SAFETY (every call below): the features are enabled on this function, rows come from
     // the caller's range and tokens from 0..n_tok.
     unsafe {
         if g.n_tok == 1 {
-            // Decode: four rows at once give four independent accumulators.
             let mut r = rows.start;
-            while r + 4 <= rows.end {
-                tile::<F, 4, 1>(g, r, 0);
-                r += 4;
+            while r + 8 <= rows.end {
+                tile_rows8::<F>(g, r);
+                r += 8;
             }
             for r in r..rows.end {
-                tile::<F, 1, 1>(g, r, 0);
+                single::<F>(g, r, 0);
             }
             return;
         }
+        let whole = g.n_tok / 8 * 8;
         let mut r = rows.start;
         while r < rows.end {
-            let pair = r + 2 <= rows.end;
-            let mut t = 0;
-            while t + 8 <= g.n_tok {
-                if pair {
+            let n = if r + 2 <= rows.end { 2 } else { 1 };
+            for t in (0..whole).step_by(8) {
+                if n == 2 {
                     tile_tokens8::<F, 2>(g, r, t);
                 } else {
                     tile_tokens8::<F, 1>(g, r, t);
                 }
-                t += 8;
             }
-            while t + 4 <= g.n_tok {
-                if pair {
-                    tile::<F, 2, 4>(g, r, t);
-                } else {
-                    tile::<F, 1, 4>(g, r, t);
-                }
-                t += 4;
-            }
-            for t in t..g.n_tok {
-                if pair {
-                    tile::<F, 2, 1>(g, r, t);
-                } else {
-                    tile::<F, 1, 1>(g, r, t);
+            for rr in r..r + n {
+                for t in whole..g.n_tok {
+                    single::<F>(g, rr, t);
                 }
             }
-            r += if pair { 2 } else { 1 };
+            r += n;
         }
     }
 }
