@@ -61,7 +61,9 @@ pub fn gguf_to_hf_folder(input: &Path, out_dir: &Path, dtype: DType) -> Result<(
                 values = transpose(&values, shape[0], shape[1]);
                 shape.swap(0, 1);
             }
-            hf_name = format!("transformer.{name}");
+            if name != "lm_head.weight" {
+                hf_name = format!("transformer.{name}");
+            }
         }
         tensors.insert(hf_name, (shape, encode(&values, dtype)));
     }
@@ -177,7 +179,7 @@ fn hf_config(c: &ModelConfig, dtype: DType) -> Value {
             "n_ctx": c.max_position_embeddings,
             "layer_norm_epsilon": c.norm_eps,
             "activation_function": "gelu_new",
-            "tie_word_embeddings": true,
+            "tie_word_embeddings": c.tie_word_embeddings,
             "bos_token_id": c.bos_token_id,
             "eos_token_id": eos,
             "torch_dtype": torch_dtype,

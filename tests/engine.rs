@@ -402,6 +402,9 @@ fn bad_configs_are_rejected() {
     let d = ScratchDir::copy_of("llama", "heads");
     d.edit_config(|c| c["num_key_value_heads"] = 3.into());
     assert!(matches!(load_err(&d.0), Error::BadFormat(_)));
+    let d = ScratchDir::copy_of("gpt2", "gpt2-heads");
+    d.edit_config(|c| c["n_head"] = 5.into()); // 36 is not a multiple of 5
+    assert!(matches!(load_err(&d.0), Error::BadFormat(_)));
     let d = ScratchDir::copy_of("llama", "layers");
     d.edit_config(|c| c["num_hidden_layers"] = 3.into());
     match load_err(&d.0) {

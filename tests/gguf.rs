@@ -117,6 +117,36 @@ fn every_truncation_and_corruption_is_an_error_not_a_panic() {
 }
 
 #[test]
+fn metadata_arrays_cannot_grow_past_their_cap() {
+    // A well-formed file whose one metadata array holds 9M one-byte items: each would cost
+    // far more in memory than on disk, so the total is capped.
+    let n: u64 = 9 << 20;
+    let mut bytes = Vec::new();
+    bytes.extend(b"GGUF");
+    bytes.extend(3u32.to_le_bytes());
+    bytes.extend(0u64.to_le_bytes()); // tensors
+    bytes.extend(1u64.to_le_bytes()); // metadata pairs
+    bytes.extend(1u64.to_le_bytes());
+    bytes.push(b'k');
+    bytes.extend(9u32.to_le_bytes()); // array
+    bytes.extend(0u32.to_le_bytes()); // of u8
+    bytes.extend(n.to_le_bytes());
+    bytes.resize(bytes.len() + n as usize, 7);
+    match parse(&bytes) {
+        Err(Error::BadFormat(msg)) => assert!(msg.contains("more than"), "{msg}"),
+        other => panic!("unexpected {other:?}"),
+    }
+    // The same file with a small array parses.
+    let small: u64 = 1000;
+    let header_len = bytes.len() - n as usize - 8;
+    let mut ok = bytes[..header_len].to_vec();
+    ok.extend(small.to_le_bytes());
+    ok.resize(ok.len() + small as usize, 7);
+    let file = parse(&ok).unwrap();
+    assert!(file.tensors.is_empty());
+}
+
+#[test]
 fn a_truncated_file_on_disk_names_the_file() {
     let dir = std::env::temp_dir().join(format!("ember-gguf-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -73,6 +73,16 @@ impl Isa {
         })
     }
 
+    /// `self` if this CPU supports it, else the portable kernels: a caller-chosen instruction
+    /// set can never run unsupported instructions.
+    pub fn supported(self) -> Isa {
+        if self == Isa::Portable || self == Isa::detect() {
+            self
+        } else {
+            Isa::Portable
+        }
+    }
+
     /// A short name for reports.
     pub fn name(self) -> &'static str {
         match self {
@@ -194,6 +204,7 @@ pub fn matmul_isa(
     y: &mut [f32],
     act: &mut quant::QuantActs,
 ) {
+    let isa = isa.supported();
     assert_eq!(w.shape().len(), 2, "matmul needs a matrix");
     let (n_out, k) = (w.shape()[0], w.shape()[1]);
     assert!(
@@ -273,6 +284,7 @@ pub fn matmul_in_out_isa(
     n_tok: usize,
     y: &mut [f32],
 ) {
+    let isa = isa.supported();
     assert_eq!(w.shape().len(), 2, "matmul needs a matrix");
     let (k, stride) = (w.shape()[0], w.shape()[1]);
     assert!(

@@ -176,6 +176,15 @@ impl ModelConfig {
                 self.n_heads, self.n_kv_heads
             )));
         }
+        if self.architecture == Architecture::Gpt2
+            && (self.q_dim() != self.hidden_size || self.n_kv_heads != self.n_heads)
+        {
+            return Err(Error::format(format!(
+                "config: GPT-2 needs heads x head_dim = hidden size ({} x {} != {}) and no \
+                 grouped keys/values",
+                self.n_heads, self.head_dim, self.hidden_size
+            )));
+        }
         if self.architecture != Architecture::Gpt2 && self.head_dim % 2 != 0 {
             return Err(Error::format("config: RoPE needs an even head_dim"));
         }

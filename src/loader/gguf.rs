@@ -5,7 +5,7 @@
 //! key/value pairs, the tensor infos (name, dimensions innermost first, type, offset), then the
 //! tensor data, starting at the next multiple of `general.alignment` (default 32). Every count,
 //! length and offset is checked against the file before it is used, so a corrupt file is an
-//! error and never a panic or an outsized allocation.
+//! error and never a panic or an outsized allocation (metadata arrays are capped in total).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -186,22 +186,17 @@ fn ggml_type_name(code: u32) -> &'static str {
     }
 }
 
-/// The GGML type code of a dtype (for writers and reports).
-pub fn ggml_type_code(dtype: DType) -> u32 {
-    match dtype {
-        DType::F32 => 0,
-        DType::F16 => 1,
-        DType::Q4_0 => 2,
-        DType::Q4_1 => 3,
-        DType::Q8_0 => 8,
-        DType::BF16 => 30,
-    }
-}
+/// Most array items the metadata may hold in all. Real files hold about a million (the
+/// vocabulary, its types, scores and merges); an item costs far more in memory than its
+/// one byte on disk can, so the total is capped rather than trusted.
+const MAX_ARRAY_ITEMS: usize = 1 << 23;
 
 /// Bounds-checked little-endian reader over the file's bytes.
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
+    /// Array items the metadata may still hold (see [`MAX_ARRAY_ITEMS`]).
+    items_left: usize,
 }
 
 impl<'a> Reader<'a> {
@@ -285,6 +280,11 @@ impl<'a> Reader<'a> {
                     _ => 1,
                 };
                 let n = self.count(min_size, key)?;
+                self.items_left = self.items_left.checked_sub(n).ok_or_else(|| {
+                    Error::format(format!(
+                        "GGUF metadata arrays hold more than {MAX_ARRAY_ITEMS} items ({key})"
+                    ))
+                })?;
                 // Grown as items are read: the count is only checked against the bytes left.
                 let mut items = Vec::with_capacity(n.min(1 << 16));
                 for _ in 0..n {
@@ -318,7 +318,11 @@ impl GgufFile {
     /// Parses GGUF bytes held by `storage`.
     pub fn parse(storage: Arc<Storage>) -> Result<GgufFile> {
         let bytes = storage.bytes();
-        let mut r = Reader { bytes, pos: 0 };
+        let mut r = Reader {
+            bytes,
+            pos: 0,
+            items_left: MAX_ARRAY_ITEMS,
+        };
         if r.take(4, "the magic number").ok() != Some(b"GGUF".as_slice()) {
             return Err(Error::format("not a GGUF file (no GGUF magic number)"));
         }
@@ -474,7 +478,15 @@ pub fn model_parts(file: &GgufFile) -> Result<(ModelConfig, TensorStore)> {
             continue;
         }
         let renamed = hf_name(name, gpt2).unwrap_or_else(|| name.clone());
-        store.tensors.insert(renamed, tensor.clone());
+        if store
+            .tensors
+            .insert(renamed.clone(), tensor.clone())
+            .is_some()
+        {
+            return Err(Error::format(format!(
+                "GGUF tensor {name} collides with another tensor named {renamed}"
+            )));
+        }
     }
     Ok((config, store))
 }

@@ -507,6 +507,8 @@ impl Tokenizer {
 /// piece id order, and the cuts of one piece are ordered by the ids of their left, then right
 /// parts.
 fn merges_from_scores(vocab: &Vocab, scores: &[f64]) -> Vec<Value> {
+    /// Pieces longer than this (in bytes) take no part in merges.
+    const MAX_PIECE_BYTES: usize = 128;
     let ids: HashMap<&str, usize> = vocab
         .tokens
         .iter()
@@ -516,6 +518,11 @@ fn merges_from_scores(vocab: &Vocab, scores: &[f64]) -> Vec<Value> {
     // (score, left id, right id, left, right) in piece id order.
     let mut merges: Vec<(f64, usize, usize, &str, &str)> = Vec::new();
     for (piece, &score) in vocab.tokens.iter().zip(scores) {
+        // Every cut of a piece is a candidate: long pieces would make this quadratic in
+        // their length (and a hostile vocabulary cubic in memory). Real pieces are short.
+        if piece.len() > MAX_PIECE_BYTES {
+            continue;
+        }
         let start = merges.len();
         for (cut, _) in piece.char_indices().skip(1) {
             let (left, right) = piece.split_at(cut);

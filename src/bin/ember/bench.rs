@@ -24,6 +24,7 @@ fn resident_mib() -> f64 {
 /// Read bandwidth of main memory in GB/s with `threads` threads: the best of three passes
 /// summing a 1 GiB buffer (far larger than any cache).
 fn read_bandwidth(threads: usize) -> f64 {
+    let threads = threads.max(1);
     let words = (1usize << 30) / 8;
     let buf: Vec<u64> = (0..words as u64).collect();
     let per = words.div_ceil(threads);
