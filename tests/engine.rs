@@ -5,6 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ember::{Error, Model, Session, SessionOptions};
+
+mod common;
+use common::max_abs_diff;
 use safetensors::SafeTensors;
 
 /// Largest absolute logit difference accepted against transformers (f32 arithmetic on the
@@ -80,14 +83,6 @@ fn session(model: &Arc<Model>, n_threads: usize, ubatch: usize) -> Session {
         },
     )
     .unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ember::loader::gguf::GgufFile;
+
+mod common;
+use common::max_abs_diff;
 use ember::tensor::{DType, Storage};
 use ember::{Error, Model, Session, SessionOptions};
 
@@ -26,14 +29,6 @@ fn all_logits(model: Model, tokens: &[u32]) -> Vec<f32> {
     let mut out = vec![0.0; tokens.len() * vocab];
     session.step_all(tokens, &mut out).unwrap();
     out
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -16,24 +16,11 @@ use ember::tensor::Storage;
 use ember::{ChatMessage, Error, Tokenizer};
 use serde_json::Value;
 
+mod common;
+use common::{compare_with_reference, json, tokenizer_fixtures};
+
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn fixtures() -> PathBuf {
-    root().join("tests/fixtures/tokenizers")
-}
-
-fn json(file: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures().join(file)).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 /// The default model's metadata, or `None` (test skipped) when it has not been fetched.
@@ -49,53 +36,6 @@ fn smollm2_metadata() -> Option<GgufMetadata> {
         return None;
     }
     Some(GgufFile::open(&path).unwrap().metadata)
-}
-
-/// Compares a tokenizer with a reference of reference.json on every corpus string: encoding
-/// (special tokens parsed, special tokens literal, BOS/EOS added) and decoding. Returns the
-/// number of strings that matched in every way.
-fn compare_with_reference(tok: &Tokenizer, name: &str) -> usize {
-    let corpus: Vec<String> = serde_json::from_value(json("corpus.json")).unwrap();
-    assert!(corpus.len() >= 300, "corpus has {} strings", corpus.len());
-    let reference = json("reference.json");
-    let cases = reference[name].as_array().unwrap();
-    assert_eq!(cases.len(), corpus.len());
-    let mut failures = Vec::new();
-    let mut matched = 0;
-    for (text, case) in corpus.iter().zip(cases) {
-        let (plain, literal, special) = (ids(&case[0]), ids(&case[1]), ids(&case[2]));
-        let checks = [
-            ("encode", tok.encode(text, false, true).unwrap() == plain),
-            (
-                "encode literal",
-                tok.encode(text, false, false).unwrap() == literal,
-            ),
-            (
-                "encode add_special",
-                tok.encode(text, true, true).unwrap() == special,
-            ),
-            (
-                "decode",
-                tok.decode(&plain).unwrap() == case[3].as_str().unwrap(),
-            ),
-        ];
-        let before = failures.len();
-        for (what, ok) in checks {
-            if !ok {
-                failures.push(format!("{what} {text:?}"));
-            }
-        }
-        if failures.len() == before {
-            matched += 1;
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{name}: {} mismatches: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
-    );
-    matched
 }
 
 #[test]
@@ -146,7 +86,7 @@ fn smollm2_gguf_special_tokens_and_chat_template_match_hugging_face() {
         return;
     };
     let tok = Tokenizer::from_gguf(&meta).unwrap().unwrap();
-    let hf = Tokenizer::from_hf_folder(&fixtures().join("smollm2"))
+    let hf = Tokenizer::from_hf_folder(&tokenizer_fixtures().join("smollm2"))
         .unwrap()
         .unwrap();
     assert_eq!(

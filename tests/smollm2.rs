@@ -17,6 +17,9 @@ use ember::tensor::DType;
 use ember::{Model, Session, SessionOptions};
 use serde_json::Value;
 
+mod common;
+use common::ids;
+
 fn model_file() -> Option<PathBuf> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if path.is_file() {
@@ -36,14 +39,6 @@ fn session(model: Model) -> Session {
         ubatch: 64,
     };
     Session::new(Arc::new(model), &options).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 /// Feeds each case of `reference` its prompt and then its own greedy tokens (so both sides

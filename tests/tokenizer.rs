@@ -1,75 +1,25 @@
 //! Tokenization, streaming detokenization and chat templates against Hugging Face
 //! (references made by `scripts/make_tokenizer_reference.py`).
 
-use std::path::{Path, PathBuf};
-
 use ember::tokenizer::ChatTemplate;
 use ember::{ChatMessage, Error, StreamDecoder, Tokenizer};
 use serde_json::Value;
 
+mod common;
+use common::{compare_with_reference, json, tokenizer_fixtures};
+
 const TOKENIZERS: [&str; 3] = ["smollm2", "gpt2", "mistral"];
 
-fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizers")
-}
-
 fn load(name: &str) -> Tokenizer {
-    Tokenizer::from_hf_folder(&dir().join(name))
+    Tokenizer::from_hf_folder(&tokenizer_fixtures().join(name))
         .unwrap()
         .expect("tokenizer.json")
 }
 
-fn json(file: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir().join(file)).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
 #[test]
 fn encode_and_decode_match_hugging_face_on_the_corpus() {
-    let corpus: Vec<String> = serde_json::from_value(json("corpus.json")).unwrap();
-    assert!(corpus.len() >= 300, "corpus has {} strings", corpus.len());
-    let reference = json("reference.json");
     for name in TOKENIZERS {
-        let tok = load(name);
-        let cases = reference[name].as_array().unwrap();
-        assert_eq!(cases.len(), corpus.len());
-        let mut failures = Vec::new();
-        for (text, case) in corpus.iter().zip(cases) {
-            let (plain, literal, special) = (ids(&case[0]), ids(&case[1]), ids(&case[2]));
-            let checks = [
-                ("encode", tok.encode(text, false, true).unwrap() == plain),
-                (
-                    "encode literal",
-                    tok.encode(text, false, false).unwrap() == literal,
-                ),
-                (
-                    "encode add_special",
-                    tok.encode(text, true, true).unwrap() == special,
-                ),
-                (
-                    "decode",
-                    tok.decode(&plain).unwrap() == case[3].as_str().unwrap(),
-                ),
-            ];
-            for (what, ok) in checks {
-                if !ok {
-                    failures.push(format!("{what} {text:?}"));
-                }
-            }
-        }
-        assert!(
-            failures.is_empty(),
-            "{name}: {} mismatches: {:?}",
-            failures.len(),
-            &failures[..failures.len().min(10)]
-        );
+        compare_with_reference(&load(name), name);
     }
 }
 
