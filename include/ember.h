@@ -43,10 +43,6 @@
  */
 #define EMBER_ABI_VERSION 1
 
-/**
- * Weights per block, for every quantized type.
- */
-#define BLOCK 32
 
 /**
  * Severity of a log message.
@@ -141,11 +137,16 @@ typedef enum ember_stop_reason {
    * The session's context is full.
    */
   EMBER_STOP_REASON_CONTEXT_FULL = 4,
+  /**
+   * `ember_session_cancel` stopped the generation (the call returns
+   * `EMBER_ERR_CANCELLED`, and still writes this reason and the token count).
+   */
+  EMBER_STOP_REASON_CANCELLED = 5,
 } ember_stop_reason;
 
 /**
  * An incremental detokenizer: feed tokens one by one, get only complete UTF-8 text. Used by
- * one thread at a time.
+ * one call at a time (a concurrent call fails with `EMBER_ERR_BUSY`).
  */
 typedef struct ember_detokenizer ember_detokenizer;
 
@@ -155,16 +156,18 @@ typedef struct ember_detokenizer ember_detokenizer;
 typedef struct ember_model ember_model;
 
 /**
- * A token sampler (random state and recent tokens for penalties). Used by one thread at a
- * time; concurrent use fails with `EMBER_ERR_BUSY`.
+ * A token sampler (random state and recent tokens for penalties). Used by one call at a
+ * time: a concurrent call (or one from a callback of a generation using the sampler) fails
+ * with `EMBER_ERR_BUSY`.
  */
 typedef struct ember_sampler ember_sampler;
 
 /**
- * One sequence's state (KV cache, position) over a model. A session is used by one thread
- * at a time: a call made while another thread is inside a call on the same session fails
- * with `EMBER_ERR_BUSY`. Only `ember_session_cancel` and `ember_session_position` may be
- * called concurrently with other calls.
+ * One sequence's state (KV cache, position) over a model. A session is used by one call at
+ * a time: a call made while another is running on the same session (from another thread,
+ * or from a callback of the running call) fails with `EMBER_ERR_BUSY`. The functions that
+ * take a `const ember_session *` (position, context length, cancel) may be called from any
+ * thread at any time.
  */
 typedef struct ember_session ember_session;
 
@@ -173,66 +176,6 @@ typedef struct ember_session ember_session;
  * It may be called from any thread that calls into Ember.
  */
 typedef void (*ember_log_callback)(enum ember_log_level level, const char *message, void *user);
-
-/**
- * Options for `ember_generate` and `ember_chat`. Fill with `ember_generate_params_default`.
- */
-typedef struct ember_generate_params {
-  /**
-   * Size of this struct in bytes, as the caller knows it (set by the default function).
-   */
-  uint32_t struct_size;
-  /**
-   * Most tokens to generate; 0 = until an end token, a stop string or a full context.
-   * Default 256.
-   */
-  uint32_t max_tokens;
-  /**
-   * `n_stop_strings` NUL-terminated UTF-8 strings that end generation (borrowed for the
-   * call); may be NULL when `n_stop_strings` is 0.
-   */
-  const char *const *stop_strings;
-  /**
-   * Number of stop strings.
-   */
-  size_t n_stop_strings;
-  /**
-   * Non-zero: continue past end-of-sequence/end-of-turn tokens. Default 0.
-   */
-  uint32_t ignore_end_tokens;
-  /**
-   * `ember_generate` only: non-zero adds BOS/EOS as the tokenizer does (for a prompt that
-   * starts the sequence). Default 1.
-   */
-  uint32_t add_special;
-  /**
-   * `ember_generate` only: non-zero recognises special tokens written in the prompt.
-   * Default 0, so user text cannot inject control tokens.
-   */
-  uint32_t parse_special;
-} ember_generate_params;
-
-/**
- * Receives generated text: `len` bytes of complete UTF-8 at `piece` (also NUL-terminated),
- * valid only during the call. Return true to continue, false to stop. Called on the thread
- * that called `ember_generate`/`ember_chat`; it must not unwind or longjmp out of the call.
- */
-typedef bool (*ember_text_callback)(const char *piece, size_t len, void *user);
-
-/**
- * A message of a conversation for chat templates: NUL-terminated UTF-8 strings, borrowed
- * for the duration of the call.
- */
-typedef struct ember_chat_message {
-  /**
-   * "system", "user", "assistant", ...
-   */
-  const char *role;
-  /**
-   * The message text.
-   */
-  const char *content;
-} ember_chat_message;
 
 /**
  * Options for `ember_model_load`. Fill with `ember_model_params_default` first.
@@ -254,6 +197,46 @@ typedef struct ember_model_params {
    */
   uint32_t quantize_q8_0;
 } ember_model_params;
+
+/**
+ * A message of a conversation for chat templates: NUL-terminated UTF-8 strings, borrowed
+ * for the duration of the call.
+ */
+typedef struct ember_chat_message {
+  /**
+   * "system", "user", "assistant", ...
+   */
+  const char *role;
+  /**
+   * The message text.
+   */
+  const char *content;
+} ember_chat_message;
+
+/**
+ * Options for `ember_session_new`. Fill with `ember_session_params_default` first.
+ */
+typedef struct ember_session_params {
+  /**
+   * Size of this struct in bytes, as the caller knows it (set by the default function).
+   */
+  uint32_t struct_size;
+  /**
+   * Context length in tokens; 0 = the model's trained context, capped at 2048 (the KV cache
+   * is allocated up front). Default 0.
+   */
+  uint32_t n_ctx;
+  /**
+   * Threads each step may use, the calling thread included; 1 = the calling thread only.
+   * 0 = half the machine's hardware threads (at least 1), so a host keeps cores for
+   * itself. A count above the machine's hardware threads is clamped to them. Default 0.
+   */
+  uint32_t n_threads;
+  /**
+   * Prompt tokens processed per batch. Default 64.
+   */
+  uint32_t n_ubatch;
+} ember_session_params;
 
 /**
  * Options for `ember_sampler_new`. Fill with `ember_sampler_params_default` first; the
@@ -303,28 +286,52 @@ typedef struct ember_sampler_params {
 } ember_sampler_params;
 
 /**
- * Options for `ember_session_new`. Fill with `ember_session_params_default` first.
+ * Options for `ember_generate` and `ember_chat`. Fill with `ember_generate_params_default`.
  */
-typedef struct ember_session_params {
+typedef struct ember_generate_params {
   /**
    * Size of this struct in bytes, as the caller knows it (set by the default function).
    */
   uint32_t struct_size;
   /**
-   * Context length in tokens; 0 = the model's trained context, capped at 2048 (the KV cache
-   * is allocated up front). Default 0.
+   * Most tokens to generate; 0 = until an end token, a stop string or a full context.
+   * Default 256.
    */
-  uint32_t n_ctx;
+  uint32_t max_tokens;
   /**
-   * Threads each step may use; 1 = the calling thread only. 0 = half the machine's cores
-   * (at least 1), so a host keeps cores for itself. Default 0.
+   * `n_stop_strings` NUL-terminated UTF-8 strings that end generation (borrowed for the
+   * call); may be NULL when `n_stop_strings` is 0.
    */
-  uint32_t n_threads;
+  const char *const *stop_strings;
   /**
-   * Prompt tokens processed per batch. Default 64.
+   * Number of stop strings.
    */
-  uint32_t n_ubatch;
-} ember_session_params;
+  size_t n_stop_strings;
+  /**
+   * Non-zero: continue past end-of-sequence/end-of-turn tokens. Default 0.
+   */
+  uint32_t ignore_end_tokens;
+  /**
+   * `ember_generate` only: non-zero adds BOS/EOS as the tokenizer does (for a prompt that
+   * starts the sequence). Default 1.
+   */
+  uint32_t add_special;
+  /**
+   * Non-zero recognises special tokens written in the text: in the prompt of
+   * `ember_generate`, in the message contents of `ember_chat`. Default 0, so user text
+   * can never inject control tokens (a message cannot open a system turn); only what the
+   * chat template itself writes becomes control tokens. Turn it on only for text the host
+   * wrote itself.
+   */
+  uint32_t parse_special;
+} ember_generate_params;
+
+/**
+ * Receives generated text: `len` bytes of complete UTF-8 at `piece` (also NUL-terminated),
+ * valid only during the call. Return true to continue, false to stop. Called on the thread
+ * that called `ember_generate`/`ember_chat`; it must not unwind or longjmp out of the call.
+ */
+typedef bool (*ember_text_callback)(const char *piece, size_t len, void *user);
 
 #ifdef __cplusplus
 extern "C" {
@@ -356,113 +363,13 @@ const char *ember_status_name(int32_t status);
 /**
  * Installs (or, with NULL, removes) the log callback. Ember prints nothing itself; without a
  * callback its messages are dropped. `user` is passed back to every call.
+ *
+ * When this returns, no other thread is still running the previous callback, so a host may
+ * unload the previous callback's code (a Unity domain reload). It may be called from inside
+ * the callback itself: the calls on the calling thread are then the only ones not waited for.
+ * Ember holds no lock while it runs the callback.
  */
 void ember_set_log_callback(ember_log_callback callback, void *user);
-
-/**
- * Fills `*params` (a struct of `struct_size` bytes) with the defaults. Use the
- * `EMBER_GENERATE_PARAMS_DEFAULT(&params)` macro.
- *
- * # Safety
- * `params` must be NULL or valid for writing `struct_size` bytes.
- */
-enum ember_status ember_generate_params_default(size_t struct_size,
-                                                struct ember_generate_params *params);
-
-/**
- * Tokenizes `prompt` (appended to what the session holds), then generates with `sampler`,
- * passing text to `on_text` as it completes, until a stop condition. `params` may be NULL
- * for defaults; `on_text` may be NULL. On success the stop reason and the number of tokens
- * generated are written to `out_reason` and `out_n_tokens` (each may be NULL).
- *
- * The session then holds the prompt and the generated tokens except the last. Cancellation
- * (`ember_session_cancel`) returns `EMBER_ERR_CANCELLED`; a prompt that does not fit is
- * `EMBER_ERR_CONTEXT_FULL`; either way the session stays usable.
- *
- * # Safety
- * `prompt` valid for `prompt_len` bytes; `params` NULL or a params struct; outputs NULL or
- * valid for writing.
- */
-enum ember_status ember_generate(struct ember_session *session,
-                                 struct ember_sampler *sampler,
-                                 const char *prompt,
-                                 size_t prompt_len,
-                                 const struct ember_generate_params *params,
-                                 ember_text_callback on_text,
-                                 void *user,
-                                 enum ember_stop_reason *out_reason,
-                                 size_t *out_n_tokens);
-
-/**
- * Applies the model's chat template to the whole conversation (`n_messages` messages) and
- * generates the assistant's reply, as `ember_generate` does. Keep a conversation in one
- * session: tokens of earlier turns that the session still holds are reused, so each turn
- * costs only its new tokens.
- *
- * # Safety
- * `messages` valid for `n_messages` entries with NUL-terminated strings; the rest as
- * `ember_generate`.
- */
-enum ember_status ember_chat(struct ember_session *session,
-                             struct ember_sampler *sampler,
-                             const struct ember_chat_message *messages,
-                             size_t n_messages,
-                             const struct ember_generate_params *params,
-                             ember_text_callback on_text,
-                             void *user,
-                             enum ember_stop_reason *out_reason,
-                             size_t *out_n_tokens);
-
-/**
- * Creates a detokenizer for `model`'s tokenizer (it keeps the model alive).
- *
- * # Safety
- * `model` a live model; `out` valid for writing a pointer.
- */
-enum ember_status ember_detokenizer_new(const struct ember_model *model,
-                                        struct ember_detokenizer **out);
-
-/**
- * Frees a detokenizer (NULL is ignored).
- *
- * # Safety
- * `detokenizer` NULL or a pointer from `ember_detokenizer_new`, not yet freed.
- */
-void ember_detokenizer_free(struct ember_detokenizer *detokenizer);
-
-/**
- * Adds `token` and writes the text it completes (often "" while a character is incomplete)
- * as `ember_detokenize` writes text. If `out_cap` is too small the token is not consumed:
- * call again with the size written to `*n_out`.
- *
- * # Safety
- * `detokenizer` a live detokenizer; `out` valid for `out_cap` bytes; `n_out` for writing.
- */
-enum ember_status ember_detokenizer_push(struct ember_detokenizer *detokenizer,
-                                         int32_t token,
-                                         char *out,
-                                         size_t out_cap,
-                                         size_t *n_out);
-
-/**
- * Writes the text still held back (an incomplete character at the end, as U+FFFD) and
- * resets the detokenizer. Same buffer rules as `ember_detokenizer_push`.
- *
- * # Safety
- * As `ember_detokenizer_push`.
- */
-enum ember_status ember_detokenizer_flush(struct ember_detokenizer *detokenizer,
-                                          char *out,
-                                          size_t out_cap,
-                                          size_t *n_out);
-
-/**
- * Forgets every token fed so far.
- *
- * # Safety
- * `detokenizer` NULL or a live detokenizer.
- */
-enum ember_status ember_detokenizer_reset(struct ember_detokenizer *detokenizer);
 
 /**
  * Fills `*params` (a struct of `struct_size` bytes, normally `sizeof(ember_model_params)`)
@@ -620,6 +527,180 @@ enum ember_status ember_chat_apply(const struct ember_model *model,
                                    size_t *n_out);
 
 /**
+ * Creates a detokenizer for `model`'s tokenizer (it keeps the model alive).
+ *
+ * # Safety
+ * `model` a live model; `out` valid for writing a pointer.
+ */
+enum ember_status ember_detokenizer_new(const struct ember_model *model,
+                                        struct ember_detokenizer **out);
+
+/**
+ * Frees a detokenizer (NULL is ignored).
+ *
+ * # Safety
+ * `detokenizer` NULL or a pointer from `ember_detokenizer_new`, not yet freed.
+ */
+void ember_detokenizer_free(struct ember_detokenizer *detokenizer);
+
+/**
+ * Adds `token` and writes the text it completes (often "" while a character is incomplete)
+ * as `ember_detokenize` writes text. If `out_cap` is too small the token is not consumed:
+ * call again with the size written to `*n_out`.
+ *
+ * # Safety
+ * `detokenizer` a live detokenizer; `out` valid for `out_cap` bytes; `n_out` for writing.
+ */
+enum ember_status ember_detokenizer_push(struct ember_detokenizer *detokenizer,
+                                         int32_t token,
+                                         char *out,
+                                         size_t out_cap,
+                                         size_t *n_out);
+
+/**
+ * Writes the text still held back (an incomplete character at the end, as U+FFFD) and
+ * resets the detokenizer. Same buffer rules as `ember_detokenizer_push`.
+ *
+ * # Safety
+ * As `ember_detokenizer_push`.
+ */
+enum ember_status ember_detokenizer_flush(struct ember_detokenizer *detokenizer,
+                                          char *out,
+                                          size_t out_cap,
+                                          size_t *n_out);
+
+/**
+ * Forgets every token fed so far.
+ *
+ * # Safety
+ * `detokenizer` NULL or a live detokenizer.
+ */
+enum ember_status ember_detokenizer_reset(struct ember_detokenizer *detokenizer);
+
+/**
+ * Fills `*params` (a struct of `struct_size` bytes) with the defaults. Use the
+ * `EMBER_SESSION_PARAMS_DEFAULT(&params)` macro.
+ *
+ * # Safety
+ * `params` must be NULL or valid for writing `struct_size` bytes.
+ */
+enum ember_status ember_session_params_default(size_t struct_size,
+                                               struct ember_session_params *params);
+
+/**
+ * Creates a session over `model` (which it keeps alive). `params` may be NULL for defaults.
+ * The KV cache is allocated here (`EMBER_ERR_OUT_OF_MEMORY` if it does not fit).
+ *
+ * # Safety
+ * `model` a live model; `params` NULL or a params struct; `out` valid for writing a pointer.
+ */
+enum ember_status ember_session_new(const struct ember_model *model,
+                                    const struct ember_session_params *params,
+                                    struct ember_session **out);
+
+/**
+ * Frees a session (NULL is ignored) and its worker threads, which have exited when this
+ * returns. No other thread may be using the session.
+ *
+ * # Safety
+ * `session` must be NULL or a pointer from `ember_session_new`, not yet freed.
+ */
+void ember_session_free(struct ember_session *session);
+
+/**
+ * Forgets every token.
+ *
+ * # Safety
+ * `session` must be NULL or a live session.
+ */
+enum ember_status ember_session_reset(struct ember_session *session);
+
+/**
+ * Truncates the session to its first `n_past` tokens (undo, regenerate).
+ *
+ * # Safety
+ * `session` must be NULL or a live session.
+ */
+enum ember_status ember_session_rewind(struct ember_session *session, size_t n_past);
+
+/**
+ * Number of tokens the session holds (0 if `session` is NULL). Lock-free: it may be called
+ * from any thread at any time. During a step it advances as each micro-batch of the new
+ * tokens completes (so a host can show the progress of a long prompt), and after a failed or
+ * cancelled step it returns to the position before the step.
+ *
+ * # Safety
+ * `session` must be NULL or a live session.
+ */
+size_t ember_session_position(const struct ember_session *session);
+
+/**
+ * The session's context length: the most tokens it can hold (0 if `session` is NULL).
+ * Lock-free, like `ember_session_position`.
+ *
+ * # Safety
+ * `session` must be NULL or a live session.
+ */
+size_t ember_session_n_ctx(const struct ember_session *session);
+
+/**
+ * Copies the tokens the session holds, oldest first, into `out[0..out_cap]` and writes their
+ * number to `*n_out`. If `out_cap` is too small, nothing is written to `out`, `*n_out` is
+ * the number needed and the status is `EMBER_ERR_BUFFER_TOO_SMALL` (call with `out_cap` 0 to
+ * size the buffer).
+ *
+ * # Safety
+ * `session` a live session; `out` valid for `out_cap` tokens (or NULL with `out_cap` 0);
+ * `n_out` valid for writing.
+ */
+enum ember_status ember_session_tokens(struct ember_session *session,
+                                       int32_t *out,
+                                       size_t out_cap,
+                                       size_t *n_out);
+
+/**
+ * Asks the call running on `session` (a step or a whole generation, on another thread) to
+ * stop. A step returns `EMBER_ERR_CANCELLED` within about one layer's time and leaves the
+ * session as it was; a generation returns `EMBER_ERR_CANCELLED` with its stop reason
+ * `EMBER_STOP_REASON_CANCELLED` and keeps the tokens it delivered. The rule: a cancellation
+ * applies to the call running when it is made, and to no other; with no call running it does
+ * nothing. May be called from any thread at any time.
+ *
+ * # Safety
+ * `session` must be NULL or a live session.
+ */
+enum ember_status ember_session_cancel(const struct ember_session *session);
+
+/**
+ * Appends `n_tokens` tokens to the session and, if `logits` is not NULL, copies the last
+ * token's logits there (`ember_model_n_vocab` floats). Tokens a generation left pending are
+ * computed first; `n_tokens` may be 0 when there are such tokens. On failure (bad token,
+ * full context, cancellation) the session is unchanged.
+ *
+ * # Safety
+ * `tokens` valid for `n_tokens` tokens; `logits` NULL or valid for n_vocab floats.
+ */
+enum ember_status ember_step(struct ember_session *session,
+                             const int32_t *tokens,
+                             size_t n_tokens,
+                             float *logits);
+
+/**
+ * Appends `n_tokens` tokens and writes the logits of every one of them to `logits`, row by
+ * row (`n_tokens * n_vocab` floats; `logits_cap` is its capacity in floats), for scoring and
+ * perplexity. Pending tokens are computed first (their logits are not written). A too-small
+ * buffer is `EMBER_ERR_BUFFER_TOO_SMALL` before any work is done.
+ *
+ * # Safety
+ * `tokens` valid for `n_tokens` tokens; `logits` valid for `logits_cap` floats.
+ */
+enum ember_status ember_step_all(struct ember_session *session,
+                                 const int32_t *tokens,
+                                 size_t n_tokens,
+                                 float *logits,
+                                 size_t logits_cap);
+
+/**
  * Fills `*params` (a struct of `struct_size` bytes) with the defaults. Use the
  * `EMBER_SAMPLER_PARAMS_DEFAULT(&params)` macro.
  *
@@ -676,104 +757,70 @@ enum ember_status ember_sampler_reset(struct ember_sampler *sampler);
 
 /**
  * Fills `*params` (a struct of `struct_size` bytes) with the defaults. Use the
- * `EMBER_SESSION_PARAMS_DEFAULT(&params)` macro.
+ * `EMBER_GENERATE_PARAMS_DEFAULT(&params)` macro.
  *
  * # Safety
  * `params` must be NULL or valid for writing `struct_size` bytes.
  */
-enum ember_status ember_session_params_default(size_t struct_size,
-                                               struct ember_session_params *params);
+enum ember_status ember_generate_params_default(size_t struct_size,
+                                                struct ember_generate_params *params);
 
 /**
- * Creates a session over `model` (which it keeps alive). `params` may be NULL for defaults.
- * The KV cache is allocated here (`EMBER_ERR_OUT_OF_MEMORY` if it does not fit).
+ * Tokenizes `prompt` (appended to what the session holds), then generates with `sampler`,
+ * passing text to `on_text` as it completes, until a stop condition. `params` may be NULL
+ * for defaults; `on_text` may be NULL. On success the stop reason and the number of tokens
+ * generated are written to `out_reason` and `out_n_tokens` (each may be NULL).
+ *
+ * The session then holds the prompt and every generated token whose text was delivered
+ * (`*out_n_tokens` of them; an end token that stopped generation is not held), so
+ * `ember_session_position` counts them and a later call continues exactly after the text.
+ * The last token stays pending: the next step computes it. `prompt_len` may be 0 to continue
+ * after such a token.
+ *
+ * Cancellation (`ember_session_cancel`) returns `EMBER_ERR_CANCELLED` and, unlike other
+ * failures, still writes the outputs: `EMBER_STOP_REASON_CANCELLED` and the number of tokens
+ * delivered and held (0, with the session as before the call, when the prompt was being
+ * processed). A prompt that does not fit is `EMBER_ERR_CONTEXT_FULL` with the session as
+ * before. Either way the session stays usable.
  *
  * # Safety
- * `model` a live model; `params` NULL or a params struct; `out` valid for writing a pointer.
+ * `prompt` valid for `prompt_len` bytes; `params` NULL or a params struct; outputs NULL or
+ * valid for writing.
  */
-enum ember_status ember_session_new(const struct ember_model *model,
-                                    const struct ember_session_params *params,
-                                    struct ember_session **out);
+enum ember_status ember_generate(struct ember_session *session,
+                                 struct ember_sampler *sampler,
+                                 const char *prompt,
+                                 size_t prompt_len,
+                                 const struct ember_generate_params *params,
+                                 ember_text_callback on_text,
+                                 void *user,
+                                 enum ember_stop_reason *out_reason,
+                                 size_t *out_n_tokens);
 
 /**
- * Frees a session (NULL is ignored) and its worker threads, which have exited when this
- * returns. No other thread may be using the session.
+ * Applies the model's chat template to the whole conversation (`n_messages` messages) and
+ * generates the assistant's reply, as `ember_generate` does. Keep a conversation in one
+ * session: tokens of earlier turns that the session still holds are reused, so each turn
+ * costs only its new tokens.
+ *
+ * Message contents (and roles) are tokenized as plain text: a special token written in a
+ * message (`<|im_start|>`, ...) stays text, so player text cannot open or close turns; only
+ * what the template itself writes becomes control tokens. `params->parse_special` turns this
+ * protection off for hosts that write the messages themselves.
  *
  * # Safety
- * `session` must be NULL or a pointer from `ember_session_new`, not yet freed.
+ * `messages` valid for `n_messages` entries with NUL-terminated strings; the rest as
+ * `ember_generate`.
  */
-void ember_session_free(struct ember_session *session);
-
-/**
- * Forgets every token (and any pending cancellation).
- *
- * # Safety
- * `session` must be NULL or a live session.
- */
-enum ember_status ember_session_reset(struct ember_session *session);
-
-/**
- * Truncates the session to its first `n_past` tokens (undo, regenerate).
- *
- * # Safety
- * `session` must be NULL or a live session.
- */
-enum ember_status ember_session_rewind(struct ember_session *session, size_t n_past);
-
-/**
- * Number of tokens the session holds (0 if `session` is NULL). Safe to call from any thread
- * at any time; during a step it gives the position before the step.
- *
- * # Safety
- * `session` must be NULL or a live session.
- */
-size_t ember_session_position(const struct ember_session *session);
-
-/**
- * The session's context length (0 if `session` is NULL).
- *
- * # Safety
- * `session` must be NULL or a live session.
- */
-size_t ember_session_n_ctx(struct ember_session *session);
-
-/**
- * Asks the step (or generation) running on `session` in another thread to stop; it returns
- * `EMBER_ERR_CANCELLED` within about one layer's time and leaves the session at its previous
- * position. If nothing is running, the next step is cancelled (`ember_session_reset` clears
- * the request). May be called from any thread.
- *
- * # Safety
- * `session` must be NULL or a live session.
- */
-enum ember_status ember_session_cancel(const struct ember_session *session);
-
-/**
- * Appends `n_tokens` tokens to the session and, if `logits` is not NULL, copies the last
- * token's logits there (`ember_model_n_vocab` floats). On failure (bad token, full context,
- * cancellation) the session is unchanged.
- *
- * # Safety
- * `tokens` valid for `n_tokens` tokens; `logits` NULL or valid for n_vocab floats.
- */
-enum ember_status ember_step(struct ember_session *session,
-                             const int32_t *tokens,
-                             size_t n_tokens,
-                             float *logits);
-
-/**
- * Appends `n_tokens` tokens and writes the logits of every one of them to `logits`, row by
- * row (`n_tokens * n_vocab` floats; `logits_cap` is its capacity in floats), for scoring and
- * perplexity. A too-small buffer is `EMBER_ERR_BUFFER_TOO_SMALL` before any work is done.
- *
- * # Safety
- * `tokens` valid for `n_tokens` tokens; `logits` valid for `logits_cap` floats.
- */
-enum ember_status ember_step_all(struct ember_session *session,
-                                 const int32_t *tokens,
-                                 size_t n_tokens,
-                                 float *logits,
-                                 size_t logits_cap);
+enum ember_status ember_chat(struct ember_session *session,
+                             struct ember_sampler *sampler,
+                             const struct ember_chat_message *messages,
+                             size_t n_messages,
+                             const struct ember_generate_params *params,
+                             ember_text_callback on_text,
+                             void *user,
+                             enum ember_stop_reason *out_reason,
+                             size_t *out_n_tokens);
 
 #ifdef __cplusplus
 }  // extern "C"

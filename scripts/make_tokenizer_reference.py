@@ -19,9 +19,15 @@ Writes tests/fixtures/tokenizers/:
   chat.json        chat templates (SmolLM2's, Qwen2's, Llama 3's, Mistral's) applied by
                    transformers' apply_chat_template(..., tokenize=False) to several
                    conversations, with and without add_generation_prompt
+  chat_ids.json    the same templates applied with tokenize=True (token ids) to benign
+                   conversations (no special-token text in any message; single, multi-turn,
+                   system prompts), each with a tokenizer that knows its template's special
+                   tokens: SmolLM2's for the SmolLM2 and Qwen2 templates, SmolLM2's plus Llama 3's
+                   four header/turn tokens (LLAMA3_SPECIALS, appended as special added tokens)
+                   for Llama 3's, Mistral's for Mistral's
 
 Needs: pip install tokenizers transformers tiktoken sentencepiece protobuf jinja2 (not run by CI).
-Usage: python3 scripts/make_tokenizer_reference.py
+Usage: python3 scripts/make_tokenizer_reference.py [--chat-ids-only]
 """
 
 import json
@@ -173,6 +179,79 @@ def chat_references():
                 )
     templates_json = {name: {"template": t, "bos_token": b, "eos_token": e} for name, (t, b, e) in templates.items()}
     (OUT / "chat.json").write_text(json.dumps({"templates": templates_json, "cases": cases}, ensure_ascii=False, indent=1) + "\n")
+
+
+# Conversations without special-token text, for the token-id references (with the first,
+# second and fifth of CONVERSATIONS).
+BENIGN_CONVERSATIONS = [
+    [
+        {"role": "system", "content": "You are a shopkeeper in a small village. Answer in one sentence."},
+        {"role": "user", "content": "What do you sell?"},
+        {"role": "assistant", "content": "Swords, shields and the best bread in the valley."},
+        {"role": "user", "content": "How much for a sword?"},
+        {"role": "assistant", "content": "Forty gold pieces, friend."},
+        {"role": "user", "content": "I'll take two.  "},
+    ],
+    [
+        {"role": "system", "content": "  Multi-line system prompt.\nRule 1: be kind.\n\nRule 2: be brief.  "},
+        {"role": "user", "content": "def f(x):\n    return x * 2\n\nWhat does f(21) return?"},
+    ],
+    [
+        {"role": "user", "content": "Numbers 1234567 and 3.14, emoji 😀👍🏽, accents café."},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "\n\nLeading newlines and trailing tabs\t\t"},
+    ],
+]
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+def with_added_specials(tokenizer_json, specials):
+    """tokenizer.json with `specials` appended as special added tokens (ids after the last)."""
+    data = json.loads(tokenizer_json)
+    next_id = max([t["id"] for t in data["added_tokens"]] + list(data["model"]["vocab"].values())) + 1
+    for i, content in enumerate(specials):
+        data["added_tokens"].append(
+            {"id": next_id + i, "content": content, "single_word": False, "lstrip": False,
+             "rstrip": False, "normalized": False, "special": True}
+        )
+    return json.dumps(data, ensure_ascii=False)
+
+
+def chat_token_references():
+    from transformers import PreTrainedTokenizerFast
+
+    chat = json.loads((OUT / "chat.json").read_text())
+    smollm2 = (OUT / "smollm2" / "tokenizer.json").read_text()
+    tokenizers = {
+        "smollm2": smollm2,
+        "smollm2+llama3": with_added_specials(smollm2, LLAMA3_SPECIALS),
+        "mistral": (OUT / "mistral" / "tokenizer.json").read_text(),
+    }
+    pairing = {"smollm2": "smollm2", "qwen2": "smollm2", "llama3": "smollm2+llama3", "mistral": "mistral"}
+    conversations = [CONVERSATIONS[0], CONVERSATIONS[1], CONVERSATIONS[2], CONVERSATIONS[4]] + BENIGN_CONVERSATIONS
+    cases = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, t in chat["templates"].items():
+            path = pathlib.Path(tmp) / f"{name}.json"
+            path.write_text(tokenizers[pairing[name]])
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token=t["bos_token"], eos_token=t["eos_token"])
+            for conversation in conversations:
+                for add_generation_prompt in (True, False):
+                    try:
+                        ids = tok.apply_chat_template(
+                            conversation, chat_template=t["template"], tokenize=True,
+                            add_generation_prompt=add_generation_prompt,
+                        )
+                    except Exception:  # the template rejects the conversation (roles)
+                        continue
+                    if not isinstance(ids, list):
+                        ids = ids["input_ids"]
+                    cases.append({"template": name, "tokenizer": pairing[name], "messages": conversation,
+                                  "add_generation_prompt": add_generation_prompt, "ids": ids})
+    out = {"llama3_specials": LLAMA3_SPECIALS, "cases": cases}
+    (OUT / "chat_ids.json").write_text(json.dumps(out, ensure_ascii=False, indent=0) + "\n")
+    print(f"chat_ids.json: {len(cases)} conversations")
 
 
 # ---- the corpus ----
@@ -369,6 +448,9 @@ def references(strings):
 
 
 def main():
+    if "--chat-ids-only" in sys.argv:
+        chat_token_references()
+        return
     OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         make_smollm2()
@@ -379,6 +461,7 @@ def main():
     (OUT / "corpus.json").write_text(json.dumps(strings, ensure_ascii=False, indent=0) + "\n")
     (OUT / "reference.json").write_text(json.dumps(references(strings), ensure_ascii=False) + "\n")
     chat_references()
+    chat_token_references()
     print(f"{len(strings)} strings; wrote {OUT}")
 
 

@@ -15,6 +15,9 @@ pub struct GenerateOptions {
     pub stop_strings: Vec<String>,
     /// Keep going past end-of-sequence / end-of-turn tokens.
     pub ignore_end_tokens: bool,
+    /// [`chat`] only: special tokens written in message contents become control tokens. Off
+    /// (the default), they are plain text, so user text cannot inject control tokens.
+    pub parse_special: bool,
 }
 
 /// Why generation stopped.
@@ -30,12 +33,15 @@ pub enum StopReason {
     Callback,
     /// The session's context is full.
     ContextFull,
+    /// [`crate::CancelHandle::cancel`] stopped the generation.
+    Cancelled,
 }
 
 /// The outcome of a generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Generation {
-    /// Tokens generated (an end token that stopped generation not counted).
+    /// Tokens generated and held by the session: every token whose text was delivered (an
+    /// end token that stopped generation is neither counted nor held).
     pub n_tokens: usize,
     /// Why it stopped.
     pub reason: StopReason,
@@ -86,8 +92,14 @@ impl StopFilter<'_> {
 /// Generates from `prompt` (appended to what the session holds) until a stop condition,
 /// handing complete UTF-8 text to `on_text` as it comes; `on_text` returns false to stop.
 ///
-/// The session then holds the prompt and the generated tokens, except the last one sampled.
-/// Errors (cancellation, a prompt that does not fit the context) leave the session usable.
+/// The session then holds the prompt and every generated token whose text was delivered
+/// ([`Generation::n_tokens`] of them); the last one stays pending, computed by the next step.
+/// `prompt` may be empty when the session holds pending tokens (to continue a generation).
+///
+/// A cancellation ([`crate::CancelHandle::cancel`]) while the prompt is processed leaves the
+/// session as it was and reports [`StopReason::Cancelled`] with no tokens; during generation
+/// it keeps what was delivered. Other errors (a prompt that does not fit the context) leave
+/// the session as it was.
 pub fn generate(
     session: &mut Session,
     sampler: &mut Sampler,
@@ -95,12 +107,20 @@ pub fn generate(
     options: &GenerateOptions,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
-    if prompt.is_empty() {
+    if prompt.is_empty() && session.n_pending() == 0 {
         return Err(Error::InvalidArgument("the prompt has no tokens".into()));
     }
     let model = session.model().clone();
     let tokenizer = model.tokenizer()?;
-    let mut logits = session.step(prompt)?;
+    let call = session.call();
+    let cancelled = Generation {
+        n_tokens: 0,
+        reason: StopReason::Cancelled,
+    };
+    let mut logits = match session.step(prompt) {
+        Err(Error::Cancelled) => return Ok(cancelled),
+        other => other?,
+    };
     for &t in prompt {
         sampler.accept(t);
     }
@@ -115,6 +135,11 @@ pub fn generate(
         if !options.ignore_end_tokens && tokenizer.stop_tokens().contains(&token) {
             break StopReason::EndToken;
         }
+        if session.position() == session.n_ctx() {
+            break StopReason::ContextFull;
+        }
+        // Held from here on: its text is about to be delivered.
+        session.push_pending(token)?;
         n_tokens += 1;
         let (text, stopped) = filter.push(&decoder.push(tokenizer, token)?);
         if stopped {
@@ -132,10 +157,13 @@ pub fn generate(
         if n_tokens == options.max_tokens {
             break StopReason::MaxTokens;
         }
-        if session.position() == session.n_ctx() {
-            break StopReason::ContextFull;
+        if call.cancelled() {
+            break StopReason::Cancelled;
         }
-        logits = session.step(&[token])?;
+        logits = match session.step(&[]) {
+            Err(Error::Cancelled) => break StopReason::Cancelled,
+            other => other?,
+        };
     };
     // What was held back: an incomplete character or the start of a stop string that never
     // completed.
@@ -153,6 +181,10 @@ pub fn generate(
 /// reply. Tokens the session already holds from earlier turns are reused (the session is
 /// rewound to the longest common prefix), so a conversation kept in one session costs only
 /// its new tokens.
+///
+/// Message contents are tokenized as plain text (unless `options.parse_special`): a special
+/// token written in a message stays text, and only the template's own control tokens are
+/// control tokens ([`crate::Tokenizer::encode_chat`]).
 pub fn chat(
     session: &mut Session,
     sampler: &mut Sampler,
@@ -161,11 +193,9 @@ pub fn chat(
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
     let model = session.model().clone();
-    let tokenizer = model.tokenizer()?;
-    let text = tokenizer.apply_chat_template(messages, true)?;
-    // The template writes its control tokens as text: they must be parsed. BOS, where the
-    // model wants one, is in the template.
-    let ids = tokenizer.encode(&text, false, true)?;
+    let ids = model
+        .tokenizer()?
+        .encode_chat(messages, true, options.parse_special)?;
     let common = session
         .tokens()
         .iter()

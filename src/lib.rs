@@ -25,6 +25,7 @@
 //! ```
 
 pub mod convert;
+pub mod defaults;
 pub mod error;
 pub mod ffi;
 pub mod generate;

@@ -1,6 +1,12 @@
 //! A session: one conversation's KV cache and position over a shared model.
+//!
+//! A session holds a sequence of tokens. Most of them have their keys and values in the cache
+//! ("computed"); the last few may be *pending*: held, counted by [`Session::position`], but
+//! computed only by the next step. Generation leaves its last sampled token pending, so the
+//! session holds every token whose text was delivered without paying a forward pass that may
+//! never be needed.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
@@ -10,9 +16,10 @@ use crate::threading::ThreadPool;
 /// How to create a [`Session`].
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
-    /// Context length in tokens; 0 means the model's maximum.
+    /// Context length in tokens; 0 means the model's trained context, capped at
+    /// [`crate::defaults::CONTEXT_CAP`].
     pub n_ctx: usize,
-    /// Threads used by each step (1 runs everything on the calling thread).
+    /// Threads used by each step (1 runs everything on the calling thread), used as given.
     pub n_threads: usize,
     /// Tokens per micro-batch when processing a prompt.
     pub ubatch: usize,
@@ -22,36 +29,111 @@ impl Default for SessionOptions {
     fn default() -> Self {
         SessionOptions {
             n_ctx: 0,
-            n_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            ubatch: 64,
+            n_threads: crate::defaults::threads(0),
+            ubatch: crate::defaults::UBATCH,
         }
     }
 }
 
-/// Stops a running step of its session from any thread.
+/// What a session shares with the threads that watch or cancel it: everything here may be
+/// read or written from any thread at any time, without a lock.
+#[derive(Debug)]
+pub(crate) struct SessionShared {
+    /// Tokens the session holds; during a step it advances as micro-batches complete.
+    position: AtomicUsize,
+    /// The context length (fixed at creation).
+    n_ctx: usize,
+    /// The id of the call running on the session, 0 when none is.
+    running: AtomicU64,
+    /// The id of the call a cancellation was asked for (0: none).
+    cancelled: AtomicU64,
+    /// The id the next call takes.
+    next_call: AtomicU64,
+}
+
+impl SessionShared {
+    /// True when the call `call` has been asked to stop.
+    pub(crate) fn is_cancelled(&self, call: u64) -> bool {
+        call != 0 && self.cancelled.load(Ordering::Acquire) == call
+    }
+
+    /// Publishes the number of tokens held.
+    pub(crate) fn set_position(&self, position: usize) {
+        self.position.store(position, Ordering::Release);
+    }
+
+    /// Tokens held, as last published.
+    pub(crate) fn position(&self) -> usize {
+        self.position.load(Ordering::Acquire)
+    }
+
+    /// The context length.
+    pub(crate) fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+}
+
+/// Stops the call running on its session, from any thread.
 #[derive(Debug, Clone)]
-pub struct CancelHandle(Arc<AtomicBool>);
+pub struct CancelHandle(Arc<SessionShared>);
 
 impl CancelHandle {
-    /// Asks the session's current step (or, if none is running, its next one) to stop with
-    /// [`Error::Cancelled`]. The step stops at the next layer boundary and leaves the session
-    /// at its previous position. [`Session::reset`] clears a pending request.
+    /// Asks the call running on the session (a step, or a whole generation) to stop: a step
+    /// returns [`Error::Cancelled`] at the next layer boundary and leaves the session as it
+    /// was; a generation stops with [`crate::StopReason::Cancelled`]. With no call running
+    /// this does nothing: a cancellation never reaches a later call.
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::Release);
+        let running = self.0.running.load(Ordering::Acquire);
+        if running != 0 {
+            self.0.cancelled.store(running, Ordering::Release);
+        }
+    }
+
+    /// Tokens the session holds, readable while another thread uses the session (it advances
+    /// during a long prompt as micro-batches complete).
+    pub fn position(&self) -> usize {
+        self.0.position()
     }
 }
 
 /// The state of one sequence being generated: a KV cache and a position, over a shared model.
 ///
-/// A session belongs to one thread at a time (it is `Send`, not shared).
+/// A session belongs to one thread at a time (it is `Send`, not shared); [`CancelHandle`]
+/// reaches it from others.
 #[derive(Debug)]
 pub struct Session {
     model: Arc<Model>,
     pool: Arc<ThreadPool>,
     ws: Workspace,
-    /// Every token in the cache, in order (`history.len()` is the position).
+    /// Every token the session holds, in order (`history.len()` is the position); capacity
+    /// for `n_ctx` tokens is reserved at creation, so appending never allocates.
     history: Vec<u32>,
-    cancel: Arc<AtomicBool>,
+    /// `history[..computed]` have their keys and values in the cache; the rest are pending.
+    computed: usize,
+    shared: Arc<SessionShared>,
+}
+
+/// Marks a call running on a session for [`CancelHandle::cancel`]; nested calls (the steps of
+/// a generation) belong to the outermost one.
+pub(crate) struct CallScope {
+    shared: Arc<SessionShared>,
+    id: u64,
+    outermost: bool,
+}
+
+impl CallScope {
+    /// True when this call has been asked to stop.
+    pub(crate) fn cancelled(&self) -> bool {
+        self.shared.is_cancelled(self.id)
+    }
+}
+
+impl Drop for CallScope {
+    fn drop(&mut self) {
+        if self.outermost {
+            self.shared.running.store(0, Ordering::Release);
+        }
+    }
 }
 
 impl Session {
@@ -70,15 +152,16 @@ impl Session {
         ubatch: usize,
     ) -> Result<Session> {
         let max = model.config.max_position_embeddings;
-        let n_ctx = if n_ctx == 0 { max } else { n_ctx };
+        let n_ctx = crate::defaults::context(n_ctx, max);
         if n_ctx > max {
             return Err(Error::InvalidArgument(format!(
                 "context length {n_ctx} exceeds the model's maximum of {max}"
             )));
         }
-        if ubatch == 0 || ubatch > 4096 {
+        if ubatch == 0 || ubatch > crate::defaults::MAX_UBATCH {
             return Err(Error::InvalidArgument(format!(
-                "micro-batch size {ubatch} (must be 1..=4096)"
+                "micro-batch size {ubatch} (must be 1..={})",
+                crate::defaults::MAX_UBATCH
             )));
         }
         let cache = KvCache::new(&model.config, n_ctx)?;
@@ -98,7 +181,14 @@ impl Session {
             pool,
             ws: Workspace { cache, scratch },
             history,
-            cancel: Arc::new(AtomicBool::new(false)),
+            computed: 0,
+            shared: Arc::new(SessionShared {
+                position: AtomicUsize::new(0),
+                n_ctx,
+                running: AtomicU64::new(0),
+                cancelled: AtomicU64::new(0),
+                next_call: AtomicU64::new(1),
+            }),
         })
     }
 
@@ -107,14 +197,20 @@ impl Session {
         &self.model
     }
 
-    /// Number of tokens in the cache (the position of the next token).
+    /// Number of tokens the session holds, pending ones included (the position of the next
+    /// token).
     pub fn position(&self) -> usize {
         self.history.len()
     }
 
-    /// The tokens in the cache, oldest first.
+    /// The tokens the session holds, oldest first.
     pub fn tokens(&self) -> &[u32] {
         &self.history
+    }
+
+    /// Number of held tokens not yet computed (they are computed by the next step).
+    pub fn n_pending(&self) -> usize {
+        self.history.len() - self.computed
     }
 
     /// Context length: the most tokens the session can hold.
@@ -127,9 +223,34 @@ impl Session {
         self.pool.n_threads()
     }
 
-    /// A handle that cancels this session's steps from another thread.
+    /// A handle that cancels this session's calls from another thread.
     pub fn cancel_handle(&self) -> CancelHandle {
-        CancelHandle(self.cancel.clone())
+        CancelHandle(self.shared.clone())
+    }
+
+    /// The state other threads may read at any time (position, context, cancellation).
+    pub(crate) fn shared(&self) -> &Arc<SessionShared> {
+        &self.shared
+    }
+
+    /// Starts a call (or joins the one running: the steps of a generation are one call).
+    pub(crate) fn call(&self) -> CallScope {
+        let shared = self.shared.clone();
+        let running = shared.running.load(Ordering::Acquire);
+        if running != 0 {
+            return CallScope {
+                shared,
+                id: running,
+                outermost: false,
+            };
+        }
+        let id = shared.next_call.fetch_add(1, Ordering::AcqRel);
+        shared.running.store(id, Ordering::Release);
+        CallScope {
+            shared,
+            id,
+            outermost: true,
+        }
     }
 
     /// The last position's logits from the most recent successful step (zeros before any).
@@ -138,9 +259,6 @@ impl Session {
     }
 
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
-        if tokens.is_empty() {
-            return Err(Error::InvalidArgument("no tokens to step".into()));
-        }
         let vocab = self.model.n_vocab();
         if let Some((i, &t)) = tokens
             .iter()
@@ -161,39 +279,86 @@ impl Session {
         Ok(())
     }
 
+    /// Appends `tokens` and computes every pending token; on failure the session is as before.
     fn run(&mut self, tokens: &[u32], wanted: LogitsWanted<'_>) -> Result<()> {
         self.check_tokens(tokens)?;
+        if self.n_pending() + tokens.len() == 0 {
+            return Err(Error::InvalidArgument("no tokens to step".into()));
+        }
+        let before = self.history.len();
+        // Capacity for n_ctx tokens was reserved at creation: this never reallocates.
+        self.history.extend_from_slice(tokens);
+        let call = self.call();
         let Session {
             model,
             pool,
             ws,
             history,
-            cancel,
+            computed,
+            shared,
         } = self;
-        let pos0 = history.len();
-        pool.install(|par| model.forward(par, ws, tokens, pos0, cancel, wanted))?;
-        // Capacity for n_ctx tokens was reserved at creation: this never reallocates.
-        history.extend_from_slice(tokens);
-        Ok(())
+        let pos0 = *computed;
+        let result = pool.install(|par| {
+            model.forward(
+                par,
+                ws,
+                &history[pos0..],
+                pos0,
+                &|done| {
+                    shared.set_position(before.max(pos0 + done));
+                    call.cancelled()
+                },
+                wanted,
+            )
+        });
+        drop(call);
+        match result {
+            Ok(()) => self.computed = self.history.len(),
+            Err(_) => self.history.truncate(before),
+        }
+        self.shared.set_position(self.history.len());
+        result
     }
 
-    /// Appends `tokens` and returns the logits of the last one (`n_vocab` values).
+    /// Appends `tokens` and returns the logits of the last token the session then holds
+    /// (`n_vocab` values); pending tokens are computed first. `tokens` may be empty when
+    /// tokens are pending.
     ///
-    /// On any error (bad token, full context, cancellation) the position is unchanged and the
-    /// session stays usable.
+    /// On any error (bad token, full context, cancellation) the session is unchanged and
+    /// stays usable.
     pub fn step(&mut self, tokens: &[u32]) -> Result<&[f32]> {
         self.run(tokens, LogitsWanted::Last)?;
         Ok(&self.ws.scratch.logits)
     }
 
     /// Appends `tokens` and writes the logits of every one of them into `out`
-    /// (`tokens.len() * n_vocab` values, row by row), for scoring and perplexity.
+    /// (`tokens.len() * n_vocab` values, row by row), for scoring and perplexity. Pending
+    /// tokens are computed first (their logits are not written).
     pub fn step_all(&mut self, tokens: &[u32], out: &mut [f32]) -> Result<()> {
         let needed = tokens.len() * self.model.n_vocab();
         if out.len() < needed {
             return Err(Error::BufferTooSmall { needed });
         }
-        self.run(tokens, LogitsWanted::All(&mut out[..needed]))
+        if tokens.is_empty() {
+            return Err(Error::InvalidArgument("no tokens to step".into()));
+        }
+        let skip = self.n_pending();
+        self.run(
+            tokens,
+            LogitsWanted::All {
+                out: &mut out[..needed],
+                skip,
+            },
+        )
+    }
+
+    /// Appends `token` without computing it: it is held (and counted by the position) and
+    /// computed by the next step.
+    pub fn push_pending(&mut self, token: u32) -> Result<()> {
+        self.check_tokens(&[token])?;
+        self.history.push(token);
+        self.shared.set_position(self.history.len());
+        Ok(())
     }
 
     /// Truncates the sequence to its first `n_past` tokens (undo, regenerate).
@@ -205,12 +370,15 @@ impl Session {
             )));
         }
         self.history.truncate(n_past);
+        self.computed = self.computed.min(n_past);
+        self.shared.set_position(n_past);
         Ok(())
     }
 
-    /// Forgets every token and any pending cancellation.
+    /// Forgets every token.
     pub fn reset(&mut self) {
         self.history.clear();
-        self.cancel.store(false, Ordering::Release);
+        self.computed = 0;
+        self.shared.set_position(0);
     }
 }

@@ -257,7 +257,7 @@ impl Tensor {
     pub fn elements(&self) -> Elements<'_> {
         let bytes = self.bytes();
         let n = self.len();
-        // SAFETY (the three float arms): `Tensor::new` checked that `bytes` lies inside the
+        // SAFETY: (the three float arms) `Tensor::new` checked that `bytes` lies inside the
         // storage, holds exactly `n` elements and starts at an address aligned for the element
         // type. f32, f16 and bf16 accept every bit pattern, and the slice borrows `self`, which
         // keeps the storage alive.

@@ -90,11 +90,137 @@ fn generation_streams_what_greedy_decoding_produces() {
             StopReason::EndToken
         };
         assert_eq!(result.reason, reason, "{name}");
-        // The session holds the prompt and all generated tokens but the last.
+        // The session holds the prompt and every generated token (the last one pending).
+        assert_eq!(s.position(), prompt.len() + expected.len(), "{name}");
+        assert_eq!(s.tokens(), [&prompt[..], &expected[..]].concat(), "{name}");
+        assert_eq!(s.n_pending(), usize::from(!expected.is_empty()), "{name}");
+    }
+}
+
+#[test]
+fn a_generation_continued_after_max_tokens_loses_no_token() {
+    // The regression: the session used to hold the prompt and the generated tokens except
+    // the last, which the next call silently lost.
+    for name in ["llama", "gpt2"] {
+        let m = model(name);
+        let tok = m.tokenizer().unwrap();
+        let prompt = tok.encode("The king", false, false).unwrap();
+        let more = tok.encode(" Then", false, false).unwrap();
+        let options = GenerateOptions {
+            max_tokens: 6,
+            ignore_end_tokens: true,
+            ..Default::default()
+        };
+        let mut s = session(&m, 64);
+        let (first, r1) = run(&mut s, &prompt, &options);
+        assert_eq!(r1.reason, StopReason::MaxTokens);
+        let (second, _) = run(&mut s, &more, &options);
+        // The same text stepped into a fresh session continues the same way.
+        let held = s.tokens().to_vec();
+        let mut fresh = session(&m, 64);
+        let upto = prompt.len() + 6 + more.len();
+        let (again, _) = run(&mut fresh, &held[..upto], &options);
+        assert_eq!(second, again, "{name}: after {first:?}");
+        assert_eq!(
+            tok.decode(&held[prompt.len()..prompt.len() + 6]).unwrap(),
+            first,
+            "{name}"
+        );
+        // An empty prompt continues after the pending token.
+        let mut s = session(&m, 64);
+        run(&mut s, &prompt, &options);
+        let (continued, r) = run(&mut s, &[], &options);
+        assert_eq!(r.n_tokens, 6);
+        let mut fresh = session(&m, 64);
+        let (whole, _) = run(
+            &mut fresh,
+            &prompt,
+            &GenerateOptions {
+                max_tokens: 12,
+                ..options.clone()
+            },
+        );
+        assert_eq!(format!("{first}{continued}"), whole, "{name}");
+    }
+}
+
+#[test]
+fn a_cancel_stops_the_running_generation_and_never_a_later_one() {
+    let m = model("llama");
+    let tok = m.tokenizer().unwrap();
+    let prompt = tok.encode("Once upon a time", false, false).unwrap();
+    let options = GenerateOptions {
+        max_tokens: 20,
+        ignore_end_tokens: true,
+        ..Default::default()
+    };
+    let mut s = session(&m, 128);
+    // A cancel from the callback (the Stop button pressed while text streams) stops the
+    // generation that is running; the tokens delivered stay in the session.
+    let handle = s.cancel_handle();
+    let mut pieces = 0;
+    let result = generate(&mut s, &mut greedy(), &prompt, &options, &mut |_| {
+        pieces += 1;
+        if pieces == 3 {
+            handle.cancel();
+        }
+        true
+    })
+    .unwrap();
+    assert_eq!(result.reason, StopReason::Cancelled);
+    assert!(result.n_tokens >= 3 && result.n_tokens < 20, "{result:?}");
+    assert_eq!(s.position(), prompt.len() + result.n_tokens);
+    // A cancel with nothing running (just after a generation ended) reaches no later call.
+    for _ in 0..20 {
+        s.reset();
+        handle.cancel();
+        let (_, r) = run(&mut s, &prompt, &options);
+        assert_eq!(r.reason, StopReason::MaxTokens);
+    }
+    // The Stop-button race: cancels arrive at random moments, before, during and after the
+    // calls; a call is either cancelled while it runs or completes, and once the canceller
+    // is gone, every call completes.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let canceller = {
+        let (handle, stop) = (handle.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                handle.cancel();
+                n += 1;
+                std::thread::sleep(std::time::Duration::from_micros(50 + n % 300));
+            }
+        })
+    };
+    let (mut cancelled, mut completed) = (0, 0);
+    for _ in 0..100 {
+        s.reset();
+        let (_, r) = run(&mut s, &prompt, &options);
+        match r.reason {
+            StopReason::Cancelled => cancelled += 1,
+            StopReason::MaxTokens => completed += 1,
+            other => panic!("{other:?}"),
+        }
         assert_eq!(
             s.position(),
-            prompt.len() + expected.len().saturating_sub(1),
-            "{name}"
+            if r.n_tokens == 0 {
+                0
+            } else {
+                prompt.len() + r.n_tokens
+            }
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    canceller.join().unwrap();
+    assert!(
+        cancelled > 0,
+        "{cancelled} cancelled, {completed} completed"
+    );
+    for _ in 0..5 {
+        s.reset();
+        assert_eq!(
+            run(&mut s, &prompt, &options).1.reason,
+            StopReason::MaxTokens
         );
     }
 }
@@ -124,6 +250,7 @@ fn stop_strings_cut_the_text_and_callbacks_can_stop() {
         max_tokens: 30,
         ignore_end_tokens: true,
         stop_strings: vec![stop.clone()],
+        ..Default::default()
     };
     let (text, result) = run(&mut s, &prompt, &options);
     assert_eq!(result.reason, StopReason::StopString);

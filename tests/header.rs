@@ -25,3 +25,130 @@ fn the_committed_header_is_current() {
         "include/ember.h is stale: run `EMBER_BLESS=1 cargo test --test header`"
     );
 }
+
+/// The header without its comments.
+fn header_code() -> String {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("include/ember.h"))
+            .unwrap();
+    let mut out = String::new();
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find("/*") {
+        out.push_str(&rest[..start]);
+        rest = &rest[start + 2..];
+        let end = rest.find("*/").expect("unterminated comment");
+        rest = &rest[end + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Every name the header declares at file scope: macros, types, enum constants, functions.
+fn declared_names(code: &str) -> Vec<String> {
+    let ident = |s: &str| -> String {
+        s.chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let last_ident = |s: &str| -> String {
+        let trimmed = s.trim_end_matches(|c: char| !(c.is_ascii_alphanumeric() || c == '_'));
+        let start = trimmed
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(0, |i| i + 1);
+        trimmed[start..].to_string()
+    };
+    let mut names = Vec::new();
+    let mut depth = 0usize;
+    let mut in_enum = false;
+    for line in code.lines() {
+        let t = line.split("//").next().unwrap_or_default().trim();
+        // The C++ linkage block does not nest declarations.
+        if t == "extern \"C\" {" || (t == "}" && depth == 0) {
+            continue;
+        }
+        if let Some(rest) = t.strip_prefix("#define ") {
+            names.push(ident(rest));
+        } else if t.starts_with('#') || t.is_empty() {
+        } else if depth == 0 {
+            if t.starts_with("typedef enum") || t.starts_with("enum") && t.ends_with('{') {
+                in_enum = true;
+            }
+            if let Some(rest) = t.strip_prefix("typedef ") {
+                if let Some(at) = rest.find("(*") {
+                    names.push(ident(&rest[at + 2..]));
+                } else if t.ends_with(';') {
+                    names.push(last_ident(t));
+                }
+            }
+            if let Some(open) = t.find('(') {
+                if !t.starts_with("typedef") {
+                    names.push(last_ident(&t[..open]));
+                }
+            }
+            for word in ["struct ", "enum "] {
+                if let Some(at) = t.find(word) {
+                    names.push(ident(&t[at + word.len()..]));
+                }
+            }
+        } else if in_enum && depth == 1 {
+            names.push(ident(t));
+        }
+        if depth == 1 && t.starts_with('}') {
+            if let Some(name) = t.strip_prefix('}').map(last_ident) {
+                names.push(name);
+            }
+            in_enum = false;
+        }
+        depth += t.matches('{').count();
+        depth -= t.matches('}').count();
+    }
+    names.retain(|n| !n.is_empty());
+    names
+}
+
+#[test]
+fn the_header_declares_only_ember_names() {
+    let code = header_code();
+    let names = declared_names(&code);
+    assert!(
+        names.len() > 100,
+        "found only {} names: {names:?}",
+        names.len()
+    );
+    assert!(
+        names.iter().any(|n| n == "ember_session_tokens"),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n == "EMBER_STOP_REASON_CANCELLED"),
+        "{names:?}"
+    );
+    let foreign: Vec<&String> = names
+        .iter()
+        .filter(|n| !(n.starts_with("ember_") || n.starts_with("EMBER_")))
+        .collect();
+    assert!(
+        foreign.is_empty(),
+        "names without the ember_/EMBER_ prefix: {foreign:?}"
+    );
+    // The version written in cbindgen.toml is the library's.
+    let version = format!(
+        "#define EMBER_ABI_VERSION {}",
+        ember::ffi::EMBER_ABI_VERSION
+    );
+    assert!(
+        code.contains(&version),
+        "the header's EMBER_ABI_VERSION differs from the library's"
+    );
+}
+
+#[test]
+fn the_name_check_finds_a_foreign_name() {
+    // The check itself: a header with the old leak (`#define BLOCK 32`) fails it.
+    let names = declared_names(
+        "#define BLOCK 32\ntypedef enum ember_x {\n  AIR = 0,\n} ember_x;\nvoid f(void);\n",
+    );
+    assert!(names.contains(&"BLOCK".to_string()), "{names:?}");
+    assert!(names.contains(&"AIR".to_string()), "{names:?}");
+    assert!(names.contains(&"f".to_string()), "{names:?}");
+}

@@ -76,6 +76,7 @@ enum class StopReason : int32_t {
   stop_string = EMBER_STOP_REASON_STOP_STRING,
   callback = EMBER_STOP_REASON_CALLBACK,
   context_full = EMBER_STOP_REASON_CONTEXT_FULL,
+  cancelled = EMBER_STOP_REASON_CANCELLED,
 };
 
 /// The C name of a status, e.g. "EMBER_ERR_CONTEXT_FULL".
@@ -593,13 +594,26 @@ class Session : public detail::Handle<ember_session, ember_session_free> {
 #endif
 
 
-  /// Tokens the session holds (any thread, any time; during a step, before it).
+  /// Tokens the session holds (any thread, any time; during a long step it advances as
+  /// micro-batches complete).
   size_t position() const noexcept { return ember_session_position(get()); }
-  /// The context length in tokens.
+  /// The context length in tokens (any thread, any time).
   size_t n_ctx() const noexcept { return ember_session_n_ctx(get()); }
-  /// Asks the step or generation running on this session in another thread to stop with
-  /// Status::cancelled; if nothing runs, the next step is cancelled (reset clears it).
+  /// Asks the step or generation running on this session (in another thread, or from its
+  /// callback) to stop: a step fails with Status::cancelled and leaves the session as it was;
+  /// a generation ends with StopReason::cancelled and keeps what it delivered. With nothing
+  /// running it does nothing.
   void cancel() const noexcept { (void)ember_session_cancel(get()); }
+  /// The tokens the session holds, oldest first (prompts and every delivered token).
+  Result<std::vector<int32_t>> try_tokens() const {
+    size_t n = 0;
+    ember_status st = ember_session_tokens(get(), nullptr, 0, &n);
+    std::vector<int32_t> out(n);
+    if (st == EMBER_ERR_BUFFER_TOO_SMALL) st = ember_session_tokens(get(), out.data(), n, &n);
+    if (st != EMBER_OK) return detail::failure(st);
+    out.resize(n);
+    return out;
+  }
   /// The logits of the last token of the last successful step (n_vocab floats).
   const std::vector<float> &logits() const noexcept { return logits_; }
 
@@ -619,13 +633,15 @@ class Session : public detail::Handle<ember_session, ember_session_free> {
   }
   /// Truncates the session to its first `n_past` tokens.
   Result<void> try_rewind(size_t n_past) { return detail::check(ember_session_rewind(get(), n_past)); }
-  /// Forgets every token (and a pending cancellation).
+  /// Forgets every token.
   Result<void> try_reset() { return detail::check(ember_session_reset(get())); }
 
   /// Tokenizes `prompt` (appended to what the session holds) and generates with `sampler`,
   /// calling `on_text(std::string_view)` with complete UTF-8 text as it comes; on_text
   /// returns bool (false stops) or void. An exception from on_text stops the generation
-  /// and propagates once the library has returned.
+  /// and propagates once the library has returned. The session then holds every token whose
+  /// text was delivered. A cancel() is not an error here: the Generation says
+  /// StopReason::cancelled and how many tokens were delivered.
   template <class F>
   Result<Generation> try_generate(std::string_view prompt, Sampler &sampler,
                                   const GenerateOptions &options, F &&on_text) {
@@ -643,7 +659,8 @@ class Session : public detail::Handle<ember_session, ember_session_free> {
 
   /// The assistant's reply to the whole conversation `messages` (chat template applied),
   /// streamed to `on_text` as try_generate does. Keep a conversation in one session: the
-  /// tokens of earlier turns it still holds are reused.
+  /// tokens of earlier turns it still holds are reused. Special tokens written in messages
+  /// stay plain text unless options.parse_special is set.
   template <class F>
   Result<Generation> try_chat(const std::vector<ChatMessage> &messages, Sampler &sampler,
                               const GenerateOptions &options, F &&on_text) {
@@ -678,6 +695,8 @@ class Session : public detail::Handle<ember_session, ember_session_free> {
   void rewind(size_t n_past) { try_rewind(n_past).value(); }
   /// try_reset, throwing ember::Error on failure.
   void reset() { try_reset().value(); }
+  /// try_tokens, throwing ember::Error on failure.
+  std::vector<int32_t> tokens() const { return try_tokens().value(); }
   /// try_generate, throwing ember::Error on failure.
   template <class F>
   Generation generate(std::string_view prompt, Sampler &sampler, const GenerateOptions &options,
@@ -696,7 +715,9 @@ class Session : public detail::Handle<ember_session, ember_session_free> {
   Session(ember_session *handle, size_t n_vocab) : Handle(handle), logits_(n_vocab) {}
 
   static Result<Generation> finish(ember_status st, ember_stop_reason reason, size_t n) {
-    if (st != EMBER_OK) return detail::failure(st);
+    // A cancelled generation still reports what it delivered.
+    if (st != EMBER_OK && !(st == EMBER_ERR_CANCELLED && reason == EMBER_STOP_REASON_CANCELLED))
+      return detail::failure(st);
     return Generation{static_cast<StopReason>(reason), n};
   }
 

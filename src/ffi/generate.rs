@@ -1,20 +1,17 @@
-//! Streaming generation and chat, and the incremental detokenizer.
+//! Streaming generation and chat.
 
 use std::ffi::{c_char, c_void};
-use std::sync::Arc;
 
-use super::model::chat_messages;
 use super::session::with_session;
+use super::tokenizer::chat_messages;
 use super::{
-    borrow, c_text, ember_chat_message, ember_model, ember_sampler, ember_session, ember_status,
-    read_params, run, slice, text, write_params, write_text,
+    borrow, c_text, ember_chat_message, ember_sampler, ember_session, ember_status, read_params,
+    run, slice, text, write_params,
 };
 use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, Generation, StopReason};
-use crate::model::Model;
 use crate::sampler::Sampler;
 use crate::session::Session;
-use crate::tokenizer::StreamDecoder;
 
 /// Receives generated text: `len` bytes of complete UTF-8 at `piece` (also NUL-terminated),
 /// valid only during the call. Return true to continue, false to stop. Called on the thread
@@ -36,6 +33,9 @@ pub enum ember_stop_reason {
     EMBER_STOP_REASON_CALLBACK = 3,
     /// The session's context is full.
     EMBER_STOP_REASON_CONTEXT_FULL = 4,
+    /// `ember_session_cancel` stopped the generation (the call returns
+    /// `EMBER_ERR_CANCELLED`, and still writes this reason and the token count).
+    EMBER_STOP_REASON_CANCELLED = 5,
 }
 
 /// Options for `ember_generate` and `ember_chat`. Fill with `ember_generate_params_default`.
@@ -57,8 +57,11 @@ pub struct ember_generate_params {
     /// `ember_generate` only: non-zero adds BOS/EOS as the tokenizer does (for a prompt that
     /// starts the sequence). Default 1.
     pub add_special: u32,
-    /// `ember_generate` only: non-zero recognises special tokens written in the prompt.
-    /// Default 0, so user text cannot inject control tokens.
+    /// Non-zero recognises special tokens written in the text: in the prompt of
+    /// `ember_generate`, in the message contents of `ember_chat`. Default 0, so user text
+    /// can never inject control tokens (a message cannot open a system turn); only what the
+    /// chat template itself writes becomes control tokens. Turn it on only for text the host
+    /// wrote itself.
     pub parse_special: u32,
 }
 
@@ -100,8 +103,8 @@ unsafe fn options(
     let stop_strings = stops
         .iter()
         .enumerate()
-        // SAFETY: forwarded contract: each stop string is NUL-terminated.
         .map(|(i, &s)| {
+            // SAFETY: forwarded contract: each stop string is NUL-terminated.
             unsafe { c_text(s, &format!("params.stop_strings[{i}]")) }.map(str::to_string)
         })
         .collect::<Result<Vec<_>>>()?;
@@ -111,6 +114,7 @@ unsafe fn options(
             max_tokens: p.max_tokens as usize,
             stop_strings,
             ignore_end_tokens: p.ignore_end_tokens != 0,
+            parse_special: p.parse_special != 0,
         },
     ))
 }
@@ -135,6 +139,7 @@ fn report(result: Generation, out_reason: *mut ember_stop_reason, out_n_tokens: 
         StopReason::StopString => ember_stop_reason::EMBER_STOP_REASON_STOP_STRING,
         StopReason::Callback => ember_stop_reason::EMBER_STOP_REASON_CALLBACK,
         StopReason::ContextFull => ember_stop_reason::EMBER_STOP_REASON_CONTEXT_FULL,
+        StopReason::Cancelled => ember_stop_reason::EMBER_STOP_REASON_CANCELLED,
     };
     // SAFETY: both outputs are NULL or valid for writing (the callers' contract).
     unsafe {
@@ -152,9 +157,17 @@ fn report(result: Generation, out_reason: *mut ember_stop_reason, out_n_tokens: 
 /// for defaults; `on_text` may be NULL. On success the stop reason and the number of tokens
 /// generated are written to `out_reason` and `out_n_tokens` (each may be NULL).
 ///
-/// The session then holds the prompt and the generated tokens except the last. Cancellation
-/// (`ember_session_cancel`) returns `EMBER_ERR_CANCELLED`; a prompt that does not fit is
-/// `EMBER_ERR_CONTEXT_FULL`; either way the session stays usable.
+/// The session then holds the prompt and every generated token whose text was delivered
+/// (`*out_n_tokens` of them; an end token that stopped generation is not held), so
+/// `ember_session_position` counts them and a later call continues exactly after the text.
+/// The last token stays pending: the next step computes it. `prompt_len` may be 0 to continue
+/// after such a token.
+///
+/// Cancellation (`ember_session_cancel`) returns `EMBER_ERR_CANCELLED` and, unlike other
+/// failures, still writes the outputs: `EMBER_STOP_REASON_CANCELLED` and the number of tokens
+/// delivered and held (0, with the session as before the call, when the prompt was being
+/// processed). A prompt that does not fit is `EMBER_ERR_CONTEXT_FULL` with the session as
+/// before. Either way the session stays usable.
 ///
 /// # Safety
 /// `prompt` valid for `prompt_len` bytes; `params` NULL or a params struct; outputs NULL or
@@ -198,6 +211,11 @@ pub unsafe extern "C" fn ember_generate(
 /// generates the assistant's reply, as `ember_generate` does. Keep a conversation in one
 /// session: tokens of earlier turns that the session still holds are reused, so each turn
 /// costs only its new tokens.
+///
+/// Message contents (and roles) are tokenized as plain text: a special token written in a
+/// message (`<|im_start|>`, ...) stays text, so player text cannot open or close turns; only
+/// what the template itself writes becomes control tokens. `params->parse_special` turns this
+/// protection off for hosts that write the messages themselves.
 ///
 /// # Safety
 /// `messages` valid for `n_messages` entries with NUL-terminated strings; the rest as
@@ -254,145 +272,15 @@ unsafe fn run_generation(
     run(|| {
         // SAFETY: caller's contract for each pointer.
         let (sampler, (p, options)) = unsafe { (borrow(sampler, "sampler")?, options(params)?) };
-        let mut sampler = sampler.lock()?;
         let mut on_text = callback(on_text, user);
         // SAFETY: caller's contract.
-        let result = unsafe {
-            with_session(session, |s| {
-                body(s, &mut sampler, &p, &options, &mut on_text)
-            })
-        }?;
+        let result = sampler.sampler.with(|sampler| unsafe {
+            with_session(session, |s| body(s, sampler, &p, &options, &mut on_text))
+        })?;
         report(result, out_reason, out_n_tokens);
-        Ok(())
-    })
-}
-
-/// An incremental detokenizer: feed tokens one by one, get only complete UTF-8 text. Used by
-/// one thread at a time.
-pub struct ember_detokenizer {
-    model: Arc<Model>,
-    state: StreamDecoder,
-}
-
-/// Creates a detokenizer for `model`'s tokenizer (it keeps the model alive).
-///
-/// # Safety
-/// `model` a live model; `out` valid for writing a pointer.
-#[no_mangle]
-pub unsafe extern "C" fn ember_detokenizer_new(
-    model: *const ember_model,
-    out: *mut *mut ember_detokenizer,
-) -> ember_status {
-    run(|| {
-        // SAFETY: caller's contract.
-        let model = unsafe { borrow(model, "model") }?;
-        model.tokenizer()?;
-        if out.is_null() {
-            return Err(Error::InvalidArgument("out is NULL".into()));
+        if result.reason == StopReason::Cancelled {
+            return Err(Error::Cancelled);
         }
-        let handle = Box::new(ember_detokenizer {
-            model: model.model.clone(),
-            state: StreamDecoder::new(),
-        });
-        // SAFETY: out checked non-NULL.
-        unsafe { out.write(Box::into_raw(handle)) };
-        Ok(())
-    })
-}
-
-/// Frees a detokenizer (NULL is ignored).
-///
-/// # Safety
-/// `detokenizer` NULL or a pointer from `ember_detokenizer_new`, not yet freed.
-#[no_mangle]
-pub unsafe extern "C" fn ember_detokenizer_free(detokenizer: *mut ember_detokenizer) {
-    // SAFETY: the caller's contract (a pointer from this library's constructor, or NULL).
-    unsafe { super::free_handle(detokenizer) }
-}
-
-/// Runs `step` on a copy of the detokenizer's state and writes the text it returns; the copy
-/// replaces the state only when the text fit, so a too-small buffer consumes nothing.
-///
-/// # Safety
-/// `detokenizer` NULL or a live detokenizer; `out` valid for `out_cap` bytes; `n_out` for
-/// writing.
-unsafe fn detokenizer_emit(
-    detokenizer: *mut ember_detokenizer,
-    out: *mut c_char,
-    out_cap: usize,
-    n_out: *mut usize,
-    step: impl FnOnce(&mut StreamDecoder, &crate::tokenizer::Tokenizer) -> Result<String>,
-) -> ember_status {
-    run(|| {
-        // SAFETY: caller's contract.
-        let d = unsafe { detokenizer.as_mut() }
-            .ok_or_else(|| Error::InvalidArgument("detokenizer is NULL".into()))?;
-        let mut next = d.state.clone();
-        let piece = step(&mut next, d.model.tokenizer()?)?;
-        // SAFETY: caller's contract for out and n_out.
-        unsafe { write_text(&piece, out, out_cap, n_out) }?;
-        d.state = next;
-        Ok(())
-    })
-}
-
-/// Adds `token` and writes the text it completes (often "" while a character is incomplete)
-/// as `ember_detokenize` writes text. If `out_cap` is too small the token is not consumed:
-/// call again with the size written to `*n_out`.
-///
-/// # Safety
-/// `detokenizer` a live detokenizer; `out` valid for `out_cap` bytes; `n_out` for writing.
-#[no_mangle]
-pub unsafe extern "C" fn ember_detokenizer_push(
-    detokenizer: *mut ember_detokenizer,
-    token: i32,
-    out: *mut c_char,
-    out_cap: usize,
-    n_out: *mut usize,
-) -> ember_status {
-    // SAFETY: forwarded contract.
-    unsafe {
-        detokenizer_emit(detokenizer, out, out_cap, n_out, |state, tokenizer| {
-            let token = u32::try_from(token)
-                .map_err(|_| Error::InvalidArgument(format!("token {token} is negative")))?;
-            state.push(tokenizer, token)
-        })
-    }
-}
-
-/// Writes the text still held back (an incomplete character at the end, as U+FFFD) and
-/// resets the detokenizer. Same buffer rules as `ember_detokenizer_push`.
-///
-/// # Safety
-/// As `ember_detokenizer_push`.
-#[no_mangle]
-pub unsafe extern "C" fn ember_detokenizer_flush(
-    detokenizer: *mut ember_detokenizer,
-    out: *mut c_char,
-    out_cap: usize,
-    n_out: *mut usize,
-) -> ember_status {
-    // SAFETY: forwarded contract.
-    unsafe {
-        detokenizer_emit(detokenizer, out, out_cap, n_out, |state, tokenizer| {
-            state.finish(tokenizer)
-        })
-    }
-}
-
-/// Forgets every token fed so far.
-///
-/// # Safety
-/// `detokenizer` NULL or a live detokenizer.
-#[no_mangle]
-pub unsafe extern "C" fn ember_detokenizer_reset(
-    detokenizer: *mut ember_detokenizer,
-) -> ember_status {
-    run(|| {
-        // SAFETY: caller's contract.
-        let d = unsafe { detokenizer.as_mut() }
-            .ok_or_else(|| Error::InvalidArgument("detokenizer is NULL".into()))?;
-        d.state.reset();
         Ok(())
     })
 }

@@ -14,15 +14,23 @@
 
 #![allow(non_camel_case_types)]
 
-mod generate;
+// The header lists the functions in the order of these modules (each a group of its own, so
+// that formatting keeps the order): the order a user needs them in.
 mod model;
-mod sampler;
+
+mod tokenizer;
+
 mod session;
+
+mod sampler;
+
+mod generate;
 
 use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Once, RwLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, Once};
 
 use crate::error::{Error, Result};
 
@@ -30,6 +38,7 @@ pub use generate::*;
 pub use model::*;
 pub use sampler::*;
 pub use session::*;
+pub use tokenizer::*;
 
 /// Version of the C ABI. It changes only when existing declarations change incompatibly;
 /// additions (new functions, new trailing struct fields) keep it.
@@ -98,25 +107,41 @@ pub enum ember_log_level {
 pub type ember_log_callback =
     Option<unsafe extern "C" fn(level: ember_log_level, message: *const c_char, user: *mut c_void)>;
 
+#[derive(Clone, Copy)]
 struct Logger {
     callback: ember_log_callback,
     user: usize,
 }
 
-static LOGGER: RwLock<Logger> = RwLock::new(Logger {
+/// The installed callback. The lock is held only to read or replace it, never while the
+/// callback runs, so a callback may call back into Ember (even `ember_set_log_callback`).
+static LOGGER: Mutex<Logger> = Mutex::new(Logger {
     callback: None,
     user: 0,
 });
 
+/// Calls of a log callback in progress, on every thread.
+static LOG_CALLS: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// Calls of a log callback in progress on this thread (a callback that logs re-enters).
+    static LOG_DEPTH: Cell<usize> = const { Cell::new(0) };
+}
+
 /// Sends a message to the host's log callback, if one is installed.
 pub(crate) fn log(level: ember_log_level, message: &str) {
-    let Ok(logger) = LOGGER.read() else { return };
+    // Counted before the callback is read, so that `ember_set_log_callback` sees this call.
+    LOG_CALLS.fetch_add(1, Ordering::SeqCst);
+    let logger = *LOGGER.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(callback) = logger.callback {
         let text = CString::new(message.replace('\0', " ")).unwrap_or_default();
+        LOG_DEPTH.with(|d| d.set(d.get() + 1));
         // SAFETY: the host installed this callback with `ember_set_log_callback` and promised
         // it may be called from any thread; the message outlives the call.
         unsafe { callback(level, text.as_ptr(), logger.user as *mut c_void) };
+        LOG_DEPTH.with(|d| d.set(d.get() - 1));
     }
+    LOG_CALLS.fetch_sub(1, Ordering::SeqCst);
 }
 
 thread_local! {
@@ -300,6 +325,41 @@ pub(crate) unsafe fn write_text(
     Ok(())
 }
 
+/// Copies `tokens` into `out[..cap]` and writes their number to `*n_out`. When `cap` is too
+/// small, writes nothing to `out`, sets `*n_out` to the number needed and fails with
+/// `EMBER_ERR_BUFFER_TOO_SMALL`.
+///
+/// # Safety
+/// `out` must be NULL or valid for `cap` tokens; `n_out` NULL or valid for a `size_t`.
+pub(crate) unsafe fn write_tokens(
+    tokens: &[u32],
+    out: *mut i32,
+    cap: usize,
+    n_out: *mut usize,
+) -> Result<()> {
+    if n_out.is_null() {
+        return Err(Error::InvalidArgument("n_out is NULL".into()));
+    }
+    if tokens.len() > cap {
+        // SAFETY: n_out checked non-NULL; validity is the caller's contract.
+        unsafe { n_out.write(tokens.len()) };
+        return Err(Error::BufferTooSmall {
+            needed: tokens.len(),
+        });
+    }
+    if out.is_null() && !tokens.is_empty() {
+        return Err(Error::InvalidArgument("out is NULL".into()));
+    }
+    // SAFETY: out holds cap >= tokens.len() tokens (caller's contract); n_out is non-NULL.
+    unsafe {
+        for (i, &id) in tokens.iter().enumerate() {
+            out.add(i).write(id as i32);
+        }
+        n_out.write(tokens.len());
+    }
+    Ok(())
+}
+
 /// Reads a caller's parameter struct that starts with `uint32_t struct_size`: the bytes that
 /// fit in both the caller's and this library's struct are taken, the rest keep `defaults`.
 /// NULL gives `defaults`.
@@ -354,6 +414,74 @@ pub(crate) unsafe fn write_params<T: Copy>(
         out.cast::<u32>().write_unaligned(n as u32);
     }
     Ok(())
+}
+
+/// A value used by one thread at a time through a C handle: a call that finds it in use by
+/// another thread (or by a callback of its own thread, re-entering) fails with
+/// `EMBER_ERR_BUSY` instead of waiting, so no Ember lock is ever held while the host runs.
+/// A panic inside a call poisons the value: it can then only be freed.
+pub(crate) struct Exclusive<T> {
+    value: std::cell::UnsafeCell<T>,
+    busy: std::sync::atomic::AtomicBool,
+    poisoned: std::sync::atomic::AtomicBool,
+    /// What the value is, for messages ("session", "sampler").
+    what: &'static str,
+}
+
+// SAFETY: the value inside the UnsafeCell is only reached through `with`, which admits one
+// thread at a time (the `busy` flag); it is moved between threads, so it must be Send.
+unsafe impl<T: Send> Sync for Exclusive<T> {}
+
+/// Clears a busy flag when a call ends, even by unwinding.
+struct BusyGuard<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for BusyGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl<T> Exclusive<T> {
+    /// Wraps `value`, described as `what` in messages.
+    pub(crate) fn new(value: T, what: &'static str) -> Exclusive<T> {
+        Exclusive {
+            value: std::cell::UnsafeCell::new(value),
+            busy: std::sync::atomic::AtomicBool::new(false),
+            poisoned: std::sync::atomic::AtomicBool::new(false),
+            what,
+        }
+    }
+
+    /// Runs `body` with exclusive access, or fails with `Busy` at once.
+    pub(crate) fn with<R>(&self, body: impl FnOnce(&mut T) -> Result<R>) -> Result<R> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Internal(format!(
+                "this {} hit an internal error earlier and can only be freed",
+                self.what
+            )));
+        }
+        if self
+            .busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return Err(Error::Busy(format!(
+                "the {} is in use by another call",
+                self.what
+            )));
+        }
+        let _guard = BusyGuard(&self.busy);
+        // SAFETY: the busy flag, just taken, gives this call the only access to the value
+        // until the guard drops.
+        let inner = unsafe { &mut *self.value.get() };
+        match catch_unwind(AssertUnwindSafe(|| body(inner))) {
+            Ok(result) => result,
+            Err(panic) => {
+                self.poisoned.store(true, Ordering::Release);
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
 }
 
 /// Frees a handle made with `Box::into_raw` (NULL is ignored), catching panics of its drop.
@@ -413,12 +541,29 @@ pub extern "C" fn ember_status_name(status: i32) -> *const c_char {
 
 /// Installs (or, with NULL, removes) the log callback. Ember prints nothing itself; without a
 /// callback its messages are dropped. `user` is passed back to every call.
+///
+/// When this returns, no other thread is still running the previous callback, so a host may
+/// unload the previous callback's code (a Unity domain reload). It may be called from inside
+/// the callback itself: the calls on the calling thread are then the only ones not waited for.
+/// Ember holds no lock while it runs the callback.
 #[no_mangle]
 pub extern "C" fn ember_set_log_callback(callback: ember_log_callback, user: *mut c_void) {
-    if let Ok(mut logger) = LOGGER.write() {
-        *logger = Logger {
+    run(|| {
+        *LOGGER.lock().unwrap_or_else(|p| p.into_inner()) = Logger {
             callback,
             user: user as usize,
         };
-    }
+        // Wait for the calls that may have read the previous callback, except this thread's.
+        let own = LOG_DEPTH.with(Cell::get);
+        let mut spins = 0u32;
+        while LOG_CALLS.load(Ordering::SeqCst) > own {
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        Ok(())
+    });
 }

@@ -1,28 +1,14 @@
 //! Samplers: choosing tokens from logits.
 
-use std::sync::Mutex;
-
-use super::{borrow, ember_status, read_params, run, slice, write_out, write_params};
-use crate::error::{Error, Result};
+use super::{borrow, ember_status, read_params, run, slice, write_out, write_params, Exclusive};
+use crate::error::Error;
 use crate::sampler::{Sampler, SamplerOptions};
 
-/// A token sampler (random state and recent tokens for penalties). Used by one thread at a
-/// time; concurrent use fails with `EMBER_ERR_BUSY`.
+/// A token sampler (random state and recent tokens for penalties). Used by one call at a
+/// time: a concurrent call (or one from a callback of a generation using the sampler) fails
+/// with `EMBER_ERR_BUSY`.
 pub struct ember_sampler {
-    pub(crate) sampler: Mutex<Sampler>,
-}
-
-impl ember_sampler {
-    /// Exclusive access, or `Busy` when another thread holds it.
-    pub(crate) fn lock(&self) -> Result<std::sync::MutexGuard<'_, Sampler>> {
-        match self.sampler.try_lock() {
-            Ok(guard) => Ok(guard),
-            Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => Err(Error::Busy(
-                "the sampler is in use by another thread".into(),
-            )),
-        }
-    }
+    pub(crate) sampler: Exclusive<Sampler>,
 }
 
 /// Options for `ember_sampler_new`. Fill with `ember_sampler_params_default` first; the
@@ -110,7 +96,7 @@ pub unsafe extern "C" fn ember_sampler_new(
             return Err(Error::InvalidArgument("out is NULL".into()));
         }
         let handle = Box::into_raw(Box::new(ember_sampler {
-            sampler: Mutex::new(sampler),
+            sampler: Exclusive::new(sampler, "sampler"),
         }));
         // SAFETY: out checked non-NULL.
         unsafe { out.write(handle) };
@@ -153,7 +139,7 @@ pub unsafe extern "C" fn ember_sample(
         if n_vocab > i32::MAX as usize {
             return Err(Error::InvalidArgument("n_vocab is too large".into()));
         }
-        let token = sampler.lock()?.sample(logits)?;
+        let token = sampler.sampler.with(|s| s.sample(logits))?;
         // SAFETY: out_token checked non-NULL.
         unsafe { write_out(out_token, token as i32, "out_token") }
     })
@@ -172,8 +158,10 @@ pub unsafe extern "C" fn ember_sampler_accept(
         let token = u32::try_from(token)
             .map_err(|_| Error::InvalidArgument(format!("token {token} is negative")))?;
         // SAFETY: caller's contract.
-        unsafe { borrow(sampler, "sampler") }?.lock()?.accept(token);
-        Ok(())
+        unsafe { borrow(sampler, "sampler") }?.sampler.with(|s| {
+            s.accept(token);
+            Ok(())
+        })
     })
 }
 
@@ -185,7 +173,9 @@ pub unsafe extern "C" fn ember_sampler_accept(
 pub unsafe extern "C" fn ember_sampler_reset(sampler: *mut ember_sampler) -> ember_status {
     run(|| {
         // SAFETY: caller's contract.
-        unsafe { borrow(sampler, "sampler") }?.lock()?.reset();
-        Ok(())
+        unsafe { borrow(sampler, "sampler") }?.sampler.with(|s| {
+            s.reset();
+            Ok(())
+        })
     })
 }

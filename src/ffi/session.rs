@@ -1,38 +1,23 @@
 //! Sessions: stepping tokens through the model, rewinding, cancelling.
 
-use std::cell::UnsafeCell;
-use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use super::{
     borrow, ember_model, ember_status, read_params, run, run_value, slice, token_ids, write_params,
+    Exclusive,
 };
 use crate::error::{Error, Result};
-use crate::session::{CancelHandle, Session, SessionOptions};
+use crate::session::{CancelHandle, Session, SessionOptions, SessionShared};
 
-/// One sequence's state (KV cache, position) over a model. A session is used by one thread
-/// at a time: a call made while another thread is inside a call on the same session fails
-/// with `EMBER_ERR_BUSY`. Only `ember_session_cancel` and `ember_session_position` may be
-/// called concurrently with other calls.
+/// One sequence's state (KV cache, position) over a model. A session is used by one call at
+/// a time: a call made while another is running on the same session (from another thread,
+/// or from a callback of the running call) fails with `EMBER_ERR_BUSY`. The functions that
+/// take a `const ember_session *` (position, context length, cancel) may be called from any
+/// thread at any time.
 pub struct ember_session {
-    session: UnsafeCell<Session>,
-    busy: AtomicBool,
-    poisoned: AtomicBool,
-    position: AtomicUsize,
+    session: Exclusive<Session>,
+    shared: Arc<SessionShared>,
     cancel: CancelHandle,
-}
-
-// SAFETY: the session inside the UnsafeCell is only reached through `with_session`, which
-// admits one thread at a time (the `busy` flag); every other field is atomic or Sync.
-unsafe impl Sync for ember_session {}
-
-/// Clears the busy flag when a call ends, even by unwinding.
-struct BusyGuard<'a>(&'a AtomicBool);
-
-impl Drop for BusyGuard<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
 }
 
 /// Runs `body` on the session with exclusive access; a panic inside poisons the session.
@@ -44,34 +29,7 @@ pub(crate) unsafe fn with_session<T>(
     body: impl FnOnce(&mut Session) -> Result<T>,
 ) -> Result<T> {
     // SAFETY: caller's contract.
-    let handle = unsafe { borrow(session, "session") }?;
-    if handle.poisoned.load(Ordering::Acquire) {
-        return Err(Error::Internal(
-            "this session hit an internal error earlier and can only be freed".into(),
-        ));
-    }
-    if handle
-        .busy
-        .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-        .is_err()
-    {
-        return Err(Error::Busy(
-            "the session is in use by another thread".into(),
-        ));
-    }
-    let _guard = BusyGuard(&handle.busy);
-    // SAFETY: the busy flag, just taken, gives this thread the only access to the session
-    // until the guard drops.
-    let inner = unsafe { &mut *handle.session.get() };
-    let result = catch_unwind(AssertUnwindSafe(|| body(inner)));
-    handle.position.store(inner.position(), Ordering::Release);
-    match result {
-        Ok(value) => value,
-        Err(panic) => {
-            handle.poisoned.store(true, Ordering::Release);
-            resume_unwind(panic)
-        }
-    }
+    unsafe { borrow(session, "session") }?.session.with(body)
 }
 
 /// Options for `ember_session_new`. Fill with `ember_session_params_default` first.
@@ -83,8 +41,9 @@ pub struct ember_session_params {
     /// Context length in tokens; 0 = the model's trained context, capped at 2048 (the KV cache
     /// is allocated up front). Default 0.
     pub n_ctx: u32,
-    /// Threads each step may use; 1 = the calling thread only. 0 = half the machine's cores
-    /// (at least 1), so a host keeps cores for itself. Default 0.
+    /// Threads each step may use, the calling thread included; 1 = the calling thread only.
+    /// 0 = half the machine's hardware threads (at least 1), so a host keeps cores for
+    /// itself. A count above the machine's hardware threads is clamped to them. Default 0.
     pub n_threads: u32,
     /// Prompt tokens processed per batch. Default 64.
     pub n_ubatch: u32,
@@ -94,7 +53,7 @@ const SESSION_PARAMS_DEFAULT: ember_session_params = ember_session_params {
     struct_size: std::mem::size_of::<ember_session_params>() as u32,
     n_ctx: 0,
     n_threads: 0,
-    n_ubatch: 64,
+    n_ubatch: crate::defaults::UBATCH as u32,
 };
 
 /// Fills `*params` (a struct of `struct_size` bytes) with the defaults. Use the
@@ -133,28 +92,16 @@ pub unsafe extern "C" fn ember_session_new(
         if out.is_null() {
             return Err(Error::InvalidArgument("out is NULL".into()));
         }
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let max = model.model.config().max_position_embeddings;
         let options = SessionOptions {
-            n_ctx: if params.n_ctx == 0 {
-                max.min(2048)
-            } else {
-                params.n_ctx as usize
-            },
-            n_threads: if params.n_threads == 0 {
-                (cores / 2).max(1)
-            } else {
-                params.n_threads as usize
-            },
+            n_ctx: params.n_ctx as usize,
+            n_threads: crate::defaults::threads(params.n_threads as usize),
             ubatch: params.n_ubatch as usize,
         };
         let session = Session::new(model.model.clone(), &options)?;
         let handle = Box::new(ember_session {
             cancel: session.cancel_handle(),
-            session: UnsafeCell::new(session),
-            busy: AtomicBool::new(false),
-            poisoned: AtomicBool::new(false),
-            position: AtomicUsize::new(0),
+            shared: session.shared().clone(),
+            session: Exclusive::new(session, "session"),
         });
         // SAFETY: out checked non-NULL.
         unsafe { out.write(Box::into_raw(handle)) };
@@ -173,7 +120,7 @@ pub unsafe extern "C" fn ember_session_free(session: *mut ember_session) {
     unsafe { super::free_handle(session) }
 }
 
-/// Forgets every token (and any pending cancellation).
+/// Forgets every token.
 ///
 /// # Safety
 /// `session` must be NULL or a live session.
@@ -201,35 +148,65 @@ pub unsafe extern "C" fn ember_session_rewind(
     run(|| unsafe { with_session(session, |s| s.rewind(n_past)) })
 }
 
-/// Number of tokens the session holds (0 if `session` is NULL). Safe to call from any thread
-/// at any time; during a step it gives the position before the step.
+/// Number of tokens the session holds (0 if `session` is NULL). Lock-free: it may be called
+/// from any thread at any time. During a step it advances as each micro-batch of the new
+/// tokens completes (so a host can show the progress of a long prompt), and after a failed or
+/// cancelled step it returns to the position before the step.
 ///
 /// # Safety
 /// `session` must be NULL or a live session.
 #[no_mangle]
 pub unsafe extern "C" fn ember_session_position(session: *const ember_session) -> usize {
-    // SAFETY: caller's contract.
     run_value(0, || {
-        Ok(unsafe { borrow(session, "session") }?
-            .position
-            .load(Ordering::Acquire))
+        // SAFETY: caller's contract.
+        let session = unsafe { borrow(session, "session") }?;
+        Ok(session.shared.position())
     })
 }
 
-/// The session's context length (0 if `session` is NULL).
+/// The session's context length: the most tokens it can hold (0 if `session` is NULL).
+/// Lock-free, like `ember_session_position`.
 ///
 /// # Safety
 /// `session` must be NULL or a live session.
 #[no_mangle]
-pub unsafe extern "C" fn ember_session_n_ctx(session: *mut ember_session) -> usize {
-    // SAFETY: caller's contract.
-    run_value(0, || unsafe { with_session(session, |s| Ok(s.n_ctx())) })
+pub unsafe extern "C" fn ember_session_n_ctx(session: *const ember_session) -> usize {
+    run_value(0, || {
+        // SAFETY: caller's contract.
+        let session = unsafe { borrow(session, "session") }?;
+        Ok(session.shared.n_ctx())
+    })
 }
 
-/// Asks the step (or generation) running on `session` in another thread to stop; it returns
-/// `EMBER_ERR_CANCELLED` within about one layer's time and leaves the session at its previous
-/// position. If nothing is running, the next step is cancelled (`ember_session_reset` clears
-/// the request). May be called from any thread.
+/// Copies the tokens the session holds, oldest first, into `out[0..out_cap]` and writes their
+/// number to `*n_out`. If `out_cap` is too small, nothing is written to `out`, `*n_out` is
+/// the number needed and the status is `EMBER_ERR_BUFFER_TOO_SMALL` (call with `out_cap` 0 to
+/// size the buffer).
+///
+/// # Safety
+/// `session` a live session; `out` valid for `out_cap` tokens (or NULL with `out_cap` 0);
+/// `n_out` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn ember_session_tokens(
+    session: *mut ember_session,
+    out: *mut i32,
+    out_cap: usize,
+    n_out: *mut usize,
+) -> ember_status {
+    run(|| {
+        // SAFETY: caller's contract.
+        let tokens: Vec<u32> = unsafe { with_session(session, |s| Ok(s.tokens().to_vec())) }?;
+        // SAFETY: caller's contract for out and n_out.
+        unsafe { super::write_tokens(&tokens, out, out_cap, n_out) }
+    })
+}
+
+/// Asks the call running on `session` (a step or a whole generation, on another thread) to
+/// stop. A step returns `EMBER_ERR_CANCELLED` within about one layer's time and leaves the
+/// session as it was; a generation returns `EMBER_ERR_CANCELLED` with its stop reason
+/// `EMBER_STOP_REASON_CANCELLED` and keeps the tokens it delivered. The rule: a cancellation
+/// applies to the call running when it is made, and to no other; with no call running it does
+/// nothing. May be called from any thread at any time.
 ///
 /// # Safety
 /// `session` must be NULL or a live session.
@@ -243,8 +220,9 @@ pub unsafe extern "C" fn ember_session_cancel(session: *const ember_session) -> 
 }
 
 /// Appends `n_tokens` tokens to the session and, if `logits` is not NULL, copies the last
-/// token's logits there (`ember_model_n_vocab` floats). On failure (bad token, full context,
-/// cancellation) the session is unchanged.
+/// token's logits there (`ember_model_n_vocab` floats). Tokens a generation left pending are
+/// computed first; `n_tokens` may be 0 when there are such tokens. On failure (bad token,
+/// full context, cancellation) the session is unchanged.
 ///
 /// # Safety
 /// `tokens` valid for `n_tokens` tokens; `logits` NULL or valid for n_vocab floats.
@@ -274,7 +252,8 @@ pub unsafe extern "C" fn ember_step(
 
 /// Appends `n_tokens` tokens and writes the logits of every one of them to `logits`, row by
 /// row (`n_tokens * n_vocab` floats; `logits_cap` is its capacity in floats), for scoring and
-/// perplexity. A too-small buffer is `EMBER_ERR_BUFFER_TOO_SMALL` before any work is done.
+/// perplexity. Pending tokens are computed first (their logits are not written). A too-small
+/// buffer is `EMBER_ERR_BUFFER_TOO_SMALL` before any work is done.
 ///
 /// # Safety
 /// `tokens` valid for `n_tokens` tokens; `logits` valid for `logits_cap` floats.

@@ -271,7 +271,7 @@ unsafe fn tile_tokens8<F: Format, const R: usize>(g: &QuantGemm<'_>, r0: usize, 
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_of<F: Format>(g: &QuantGemm<'_>, rows: Range<usize>) {
-    // SAFETY (every call below): the features are enabled on this function, rows come from
+    // SAFETY: (every call below) the features are enabled on this function, rows come from
     // the caller's range and tokens from 0..n_tok.
     unsafe {
         if g.n_tok == 1 {

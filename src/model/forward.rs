@@ -4,8 +4,6 @@
 //! read once per micro-batch (matrix-matrix work). All buffers are allocated when the session
 //! is created; a decode step allocates nothing.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use super::{FeedForward, Model};
 use crate::error::{try_zeroed_f32, Error, Result};
 use crate::kernels;
@@ -197,13 +195,22 @@ pub(crate) struct Workspace {
 pub(crate) enum LogitsWanted<'a> {
     /// Only the last token's, into the scratch's `logits`.
     Last,
-    /// Every token's, `[n_tokens, vocab]`, into the given buffer.
-    All(&'a mut [f32]),
+    /// Every token's but the first `skip`, `[n_tokens - skip, vocab]`, into `out`.
+    All {
+        /// Receives the rows.
+        out: &'a mut [f32],
+        /// Leading tokens whose logits are not wanted.
+        skip: usize,
+    },
 }
+
+/// Called at every layer boundary of a forward pass with the number of tokens completed so
+/// far; returns true to stop the pass with [`Error::Cancelled`].
+pub(crate) type Progress<'a> = &'a (dyn Fn(usize) -> bool + Sync);
 
 impl Model {
     /// Runs `tokens` (at positions `pos0..`) through the model, appending their keys and
-    /// values to `cache`. Fails with [`Error::Cancelled`] when `cancel` becomes true; the
+    /// values to `cache`. Fails with [`Error::Cancelled`] when `progress` says so; the
     /// positions written so far are then simply beyond the session's position.
     pub(crate) fn forward(
         &self,
@@ -211,7 +218,7 @@ impl Model {
         ws: &mut Workspace,
         tokens: &[u32],
         pos0: usize,
-        cancel: &AtomicBool,
+        progress: Progress<'_>,
         mut wanted: LogitsWanted<'_>,
     ) -> Result<()> {
         let Workspace { cache, scratch } = ws;
@@ -219,21 +226,38 @@ impl Model {
         let ubatch = scratch.ubatch;
         for (chunk_index, chunk) in tokens.chunks(ubatch).enumerate() {
             let first = chunk_index * ubatch;
-            self.forward_chunk(par, cache, scratch, chunk, pos0 + first, cancel)?;
+            // Every layer boundary reports the tokens of the chunks before this one as done.
+            let at_layer = || progress(first);
+            self.forward_chunk(par, cache, scratch, chunk, pos0 + first, &at_layer)?;
             let n = chunk.len();
             let h = self.config.hidden_size;
             match &mut wanted {
-                LogitsWanted::All(out) => {
-                    for t in 0..n {
+                LogitsWanted::All { out, skip } => {
+                    // Rows of this chunk that are wanted: tokens first.max(skip)..first + n.
+                    let from = skip.saturating_sub(first).min(n);
+                    if from == n {
+                        continue;
+                    }
+                    for t in from..n {
                         self.final_norm.apply(
                             &scratch.x[t * h..(t + 1) * h],
                             &mut scratch.xn[t * h..(t + 1) * h],
                         );
                     }
-                    let out = &mut out[first * vocab..(first + n) * vocab];
-                    kernels::matmul_with(par, &self.lm_head, &scratch.xn, n, out, &mut scratch.act);
+                    let row0 = first + from - *skip;
+                    let out = &mut out[row0 * vocab..(row0 + n - from) * vocab];
+                    kernels::matmul_with(
+                        par,
+                        &self.lm_head,
+                        &scratch.xn[from * h..n * h],
+                        n - from,
+                        out,
+                        &mut scratch.act,
+                    );
                     if first + n == tokens.len() {
-                        scratch.logits.copy_from_slice(&out[(n - 1) * vocab..]);
+                        scratch
+                            .logits
+                            .copy_from_slice(&out[(n - from - 1) * vocab..]);
                     }
                 }
                 LogitsWanted::Last if first + n == tokens.len() => {
@@ -261,7 +285,7 @@ impl Model {
         s: &mut ForwardScratch,
         tokens: &[u32],
         pos0: usize,
-        cancel: &AtomicBool,
+        stop: &dyn Fn() -> bool,
     ) -> Result<()> {
         let c = &self.config;
         let (h, n) = (c.hidden_size, tokens.len());
@@ -280,7 +304,7 @@ impl Model {
         }
 
         for (layer, block) in self.blocks.iter().enumerate() {
-            if cancel.swap(false, Ordering::AcqRel) {
+            if stop() {
                 return Err(Error::Cancelled);
             }
             // Attention.

@@ -30,9 +30,50 @@ impl ChatMessage {
     }
 }
 
+/// Instructions a rendering may execute (minijinja's fuel). Real templates need a few
+/// thousand per conversation; a hostile loop stops here after well under a second.
+const FUEL: u64 = 5_000_000;
+
+/// Deepest nesting of macro calls and includes.
+const RECURSION_LIMIT: usize = 32;
+
+/// Bytes of output a rendering may write beyond four times the bytes of its input.
+const OUTPUT_ALLOWANCE: usize = 1 << 20;
+
+/// Longest template source accepted (real templates are a few kilobytes).
+pub const MAX_TEMPLATE_BYTES: usize = 1 << 20;
+
 /// A compiled chat template.
+///
+/// Templates come from model files and may be hostile: compiling one is linear in its size
+/// (at most [`MAX_TEMPLATE_BYTES`]), and rendering one is bounded in instructions (fuel),
+/// recursion depth and output size; exceeding a bound is an error naming the template. What
+/// minijinja does not account for is the memory of strings a template builds without
+/// writing them out.
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// Where the template came from, for messages.
+    origin: String,
+}
+
+/// Collects the rendered text, failing once it passes `cap` bytes.
+struct CappedWriter {
+    text: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.text.len() + buf.len() > self.cap {
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.text.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -139,7 +180,21 @@ fn write_python_json(v: &serde_json::Value, indent: Option<usize>, depth: usize,
 impl ChatTemplate {
     /// Compiles a Jinja chat template.
     pub fn new(source: &str) -> Result<ChatTemplate> {
+        ChatTemplate::from_source(source, "chat template")
+    }
+
+    /// Compiles a Jinja chat template; `origin` names it in errors (e.g. "the chat template
+    /// of tokenizer_config.json").
+    pub fn from_source(source: &str, origin: &str) -> Result<ChatTemplate> {
+        if source.len() > MAX_TEMPLATE_BYTES {
+            return Err(Error::format(format!(
+                "{origin}: {} bytes, more than the {MAX_TEMPLATE_BYTES} a template may have",
+                source.len()
+            )));
+        }
         let mut env = Environment::new();
+        env.set_fuel(Some(FUEL));
+        env.set_recursion_limit(RECURSION_LIMIT);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -147,8 +202,11 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string())
-            .map_err(|e| Error::format(format!("chat template does not compile: {e}")))?;
-        Ok(ChatTemplate { env })
+            .map_err(|e| Error::format(format!("{origin} does not compile: {e}")))?;
+        Ok(ChatTemplate {
+            env,
+            origin: origin.to_string(),
+        })
     }
 
     /// Renders a conversation. `bos_token` and `eos_token` are the texts templates insert.
@@ -163,19 +221,43 @@ impl ChatTemplate {
             .env
             .get_template("chat")
             .map_err(|e| Error::Internal(format!("chat template missing: {e}")))?;
+        let input: usize = messages
+            .iter()
+            .map(|m| m.role.len() + m.content.len())
+            .sum::<usize>()
+            + bos_token.len()
+            + eos_token.len();
+        let mut out = CappedWriter {
+            text: Vec::new(),
+            cap: input.saturating_mul(4).saturating_add(OUTPUT_ALLOWANCE),
+        };
+        let origin = &self.origin;
         template
-            .render(minijinja::context! {
-                messages => messages,
-                add_generation_prompt => add_generation_prompt,
-                bos_token => bos_token,
-                eos_token => eos_token,
-            })
+            .render_captured_to(
+                minijinja::context! {
+                    messages => messages,
+                    add_generation_prompt => add_generation_prompt,
+                    bos_token => bos_token,
+                    eos_token => eos_token,
+                },
+                &mut out,
+            )
+            .map(drop)
             .map_err(|e| {
                 let detail = match e.kind() {
                     ErrorKind::InvalidOperation => e.detail().unwrap_or_default().to_string(),
+                    ErrorKind::OutOfFuel => {
+                        format!("stopped after {FUEL} instructions (a template may not run longer)")
+                    }
+                    ErrorKind::WriteFailure => format!(
+                        "its output passed {} bytes (a template may not write more)",
+                        out.cap
+                    ),
                     _ => e.to_string(),
                 };
-                Error::InvalidArgument(format!("chat template: {detail}"))
-            })
+                Error::InvalidArgument(format!("{origin}: {detail}"))
+            })?;
+        String::from_utf8(out.text)
+            .map_err(|_| Error::InvalidArgument(format!("{origin}: the output is not UTF-8")))
     }
 }

@@ -469,6 +469,7 @@ pub fn tokenizer_json_from_gguf(meta: &GgufMetadata) -> Result<Option<(Value, To
         eos_token: text(eos),
         extra_stop_ids: eot.into_iter().chain(eom).collect(),
         chat_template: meta.str(CHAT_TEMPLATE)?.map(str::to_string),
+        chat_template_origin: format!("the chat template of the GGUF file ({CHAT_TEMPLATE})"),
     };
     Ok(Some((json, settings)))
 }

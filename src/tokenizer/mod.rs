@@ -8,15 +8,18 @@
 
 mod chat;
 mod gguf;
+mod guard;
 mod stream;
 
 use std::path::Path;
 
 use serde_json::Value;
+use tokenizers::{Model as _, OffsetReferential, OffsetType, PreTokenizer as _};
 
 use crate::error::{Error, Result};
+use guard::{Escapes, SpecialMatcher};
 
-pub use chat::{ChatMessage, ChatTemplate};
+pub use chat::{ChatMessage, ChatTemplate, MAX_TEMPLATE_BYTES};
 pub use gguf::{tokenizer_from_gguf, tokenizer_json_from_gguf};
 pub use stream::StreamDecoder;
 
@@ -26,6 +29,13 @@ pub struct Tokenizer {
     parsing: tokenizers::Tokenizer,
     /// Treats special tokens written in the text as plain text.
     literal: tokenizers::Tokenizer,
+    /// The pre-tokenizer for text that does not start the input, where it differs (a
+    /// `Metaspace` that prepends "▁" only to the first piece of a text).
+    later_pre_tokenizer: Option<tokenizers::PreTokenizerWrapper>,
+    /// The special tokens' texts, escaped in caller strings given to the chat template.
+    specials: SpecialMatcher,
+    /// Ids of the special tokens (sorted).
+    special_ids: Vec<u32>,
     n_vocab: usize,
     bos: Option<u32>,
     eos: Option<u32>,
@@ -59,6 +69,9 @@ pub struct TokenizerSettings {
     pub extra_stop_ids: Vec<u32>,
     /// Jinja chat template.
     pub chat_template: Option<String>,
+    /// Where the chat template comes from, for messages (e.g. "the chat template of
+    /// tokenizer_config.json"); empty for "chat template".
+    pub chat_template_origin: String,
 }
 
 /// A special-token field of tokenizer_config.json: a string or `{"content": "..."}`.
@@ -124,6 +137,10 @@ impl Tokenizer {
             eos_token: token_text(config.get("eos_token")),
             extra_stop_ids: ids_of(generation.get("eos_token_id")),
             chat_template: chat_template_text(&config),
+            chat_template_origin: format!(
+                "the chat template of {}",
+                dir.join("tokenizer_config.json").display()
+            ),
         };
         Tokenizer::from_json_bytes(&json, settings).map(Some)
     }
@@ -161,12 +178,28 @@ impl Tokenizer {
                 "stop token {bad} is outside the vocabulary ({n_vocab})"
             )));
         }
+        let origin = match settings.chat_template_origin.as_str() {
+            "" => "chat template",
+            named => named,
+        };
         let chat_template = match &settings.chat_template {
-            Some(source) => Some(ChatTemplate::new(source)?),
+            Some(source) => Some(ChatTemplate::from_source(source, origin)?),
             None => None,
         };
         let text_of = |id: Option<u32>| id.and_then(|i| parsing.id_to_token(i)).unwrap_or_default();
+        let mut special_ids: Vec<u32> = Vec::new();
+        let mut special_texts: Vec<String> = Vec::new();
+        for (&id, token) in parsing.get_added_vocabulary().get_added_tokens_decoder() {
+            if token.special {
+                special_ids.push(id);
+                special_texts.push(token.content.clone());
+            }
+        }
+        special_ids.sort_unstable();
         Ok(Tokenizer {
+            later_pre_tokenizer: later_pre_tokenizer(&parsing)?,
+            specials: SpecialMatcher::new(special_texts)?,
+            special_ids,
             bos_text: settings.bos_token.clone().unwrap_or_else(|| text_of(bos)),
             eos_text: settings.eos_token.clone().unwrap_or_else(|| text_of(eos)),
             parsing,
@@ -274,4 +307,138 @@ impl Tokenizer {
             &self.eos_text,
         )
     }
+
+    /// True when `id` is a special (control) token.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special_ids.binary_search(&id).is_ok()
+    }
+
+    /// Applies the chat template and tokenizes the result, as transformers'
+    /// `apply_chat_template(..., tokenize=True)` does, except that special tokens written in
+    /// the messages stay plain text unless `parse_special` is true: only what the template
+    /// itself writes becomes control tokens (see the `guard` module).
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>> {
+        if parse_special {
+            let text = self.apply_chat_template(messages, add_generation_prompt)?;
+            return self.encode(&text, false, true);
+        }
+        let template = self
+            .chat_template
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("the model has no chat template".into()))?;
+        let mut escapes = Escapes::default();
+        let escaped = messages
+            .iter()
+            .map(|m| {
+                Ok(ChatMessage::new(
+                    escapes.escape(&self.specials, &m.role)?,
+                    escapes.escape(&self.specials, &m.content)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let rendered = template.render(
+            &escaped,
+            add_generation_prompt,
+            &self.bos_text,
+            &self.eos_text,
+        )?;
+        // The template's own special tokens, found as the tokenizer finds added tokens.
+        let pieces = self
+            .parsing
+            .get_added_vocabulary()
+            .extract_and_normalize(self.parsing.get_normalizer(), &rendered);
+        let mut ids = Vec::new();
+        let mut text_from = 0;
+        for (_, (start, end), tokens) in
+            pieces.get_splits(OffsetReferential::Original, OffsetType::Byte)
+        {
+            let Some([token]) = tokens.as_deref() else {
+                continue;
+            };
+            if !self.is_special(token.id) {
+                continue;
+            }
+            self.encode_plain(
+                &escapes.unescape(&rendered[text_from..start]),
+                text_from == 0,
+                &mut ids,
+            )?;
+            ids.push(token.id);
+            text_from = end;
+        }
+        self.encode_plain(
+            &escapes.unescape(&rendered[text_from..]),
+            text_from == 0,
+            &mut ids,
+        )?;
+        Ok(ids)
+    }
+
+    /// Appends the ids of `text` (special tokens written in it stay text) as the tokenizer
+    /// encodes a piece of a longer input: `at_start` says whether the piece starts the input.
+    fn encode_plain(&self, text: &str, at_start: bool, ids: &mut Vec<u32>) -> Result<()> {
+        if text.is_empty() {
+            return Ok(());
+        }
+        let failed =
+            |e: tokenizers::Error| Error::InvalidArgument(format!("tokenization failed: {e}"));
+        let t = &self.literal;
+        let mut pieces = t
+            .get_added_vocabulary()
+            .extract_and_normalize(t.get_normalizer(), text);
+        let pre_tokenizer = match (&self.later_pre_tokenizer, at_start) {
+            (Some(later), false) => Some(later),
+            _ => t.get_pre_tokenizer(),
+        };
+        if let Some(p) = pre_tokenizer {
+            p.pre_tokenize(&mut pieces).map_err(failed)?;
+        }
+        pieces
+            .tokenize(|piece| t.get_model().tokenize(piece.get()))
+            .map_err(failed)?;
+        let encoding = pieces
+            .into_encoding(None, 0, OffsetType::None)
+            .map_err(failed)?;
+        ids.extend_from_slice(encoding.get_ids());
+        Ok(())
+    }
+}
+
+/// For a pre-tokenizer that treats the first piece of a text differently (`Metaspace` with
+/// `prepend_scheme: first`), the same pre-tokenizer as it treats every later piece
+/// (`prepend_scheme: never`); `None` when there is no difference.
+fn later_pre_tokenizer(
+    tokenizer: &tokenizers::Tokenizer,
+) -> Result<Option<tokenizers::PreTokenizerWrapper>> {
+    fn first_to_never(v: &mut Value) -> bool {
+        match v {
+            Value::Object(map) => {
+                let mut changed = false;
+                if map.get("prepend_scheme").and_then(Value::as_str) == Some("first") {
+                    map.insert("prepend_scheme".into(), Value::String("never".into()));
+                    changed = true;
+                }
+                for item in map.values_mut() {
+                    changed |= first_to_never(item);
+                }
+                changed
+            }
+            Value::Array(items) => items.iter_mut().fold(false, |c, i| first_to_never(i) | c),
+            _ => false,
+        }
+    }
+    let Some(pre) = tokenizer.get_pre_tokenizer() else {
+        return Ok(None);
+    };
+    let bad = |e: serde_json::Error| Error::Internal(format!("pre-tokenizer: {e}"));
+    let mut json = serde_json::to_value(pre).map_err(bad)?;
+    if !first_to_never(&mut json) {
+        return Ok(None);
+    }
+    serde_json::from_value(json).map(Some).map_err(bad)
 }

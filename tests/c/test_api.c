@@ -4,10 +4,14 @@
 #define _POSIX_C_SOURCE 200809L
 #include "ember.h"
 
+#include <dirent.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 static int failures = 0;
 static int checks = 0;
@@ -476,6 +480,40 @@ static void test_detokenizer(void) {
 
 /* ---- cancellation and threads ---- */
 
+static void sleep_us(long us) {
+  struct timespec t = {us / 1000000, (us % 1000000) * 1000};
+  nanosleep(&t, NULL);
+}
+
+struct canceller {
+  const ember_session *session;
+  volatile int stop;
+  int sent;
+};
+
+static void *cancel_repeatedly(void *arg) {
+  struct canceller *c = arg;
+  while (!c->stop) {
+    ember_session_cancel(c->session);
+    c->sent++;
+    sleep_us(50 + (c->sent * 37) % 400);
+  }
+  return NULL;
+}
+
+struct cancel_probe {
+  const ember_session *session;
+  int calls;
+};
+
+static bool cancel_at_third_piece(const char *piece, size_t len, void *user) {
+  (void)piece;
+  (void)len;
+  struct cancel_probe *c = user;
+  if (++c->calls == 3) ember_session_cancel(c->session);
+  return true;
+}
+
 static void test_cancel(void) {
   ember_session_params p;
   CHECK_STATUS(EMBER_SESSION_PARAMS_DEFAULT(&p), EMBER_OK);
@@ -486,15 +524,278 @@ static void test_cancel(void) {
   CHECK_STATUS(ember_session_new(model, &p, &s), EMBER_OK);
   int32_t tokens[100];
   for (int i = 0; i < 100; i++) tokens[i] = 3 + i;
-  /* A pending request cancels the next step, which leaves the session as it was. */
+  /* A cancel with no call running does nothing: it never reaches a later call. */
   CHECK_STATUS(ember_step(s, tokens, 5, NULL), EMBER_OK);
   CHECK_STATUS(ember_session_cancel(s), EMBER_OK);
-  CHECK_STATUS(ember_step(s, tokens, 100, NULL), EMBER_ERR_CANCELLED);
-  CHECK(ember_session_position(s) == 5);
   CHECK_STATUS(ember_step(s, tokens, 100, NULL), EMBER_OK);
   CHECK(ember_session_position(s) == 105);
   CHECK_STATUS(ember_session_cancel(NULL), EMBER_ERR_INVALID_ARGUMENT);
+
+  /* A cancel during a generation: EMBER_ERR_CANCELLED, and the outputs say what happened;
+   * the tokens delivered stay in the session. */
+  ember_sampler *greedy = NULL;
+  CHECK_STATUS(ember_sampler_new(NULL, &greedy), EMBER_OK);
+  ember_generate_params gp;
+  CHECK_STATUS(EMBER_GENERATE_PARAMS_DEFAULT(&gp), EMBER_OK);
+  gp.max_tokens = 30;
+  gp.ignore_end_tokens = 1;
+  CHECK_STATUS(ember_session_reset(s), EMBER_OK);
+  struct cancel_probe probe = {s, 0};
+  ember_stop_reason reason = EMBER_STOP_REASON_END_TOKEN;
+  size_t n = 999;
+  const char *prompt = "Once upon a time";
+  int32_t prompt_ids[32];
+  size_t n_prompt = 0;
+  CHECK_STATUS(ember_tokenize(model, prompt, strlen(prompt), true, false, prompt_ids, 32, &n_prompt), EMBER_OK);
+  CHECK_STATUS(ember_generate(s, greedy, prompt, strlen(prompt), &gp, cancel_at_third_piece, &probe, &reason, &n),
+               EMBER_ERR_CANCELLED);
+  CHECK(reason == EMBER_STOP_REASON_CANCELLED);
+  CHECK(n >= 3 && n < 30);
+  CHECK(ember_session_position(s) == n_prompt + n);
+
+  /* The Stop-button race: cancels at random moments, before, during and after the calls.
+   * A call is either cancelled while it runs or completes; once the canceller is gone every
+   * call completes. */
+  struct canceller c = {s, 0, 0};
+  pthread_t thread;
+  pthread_create(&thread, NULL, cancel_repeatedly, &c);
+  int cancelled = 0, completed = 0;
+  gp.max_tokens = 8;
+  for (int i = 0; i < 60; i++) {
+    CHECK_STATUS(ember_session_reset(s), EMBER_OK);
+    ember_status st = ember_generate(s, greedy, prompt, strlen(prompt), &gp, NULL, NULL, &reason, &n);
+    if (st == EMBER_ERR_CANCELLED) {
+      cancelled++;
+      CHECK(reason == EMBER_STOP_REASON_CANCELLED);
+      CHECK(ember_session_position(s) == (n == 0 ? 0 : n_prompt + n));
+    } else {
+      completed++;
+      CHECK(st == EMBER_OK && reason == EMBER_STOP_REASON_MAX_TOKENS && n == 8);
+    }
+  }
+  c.stop = 1;
+  pthread_join(thread, NULL);
+  CHECK(cancelled > 0);
+  for (int i = 0; i < 5; i++) {
+    CHECK_STATUS(ember_session_reset(s), EMBER_OK);
+    CHECK_STATUS(ember_generate(s, greedy, prompt, strlen(prompt), &gp, NULL, NULL, &reason, &n), EMBER_OK);
+    CHECK(reason == EMBER_STOP_REASON_MAX_TOKENS);
+  }
+  ember_sampler_free(greedy);
   ember_session_free(s);
+}
+
+/* The session holds every token whose text was delivered, and says which. */
+static void test_session_tokens(void) {
+  ember_session *s = new_session(64, 2);
+  ember_sampler *greedy = NULL;
+  CHECK_STATUS(ember_sampler_new(NULL, &greedy), EMBER_OK);
+  ember_generate_params gp;
+  CHECK_STATUS(EMBER_GENERATE_PARAMS_DEFAULT(&gp), EMBER_OK);
+  gp.max_tokens = 6;
+  gp.ignore_end_tokens = 1;
+  const char *prompt = "The king";
+  int32_t ids[64];
+  size_t n_ids = 0, n = 0;
+  CHECK_STATUS(ember_tokenize(model, prompt, strlen(prompt), true, false, ids, 64, &n_ids), EMBER_OK);
+  struct text_buffer b = {0};
+  ember_stop_reason reason;
+  CHECK_STATUS(ember_generate(s, greedy, prompt, strlen(prompt), &gp, collect, &b, &reason, &n), EMBER_OK);
+  CHECK(reason == EMBER_STOP_REASON_MAX_TOKENS && n == 6);
+  CHECK(ember_session_position(s) == n_ids + 6);
+  int32_t held[64];
+  size_t n_held = 0;
+  CHECK_STATUS(ember_session_tokens(s, held, 2, &n_held), EMBER_ERR_BUFFER_TOO_SMALL);
+  CHECK(n_held == n_ids + 6);
+  CHECK_STATUS(ember_session_tokens(s, NULL, 0, &n_held), EMBER_ERR_BUFFER_TOO_SMALL);
+  CHECK_STATUS(ember_session_tokens(s, held, 64, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_tokens(s, held, 64, &n_held), EMBER_OK);
+  CHECK(n_held == n_ids + 6 && memcmp(held, ids, n_ids * sizeof *ids) == 0);
+  char text[512];
+  size_t len = 0;
+  CHECK_STATUS(ember_detokenize(model, held + n_ids, 6, text, sizeof text, &len), EMBER_OK);
+  CHECK(len == b.len && memcmp(text, b.data, len) == 0);
+  /* Continuing with an empty prompt starts from the last token, as a fresh session fed every
+   * held token does. */
+  struct text_buffer more = {0}, fresh_text = {0};
+  CHECK_STATUS(ember_generate(s, greedy, "", 0, &gp, collect, &more, &reason, &n), EMBER_OK);
+  ember_session *fresh = new_session(64, 1);
+  size_t vocab = ember_model_n_vocab(model);
+  float *logits = malloc(vocab * sizeof *logits);
+  CHECK_STATUS(ember_step(fresh, held, n_held, logits), EMBER_OK);
+  int32_t gen[6];
+  for (int i = 0; i < 6; i++) {
+    gen[i] = (int32_t)argmax(logits, vocab);
+    CHECK_STATUS(ember_step(fresh, &gen[i], 1, logits), EMBER_OK);
+  }
+  CHECK_STATUS(ember_detokenize(model, gen, 6, fresh_text.data, sizeof fresh_text.data, &fresh_text.len), EMBER_OK);
+  CHECK(more.len == fresh_text.len && memcmp(more.data, fresh_text.data, more.len) == 0);
+  /* With nothing pending, an empty prompt is an error. */
+  CHECK_STATUS(ember_session_reset(s), EMBER_OK);
+  CHECK_STATUS(ember_generate(s, greedy, "", 0, &gp, NULL, NULL, NULL, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_tokens(NULL, held, 64, &n_held), EMBER_ERR_INVALID_ARGUMENT);
+  free(logits);
+  ember_session_free(fresh);
+  ember_sampler_free(greedy);
+  ember_session_free(s);
+}
+
+/* Position and context length are readable from any thread while a call runs. */
+struct long_prompt {
+  ember_session *session;
+  ember_status status;
+  volatile int done;
+};
+
+static void *step_long_prompt(void *arg) {
+  struct long_prompt *lp = arg;
+  int32_t tokens[120];
+  for (int i = 0; i < 120; i++) tokens[i] = 3 + (i * 7) % 300;
+  lp->status = ember_step(lp->session, tokens, 120, NULL);
+  lp->done = 1;
+  return NULL;
+}
+
+static void test_progress(void) {
+  ember_session_params p;
+  CHECK_STATUS(EMBER_SESSION_PARAMS_DEFAULT(&p), EMBER_OK);
+  p.n_ctx = 128;
+  p.n_threads = 1;
+  p.n_ubatch = 1;
+  ember_session *s = NULL;
+  CHECK_STATUS(ember_session_new(model, &p, &s), EMBER_OK);
+  int rounds_seen_between = 0;
+  for (int round = 0; round < 50 && rounds_seen_between == 0; round++) {
+    CHECK_STATUS(ember_session_reset(s), EMBER_OK);
+    struct long_prompt lp = {s, EMBER_OK, 0};
+    pthread_t thread;
+    pthread_create(&thread, NULL, step_long_prompt, &lp);
+    size_t last = 0;
+    int ctx_ok = 1, monotonic = 1, between = 0;
+    while (!lp.done) {
+      size_t pos = ember_session_position(s);
+      if (ember_session_n_ctx(s) != 128) ctx_ok = 0;
+      if (pos < last) monotonic = 0;
+      if (pos > 0 && pos < 120) between = 1;
+      last = pos;
+      sched_yield();
+    }
+    pthread_join(thread, NULL);
+    CHECK(lp.status == EMBER_OK);
+    CHECK(ctx_ok && monotonic);
+    CHECK(ember_session_position(s) == 120);
+    rounds_seen_between += between;
+  }
+  CHECK(rounds_seen_between > 0);
+  ember_session_free(s);
+}
+
+/* No Ember lock is held while Ember calls the host: callbacks may call back in. */
+static int reentrant_logs = 0;
+static void log_and_uninstall(ember_log_level level, const char *message, void *user) {
+  (void)level;
+  (void)message;
+  (void)user;
+  reentrant_logs++;
+  ember_set_log_callback(NULL, NULL); /* what a Unity domain reload does */
+}
+
+static void log_and_log(ember_log_level level, const char *message, void *user) {
+  (void)level;
+  (void)message;
+  int *depth = user;
+  reentrant_logs++;
+  if (++*depth < 3) {
+    /* Loading logs again, from inside the callback. */
+    ember_model *m = NULL;
+    if (ember_model_load(model_dir, NULL, &m) == EMBER_OK) ember_model_free(m);
+  }
+  --*depth;
+}
+
+struct reentry {
+  ember_session *session;
+  ember_sampler *sampler;
+  ember_status step, sample, tokenize, cancel;
+  size_t position, n_ctx;
+};
+
+static bool reenter(const char *piece, size_t len, void *user) {
+  (void)piece;
+  (void)len;
+  struct reentry *r = user;
+  int32_t t = 5, ids[16];
+  size_t n = 0;
+  float logits[320] = {0};
+  r->step = ember_step(r->session, &t, 1, NULL);
+  r->sample = ember_sample(r->sampler, logits, 320, &t);
+  r->tokenize = ember_tokenize(model, "hi", 2, false, false, ids, 16, &n);
+  r->position = ember_session_position(r->session);
+  r->n_ctx = ember_session_n_ctx(r->session);
+  r->cancel = ember_session_cancel(r->session);
+  return true;
+}
+
+static void test_reentrancy(void) {
+  alarm(60); /* a deadlock ends the test instead of hanging it */
+  ember_set_log_callback(log_and_uninstall, NULL);
+  ember_model *m = NULL;
+  CHECK_STATUS(ember_model_load(model_dir, NULL, &m), EMBER_OK);
+  CHECK(reentrant_logs == 1);
+  ember_model_free(m);
+  ember_model *m2 = NULL;
+  CHECK_STATUS(ember_model_load(model_dir, NULL, &m2), EMBER_OK);
+  CHECK(reentrant_logs == 1); /* uninstalled */
+  ember_model_free(m2);
+  int depth = 0;
+  ember_set_log_callback(log_and_log, &depth);
+  CHECK_STATUS(ember_model_load(model_dir, NULL, &m), EMBER_OK);
+  CHECK(reentrant_logs >= 4 && depth == 0);
+  ember_set_log_callback(NULL, NULL);
+  ember_model_free(m);
+
+  ember_session *s = new_session(64, 2);
+  ember_sampler *greedy = NULL;
+  CHECK_STATUS(ember_sampler_new(NULL, &greedy), EMBER_OK);
+  struct reentry r = {s, greedy, EMBER_OK, EMBER_OK, EMBER_ERR_INTERNAL, EMBER_ERR_INTERNAL, 0, 0};
+  ember_generate_params gp;
+  CHECK_STATUS(EMBER_GENERATE_PARAMS_DEFAULT(&gp), EMBER_OK);
+  gp.max_tokens = 10;
+  gp.ignore_end_tokens = 1;
+  ember_stop_reason reason;
+  size_t n = 0;
+  /* The callback cancels the generation it runs in, after the other calls. */
+  CHECK_STATUS(ember_generate(s, greedy, "Hello", 5, &gp, reenter, &r, &reason, &n), EMBER_ERR_CANCELLED);
+  CHECK(reason == EMBER_STOP_REASON_CANCELLED && n >= 1 && n < 10);
+  CHECK(r.step == EMBER_ERR_BUSY && r.sample == EMBER_ERR_BUSY);
+  CHECK(r.tokenize == EMBER_OK && r.cancel == EMBER_OK);
+  CHECK(r.n_ctx == 64 && r.position == ember_session_position(s));
+  ember_sampler_free(greedy);
+  ember_session_free(s);
+  alarm(0);
+}
+
+/* Thread counts above the machine's are clamped: a thousand threads start no thousand. */
+static int count_threads(void) {
+  DIR *d = opendir("/proc/self/task");
+  if (!d) return -1;
+  int n = 0;
+  struct dirent *e;
+  while ((e = readdir(d)))
+    if (e->d_name[0] != '.') n++;
+  closedir(d);
+  return n;
+}
+
+static void test_thread_limit(void) {
+  int before = count_threads();
+  ember_session *s = new_session(32, 1000);
+  long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  if (before > 0) CHECK(count_threads() - before <= cores);
+  int32_t t = 5;
+  CHECK_STATUS(ember_step(s, &t, 1, NULL), EMBER_OK);
+  ember_session_free(s);
+  if (before > 0) CHECK(count_threads() == before);
 }
 
 struct busy_probe {
@@ -608,6 +909,10 @@ int main(int argc, char **argv) {
   test_generate();
   test_detokenizer();
   test_cancel();
+  test_session_tokens();
+  test_progress();
+  test_reentrancy();
+  test_thread_limit();
   test_busy();
   test_threads();
   ember_model_free(model);

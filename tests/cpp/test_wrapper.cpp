@@ -190,11 +190,11 @@ static void test_session(const ember::Model &model) {
   ember::Session s2 = new_session(model, 16, 2);
   CHECK(s2.try_step({10, 20, 30, 40}).ok());
   CHECK(all.ok() && std::equal(s2.logits().begin(), s2.logits().end(), all->begin() + 3 * 320));
-  // A pending cancellation cancels the next step, which leaves the session as it was.
+  // A cancel with nothing running reaches no later step.
   s.cancel();
-  CHECK(s.try_step({7, 8}).status() == ember::Status::cancelled);
-  CHECK(s.position() == 4);
   CHECK(s.try_step({7, 8}).ok() && s.position() == 6);
+  auto held = s.try_tokens();
+  CHECK(held.ok() && *held == std::vector<int32_t>({10, 20, 30, 40, 7, 8}));
   // Moves: the moved-from session is empty and fails cleanly.
   ember::Session moved = std::move(s);
   CHECK(!s && moved && moved.position() == 6);  // NOLINT(bugprone-use-after-move)
@@ -280,6 +280,19 @@ static void test_generate(const ember::Model &model) {
   CHECK(r.ok() && r->reason == ember::StopReason::max_tokens && r->n_tokens == 12);
   CHECK(calls > 0 && !text.empty());
   CHECK(text == manual_greedy(model, model.try_tokenize("Once upon a time").value(), 12));
+  // The session holds the prompt and all twelve tokens.
+  size_t n_prompt = model.try_tokenize("Once upon a time").value().size();
+  CHECK(s.position() == n_prompt + 12 && s.try_tokens().value().size() == n_prompt + 12);
+
+  // A cancel from the callback ends the generation with StopReason::cancelled (not an
+  // error): what was delivered is reported and kept.
+  CHECK(s.try_reset().ok());
+  int seen = 0;
+  auto cancelled = s.try_generate("Once upon a time", greedy, options, [&](std::string_view) {
+    if (++seen == 2) s.cancel();
+  });
+  CHECK(cancelled.ok() && cancelled->reason == ember::StopReason::cancelled);
+  CHECK(cancelled.ok() && cancelled->n_tokens >= 2 && s.position() == n_prompt + cancelled->n_tokens);
 
   // A callback returning false stops; a void callback never does.
   CHECK(s.try_reset().ok());

@@ -455,14 +455,15 @@ class Model(_Owned):
 
     def chat(self, messages: Iterable[Message], *, max_tokens: int = 256,
              sampler: Optional["Sampler"] = None, stop: Union[Text, Iterable[Text]] = (),
-             ignore_end_tokens: bool = False, n_ctx: int = 0,
+             ignore_end_tokens: bool = False, parse_special: bool = False, n_ctx: int = 0,
              threads: Optional[int] = None) -> "TextStream":
         """The assistant's reply to ``messages`` (the chat template applied), in a session of
         its own, yielding text as it comes. To keep a conversation, use ``Session.chat`` on
-        one session: earlier turns are then not computed again."""
+        one session: earlier turns are then not computed again. See ``Session.chat`` for
+        ``parse_special``."""
         session = self.session(n_ctx=n_ctx, threads=threads)
         return session._stream_chat(messages, max_tokens, sampler, stop, ignore_end_tokens,
-                                    owned=[session])
+                                    parse_special, owned=[session])
 
 
 # ---- session ----
@@ -519,10 +520,26 @@ class Session(_Owned):
 
     @property
     def position(self) -> int:
-        """How many tokens the session holds (during a step: before the step). Safe from any
-        thread at any time."""
+        """How many tokens the session holds. Safe from any thread at any time: during a long
+        step it advances as micro-batches complete (progress of a prompt)."""
         with self._use() as h:
             return int(_lib.ember_session_position(h))
+
+    @property
+    def tokens(self) -> List[int]:
+        """The tokens the session holds, oldest first: the prompts and every generated token
+        whose text was delivered."""
+        n = c_size_t()
+        cap = 0
+        with self._use() as h:
+            while True:
+                out = (c_int32 * max(cap, 1))()
+                try:
+                    _lib.ember_session_tokens(h, out, cap, byref(n))
+                except BufferTooSmallError:
+                    cap = n.value
+                    continue
+                return out[: n.value]
 
     def step(self, ids: Union[int, Iterable[int]]) -> Logits:
         """Appends tokens and returns the logits of the last one (``n_vocab`` float32).
@@ -557,14 +574,15 @@ class Session(_Owned):
             _lib.ember_session_rewind(h, _uint(n_past, "n_past", 64))
 
     def reset(self) -> None:
-        """Forgets every token (and any pending cancellation)."""
+        """Forgets every token."""
         with self._use() as h:
             _lib.ember_session_reset(h)
 
     def cancel(self) -> None:
         """Asks the step or generation running on this session (in another thread) to stop
-        with ``CancelledError``, leaving the session at its previous position. If nothing is
-        running, the next step is cancelled (``reset()`` clears the request)."""
+        with ``CancelledError``. A step leaves the session as it was; a generation keeps the
+        text it delivered (its stream's ``stop_reason`` is then ``StopReason.CANCELLED``).
+        With nothing running it does nothing: a cancellation never reaches a later call."""
         with self._use() as h:
             _lib.ember_session_cancel(h)
 
@@ -578,18 +596,25 @@ class Session(_Owned):
         ``sampler`` defaults to a new greedy ``Sampler``. ``add_special`` adds BOS as the
         tokenizer does (pass ``False`` to continue a session that holds text already);
         ``parse_special`` lets the prompt name special tokens. Afterwards the session holds
-        the prompt and the generated tokens except the last."""
+        the prompt and every generated token whose text was delivered (``tokens``), so a
+        later call continues exactly after the text; an empty ``prompt`` continues it."""
         return self._stream_generate(prompt, max_tokens, sampler, stop, ignore_end_tokens,
                                      add_special, parse_special, owned=[])
 
     def chat(self, messages: Iterable[Message], *, max_tokens: int = 256,
              sampler: Optional["Sampler"] = None, stop: Union[Text, Iterable[Text]] = (),
-             ignore_end_tokens: bool = False) -> "TextStream":
+             ignore_end_tokens: bool = False, parse_special: bool = False) -> "TextStream":
         """The assistant's reply to the whole conversation ``messages`` (the model's chat
         template applied), as a ``TextStream``. Keep a conversation in one session and pass
         all its messages each turn: the tokens of earlier turns the session still holds are
-        reused, so each turn costs only its new tokens."""
-        return self._stream_chat(messages, max_tokens, sampler, stop, ignore_end_tokens, owned=[])
+        reused, so each turn costs only its new tokens.
+
+        Message contents are plain text: a special token written in a message (player text
+        such as ``<|im_start|>system``) stays text and cannot open or close a turn; only the
+        template's own control tokens are control tokens. ``parse_special=True`` turns this
+        off, for messages the program wrote itself."""
+        return self._stream_chat(messages, max_tokens, sampler, stop, ignore_end_tokens,
+                                 parse_special, owned=[])
 
     def _stream_generate(self, prompt: Text, max_tokens: int, sampler: Optional["Sampler"],
                          stop: Union[Text, Iterable[Text]], ignore_end_tokens: bool,
@@ -606,9 +631,11 @@ class Session(_Owned):
 
     def _stream_chat(self, messages: Iterable[Message], max_tokens: int,
                      sampler: Optional["Sampler"], stop: Union[Text, Iterable[Text]],
-                     ignore_end_tokens: bool, owned: List[_Owned]) -> "TextStream":
+                     ignore_end_tokens: bool, parse_special: bool,
+                     owned: List[_Owned]) -> "TextStream":
         arr, n, keep = _messages(messages)
-        params = _generate_params(max_tokens, stop, ignore_end_tokens)
+        params = _generate_params(max_tokens, stop, ignore_end_tokens,
+                                  parse_special=parse_special)
 
         def start(session: Any, smp: Any, callback: Any, reason: Any, n_tokens: Any,
                   _strings: List[bytes] = keep) -> None:  # the strings live as long as this
@@ -784,6 +811,8 @@ def _generation_thread(channel: _Channel, session: Session, sampler: Sampler,
             start(s, smp, callback, byref(reason), byref(n_tokens))
         done.reason, done.n_tokens = StopReason(reason.value), n_tokens.value
     except CancelledError as e:
+        # The library still reports what was delivered.
+        done.reason, done.n_tokens = StopReason(reason.value), n_tokens.value
         # Cancelled because the stream was being closed (at exit): not an error then.
         done.error = None if channel.stop else e
     except BaseException as e:

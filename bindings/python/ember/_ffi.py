@@ -227,6 +227,7 @@ SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
     "ember_session_rewind": (ember_status, [_session_p, c_size_t]),
     "ember_session_position": (c_size_t, [_session_p]),
     "ember_session_n_ctx": (c_size_t, [_session_p]),
+    "ember_session_tokens": (ember_status, [_session_p, _tokens, c_size_t, _size_p]),
     "ember_session_cancel": (ember_status, [_session_p]),
     "ember_step": (ember_status, [_session_p, _tokens, c_size_t, _floats]),
     "ember_step_all": (ember_status, [_session_p, _tokens, c_size_t, _floats, c_size_t]),

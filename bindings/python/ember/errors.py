@@ -34,6 +34,7 @@ class StopReason(enum.IntEnum):
     STOP_STRING = 2
     CALLBACK = 3
     CONTEXT_FULL = 4
+    CANCELLED = 5
 
 
 class LogLevel(enum.IntEnum):

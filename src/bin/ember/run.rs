@@ -48,15 +48,12 @@ fn sampler(args: &Args) -> Result<Sampler, String> {
 }
 
 fn session(args: &Args, model: &Arc<Model>) -> Result<Session, String> {
-    let default_threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .div_ceil(2);
     let options = SessionOptions {
         n_ctx: args
-            .number("ctx", 2048)?
+            .number("ctx", 0)?
             .min(model.config().max_position_embeddings),
-        n_threads: args.number("threads", default_threads)?,
-        ubatch: 64,
+        n_threads: ember::defaults::threads(args.number("threads", 0)?),
+        ubatch: ember::defaults::UBATCH,
     };
     Session::new(model.clone(), &options).map_err(|e| e.to_string())
 }
@@ -66,6 +63,7 @@ fn generate_options(args: &Args) -> Result<GenerateOptions, String> {
         max_tokens: args.number("max-tokens", 256)?,
         stop_strings: args.all("stop"),
         ignore_end_tokens: false,
+        parse_special: false,
     })
 }
 

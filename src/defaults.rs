@@ -1,0 +1,39 @@
+//! The defaults and limits every front end shares (the C API, the CLI, the bindings): one
+//! place for each policy.
+
+/// Context length used when a caller asks for 0 ("the default"): the model's trained context,
+/// capped here because the KV cache is allocated up front.
+pub const CONTEXT_CAP: usize = 2048;
+
+/// Prompt tokens processed per micro-batch.
+pub const UBATCH: usize = 64;
+
+/// The largest micro-batch a session accepts.
+pub const MAX_UBATCH: usize = 4096;
+
+/// The machine's hardware threads (1 if unknown).
+pub fn machine_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The thread count a session gets when `requested` threads are asked for through the C API
+/// or the CLI: 0 means half the machine's threads (at least 1), so a host keeps cores for
+/// itself; a count above the machine's threads is clamped to them (more threads than cores
+/// only slow inference down, and each costs the host an OS thread).
+pub fn threads(requested: usize) -> usize {
+    let machine = machine_threads();
+    match requested {
+        0 => (machine / 2).max(1),
+        n => n.min(machine),
+    }
+}
+
+/// The context length a session gets for `requested` (0 = the default) on a model trained
+/// for `trained` positions. A request above `trained` is passed on (and refused by the
+/// session).
+pub fn context(requested: usize, trained: usize) -> usize {
+    match requested {
+        0 => trained.min(CONTEXT_CAP),
+        n => n,
+    }
+}
