@@ -120,3 +120,43 @@ pub fn try_zeroed_f32(len: usize, what: &str) -> Result<Vec<f32>> {
     v.resize(len, 0.0);
     Ok(v)
 }
+
+thread_local! {
+    /// True while this thread runs code under [`catch_quietly`].
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Installs (once) a panic hook that stays silent for panics Ember catches itself (under
+/// [`catch_quietly`], and on Ember's worker threads), and defers to the previous hook for
+/// every other panic of the process.
+fn install_quiet_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let ours = QUIET.with(std::cell::Cell::get)
+                || std::thread::current()
+                    .name()
+                    .is_some_and(|n| n.starts_with("ember-worker"));
+            if !ours {
+                previous(info);
+            }
+        }));
+    });
+}
+
+/// Runs `f`, turning a panic into `Err(message)` without printing anything: Ember never
+/// prints, whether the panic is its own bug or one inside a library it calls.
+pub(crate) fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    install_quiet_panic_hook();
+    let outer = QUIET.with(|q| q.replace(true));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(outer));
+    result.map_err(|payload| {
+        payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string())
+    })
+}

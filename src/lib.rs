@@ -46,3 +46,8 @@ pub use sampler::{Sampler, SamplerOptions};
 pub use session::{CancelHandle, Session, SessionOptions};
 pub use threading::ThreadPool;
 pub use tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
+
+/// The README's Rust examples, compiled by `cargo test` (as doctests) so that they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -404,3 +404,44 @@ fn hostile_chat_templates_stop_with_an_error_naming_the_template() {
         .collect();
     assert!(smol.apply_chat_template(&long, true).is_ok());
 }
+
+#[test]
+fn a_hostile_tokenizer_json_is_an_error_and_never_a_panic() {
+    let base: Value = serde_json::from_str(
+        &std::fs::read_to_string(tokenizer_fixtures().join("smollm2/tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    let build = |json: String| {
+        std::panic::catch_unwind(|| Tokenizer::from_json_bytes(json.as_bytes(), Default::default()))
+    };
+    // The regression: a deeply nested decoder panicked inside the tokenizers crate.
+    for depth in [120, 127, 200] {
+        let mut json = serde_json::to_string(&base).unwrap();
+        let nested = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+        json = json.replacen("\"decoder\":", &format!("\"decoder\":{nested},\"was\":"), 1);
+        match build(json) {
+            Ok(Err(Error::BadFormat(m))) => assert!(m.contains("tokenizer.json"), "{m}"),
+            other => panic!("depth {depth}: {other:?}"),
+        }
+    }
+    // A SentencePiece normalizer with a broken character map (another panic of the crate).
+    let mut broken = base.clone();
+    broken["normalizer"] =
+        serde_json::json!({"type": "Precompiled", "precompiled_charsmap": "AAAA"});
+    match build(serde_json::to_string(&broken).unwrap()) {
+        Ok(Err(Error::BadFormat(_))) => {}
+        other => panic!("{other:?}"),
+    }
+    // A file larger than the limit is refused before it is read.
+    let dir = std::env::temp_dir().join(format!("ember-huge-tokenizer-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = std::fs::File::create(dir.join("tokenizer.json")).unwrap();
+    file.set_len(ember::tokenizer::MAX_TOKENIZER_JSON_BYTES + 1)
+        .unwrap();
+    let err = Tokenizer::from_hf_folder(&dir).unwrap_err();
+    assert!(
+        matches!(&err, Error::BadFormat(m) if m.contains("accepted")),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

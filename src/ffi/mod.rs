@@ -30,7 +30,7 @@ use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, Once};
+use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 
@@ -146,7 +146,6 @@ pub(crate) fn log(level: ember_log_level, message: &str) {
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
-    static IN_CALL: Cell<bool> = const { Cell::new(false) };
 }
 
 fn set_last_error(message: &str) {
@@ -154,46 +153,16 @@ fn set_last_error(message: &str) {
     LAST_ERROR.with(|e| *e.borrow_mut() = text);
 }
 
-/// Installs (once) a panic hook that stays silent for panics inside Ember calls and Ember's
-/// worker threads, and defers to the previous hook for everything else in the process.
-fn install_panic_hook() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let ours = IN_CALL.with(Cell::get)
-                || std::thread::current()
-                    .name()
-                    .is_some_and(|n| n.starts_with("ember-worker"));
-            if !ours {
-                previous(info);
-            }
-        }));
-    });
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_string())
-}
-
 /// Runs the body of an exported function: catches panics, records errors, maps statuses.
 pub(crate) fn run(body: impl FnOnce() -> Result<()>) -> ember_status {
-    install_panic_hook();
-    let outer = IN_CALL.with(|c| c.replace(true));
-    let result = catch_unwind(AssertUnwindSafe(body));
-    IN_CALL.with(|c| c.set(outer));
-    match result {
+    match crate::error::catch_quietly(body) {
         Ok(Ok(())) => ember_status::EMBER_OK,
         Ok(Err(error)) => {
             set_last_error(&error.to_string());
             ember_status::of(&error)
         }
-        Err(payload) => {
-            let message = format!("internal error: {}", panic_message(payload.as_ref()));
+        Err(panic) => {
+            let message = format!("internal error: {panic}");
             log(ember_log_level::EMBER_LOG_LEVEL_ERROR, &message);
             set_last_error(&message);
             ember_status::EMBER_ERR_INTERNAL

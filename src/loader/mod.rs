@@ -62,10 +62,30 @@ impl TensorStore {
     }
 }
 
+/// The bytes of `path`, refused when larger than `max` (checked before reading).
+pub(crate) fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| Error::io(path, e))?
+        .len();
+    if size > max {
+        return Err(Error::format(format!(
+            "{}: {size} bytes, more than the {max} accepted",
+            path.display()
+        )));
+    }
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+/// Largest `config.json` (and `model.safetensors.index.json`) accepted; real ones have a few
+/// kilobytes.
+pub const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
 /// Reads `config.json` and maps the safetensors weights of a Hugging Face model folder.
 pub fn load_hf_folder(dir: &Path) -> Result<(ModelConfig, TensorStore)> {
     let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+    let bytes = read_bounded(&config_path, MAX_CONFIG_BYTES)?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Error::format(format!("{} is not UTF-8", config_path.display())))?;
     let config = ModelConfig::from_hf_json(&text)?;
     let store = safetensors::load_folder(dir)?;
     Ok((config, store))

@@ -78,12 +78,12 @@ pub fn load_folder(dir: &Path) -> Result<TensorStore> {
             ),
         ));
     }
-    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+    let text = super::read_bounded(&index, super::MAX_CONFIG_BYTES)?;
     #[derive(serde::Deserialize)]
     struct Index {
         weight_map: HashMap<String, String>,
     }
-    let parsed: Index = serde_json::from_str(&text)
+    let parsed: Index = serde_json::from_slice(&text)
         .map_err(|e| Error::format(format!("{}: {e}", index.display())))?;
     let mut by_file: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for (tensor, file) in &parsed.weight_map {

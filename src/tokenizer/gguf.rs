@@ -142,6 +142,13 @@ fn read_vocab(meta: &GgufMetadata) -> Result<Vocab<'_>> {
     if tokens.is_empty() {
         return Err(Error::format(format!("GGUF metadata {TOKENS} is empty")));
     }
+    if tokens.len() > super::MAX_VOCAB {
+        return Err(Error::format(format!(
+            "GGUF metadata {TOKENS} has {} tokens, more than the {} accepted",
+            tokens.len(),
+            super::MAX_VOCAB
+        )));
+    }
     let codes = meta
         .int_array(TOKEN_TYPE)?
         .ok_or_else(|| missing(TOKEN_TYPE))?;
@@ -366,6 +373,13 @@ fn read_merges(meta: &GgufMetadata, vocab: &Vocab) -> Result<Vec<Value>> {
             "GGUF metadata {MERGES} is missing (a BPE tokenizer needs its merges)"
         ))
     })?;
+    if merges.len() > super::MAX_MERGES {
+        return Err(Error::format(format!(
+            "GGUF metadata {MERGES} has {} merges, more than the {} accepted",
+            merges.len(),
+            super::MAX_MERGES
+        )));
+    }
     let known: HashMap<&str, usize> = vocab
         .tokens
         .iter()
@@ -485,9 +499,7 @@ pub fn tokenizer_from_gguf(meta: &GgufMetadata) -> Result<Option<Tokenizer>> {
     let Some((json, settings)) = tokenizer_json_from_gguf(meta)? else {
         return Ok(None);
     };
-    let bytes = serde_json::to_vec(&json)
-        .map_err(|e| Error::Internal(format!("tokenizer.json from GGUF: {e}")))?;
-    Tokenizer::from_json_bytes(&bytes, settings)
+    Tokenizer::from_json_value(json, settings)
         .map(Some)
         .map_err(|e| match e {
             Error::BadFormat(m) => Error::BadFormat(format!("tokenizer from GGUF metadata: {m}")),
@@ -507,7 +519,12 @@ impl Tokenizer {
 /// vocabulary is a merge, ranked by the score of the piece it makes (highest first); ties keep
 /// piece id order, and the cuts of one piece are ordered by the ids of their left, then right
 /// parts.
-fn merges_from_scores(vocab: &Vocab, scores: &[f64]) -> Vec<Value> {
+fn merges_from_scores(vocab: &Vocab, scores: &[f64]) -> Result<Vec<Value>> {
+    merges_from_scores_capped(vocab, scores, super::MAX_MERGES)
+}
+
+/// [`merges_from_scores`], failing when there are more than `cap` merges.
+fn merges_from_scores_capped(vocab: &Vocab, scores: &[f64], cap: usize) -> Result<Vec<Value>> {
     /// Pieces longer than this (in bytes) take no part in merges.
     const MAX_PIECE_BYTES: usize = 128;
     let ids: HashMap<&str, usize> = vocab
@@ -528,6 +545,11 @@ fn merges_from_scores(vocab: &Vocab, scores: &[f64]) -> Vec<Value> {
         for (cut, _) in piece.char_indices().skip(1) {
             let (left, right) = piece.split_at(cut);
             if let (Some(&l), Some(&r)) = (ids.get(left), ids.get(right)) {
+                if merges.len() == cap {
+                    return Err(Error::format(format!(
+                        "GGUF metadata {TOKENS}: the pieces make more than {cap} merges"
+                    )));
+                }
                 merges.push((score, l, r, left, right));
             }
         }
@@ -535,10 +557,10 @@ fn merges_from_scores(vocab: &Vocab, scores: &[f64]) -> Vec<Value> {
     }
     // Stable: equal scores keep the order above.
     merges.sort_by(|a, b| b.0.total_cmp(&a.0));
-    merges
+    Ok(merges
         .into_iter()
         .map(|(_, _, _, left, right)| json!([left, right]))
-        .collect()
+        .collect())
 }
 
 /// tokenizer.json for a SentencePiece BPE with byte fallback (`tokenizer.ggml.model =
@@ -570,7 +592,7 @@ fn sentencepiece_bpe_json(
                  {MERGES} needs the scores of its pieces)"
             ))
         })?;
-        merges_from_scores(vocab, scores)
+        merges_from_scores(vocab, scores)?
     };
     let unk = match special_id(meta, OTHER_ID_KEYS[0], vocab.len())? {
         Some(id) => Some(id as usize),
@@ -952,5 +974,33 @@ mod tests {
         assert_eq!(byte_char(b' '), 'Ġ');
         assert_eq!(byte_char(b'\n'), 'Ċ');
         assert_eq!(byte_char(b'a'), 'a');
+    }
+
+    #[test]
+    fn vocabularies_and_merges_beyond_the_limits_are_refused() {
+        let mut meta = tiny();
+        let n = super::super::MAX_VOCAB + 1;
+        let tokens: Vec<GgufValue> = (0..n).map(|i| GgufValue::String(format!("t{i}"))).collect();
+        meta.entries.insert(TOKENS.into(), GgufValue::Array(tokens));
+        meta.entries.insert(
+            TOKEN_TYPE.into(),
+            GgufValue::Array(vec![GgufValue::Int(1); n]),
+        );
+        expect_bad_format(&meta, "accepted");
+        // Derived merges stop at the limit: every cut of "a", "aa", ... "a"*k is a merge.
+        let tokens: Vec<String> = (1..=64).map(|k| "a".repeat(k)).collect();
+        let vocab = Vocab {
+            tokens: tokens.iter().map(String::as_str).collect(),
+            types: vec![TokenType::Normal; 64],
+            scores: None,
+        };
+        let scores = vec![0.0; 64];
+        assert_eq!(
+            merges_from_scores_capped(&vocab, &scores, 10_000)
+                .unwrap()
+                .len(),
+            63 * 64 / 2
+        );
+        assert!(merges_from_scores_capped(&vocab, &scores, 100).is_err());
     }
 }

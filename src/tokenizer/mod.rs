@@ -23,7 +23,26 @@ pub use chat::{ChatMessage, ChatTemplate, MAX_TEMPLATE_BYTES};
 pub use gguf::{tokenizer_from_gguf, tokenizer_json_from_gguf};
 pub use stream::StreamDecoder;
 
+/// Largest `tokenizer.json` accepted (real ones are up to about 35 MB).
+pub const MAX_TOKENIZER_JSON_BYTES: u64 = 128 << 20;
+
+/// Largest `tokenizer_config.json` or `generation_config.json` accepted.
+pub const MAX_CONFIG_JSON_BYTES: u64 = 64 << 20;
+
+/// Most tokens a vocabulary may have, model and added tokens each (real ones have up to
+/// about 260 thousand).
+pub const MAX_VOCAB: usize = 1 << 21;
+
+/// Most merges a BPE model may have, given or derived (real ones have up to about 300
+/// thousand).
+pub const MAX_MERGES: usize = 1 << 22;
+
 /// A model's tokenizer.
+///
+/// Tokenizer files may be hostile: their size, vocabulary and merges are bounded
+/// ([`MAX_TOKENIZER_JSON_BYTES`], [`MAX_VOCAB`], [`MAX_MERGES`]) before the `tokenizers`
+/// crate builds anything, so building takes time and memory linear in bounded input, and a
+/// panic inside that crate (it has some on malformed input) is an error, never a crash.
 pub struct Tokenizer {
     /// Recognises added/special tokens written in the text.
     parsing: tokenizers::Tokenizer,
@@ -114,10 +133,40 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text)
+    let bytes = crate::loader::read_bounded(path, MAX_CONFIG_JSON_BYTES)?;
+    serde_json::from_slice(&bytes)
         .map(Some)
         .map_err(|e| Error::format(format!("{}: {e}", path.display())))
+}
+
+/// Checks the sizes of a tokenizer.json's vocabulary, merges and added tokens.
+fn check_tokenizer_json(json: &Value) -> Result<()> {
+    let len = |v: Option<&Value>| match v {
+        Some(Value::Array(a)) => a.len(),
+        Some(Value::Object(o)) => o.len(),
+        _ => 0,
+    };
+    let model = json.get("model");
+    for (what, n, max) in [
+        (
+            "model.vocab",
+            len(model.and_then(|m| m.get("vocab"))),
+            MAX_VOCAB,
+        ),
+        ("added_tokens", len(json.get("added_tokens")), MAX_VOCAB),
+        (
+            "model.merges",
+            len(model.and_then(|m| m.get("merges"))),
+            MAX_MERGES,
+        ),
+    ] {
+        if n > max {
+            return Err(Error::format(format!(
+                "tokenizer.json: {what} has {n} entries, more than the {max} accepted"
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Tokenizer {
@@ -129,7 +178,7 @@ impl Tokenizer {
         if !path.is_file() {
             return Ok(None);
         }
-        let json = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        let json = crate::loader::read_bounded(&path, MAX_TOKENIZER_JSON_BYTES)?;
         let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let generation = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
         let settings = TokenizerSettings {
@@ -147,8 +196,33 @@ impl Tokenizer {
 
     /// Builds a tokenizer from the bytes of a `tokenizer.json` and its settings.
     pub fn from_json_bytes(json: &[u8], settings: TokenizerSettings) -> Result<Tokenizer> {
-        let parsing = tokenizers::Tokenizer::from_bytes(json)
+        if json.len() as u64 > MAX_TOKENIZER_JSON_BYTES {
+            return Err(Error::format(format!(
+                "tokenizer.json: {} bytes, more than the {MAX_TOKENIZER_JSON_BYTES} accepted",
+                json.len()
+            )));
+        }
+        // Parsed once into a value (malformed or too deeply nested JSON is an error here,
+        // where the `tokenizers` crate would panic), checked, then handed over.
+        let value: Value = serde_json::from_slice(json)
             .map_err(|e| Error::format(format!("tokenizer.json: {e}")))?;
+        Tokenizer::from_json_value(value, settings)
+    }
+
+    /// Builds a tokenizer from a parsed `tokenizer.json` and its settings.
+    pub fn from_json_value(json: Value, settings: TokenizerSettings) -> Result<Tokenizer> {
+        check_tokenizer_json(&json)?;
+        let parsing = match crate::error::catch_quietly(|| {
+            serde_json::from_value::<tokenizers::Tokenizer>(json)
+        }) {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return Err(Error::format(format!("tokenizer.json: {e}"))),
+            Err(panic) => {
+                return Err(Error::format(format!(
+                    "tokenizer.json is malformed (the tokenizers library failed on it: {panic})"
+                )))
+            }
+        };
         let mut literal = parsing.clone();
         literal.set_encode_special_tokens(true);
         let n_vocab = parsing.get_vocab_size(true);
@@ -265,8 +339,8 @@ impl Tokenizer {
         } else {
             &self.literal
         };
-        let encoding = tokenizer
-            .encode(text, add_special)
+        let encoding = crate::error::catch_quietly(|| tokenizer.encode(text, add_special))
+            .map_err(|panic| Error::InvalidArgument(format!("tokenization failed: {panic}")))?
             .map_err(|e| Error::InvalidArgument(format!("tokenization failed: {e}")))?;
         Ok(encoding.get_ids().to_vec())
     }
@@ -274,8 +348,8 @@ impl Tokenizer {
     /// Decodes ids to text, special tokens included. An id outside the vocabulary is an error.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.check_ids(ids)?;
-        self.parsing
-            .decode(ids, false)
+        crate::error::catch_quietly(|| self.parsing.decode(ids, false))
+            .map_err(|panic| Error::InvalidArgument(format!("detokenization failed: {panic}")))?
             .map_err(|e| Error::InvalidArgument(format!("detokenization failed: {e}")))
     }
 
