@@ -28,6 +28,8 @@ pub mod convert;
 pub mod defaults;
 pub mod error;
 pub mod ffi;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod generate;
 pub mod kernels;
 pub mod loader;

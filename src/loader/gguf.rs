@@ -11,8 +11,6 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use memmap2::Mmap;
-
 use super::{Architecture, ModelConfig, TensorStore};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Storage, Tensor};
@@ -307,12 +305,7 @@ impl<'a> Reader<'a> {
 impl GgufFile {
     /// Memory-maps and parses a GGUF file.
     pub fn open(path: &Path) -> Result<GgufFile> {
-        let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: the map is read-only; like every in-place weight loader we rely on the file
-        // not being modified while the model is alive (documented on `Model::load`).
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        GgufFile::parse(Arc::new(Storage::Mapped(map)))
-            .map_err(|e| e.in_file(&path.display().to_string()))
+        GgufFile::parse(super::map_file(path)?).map_err(|e| e.in_file(&path.display().to_string()))
     }
 
     /// Parses GGUF bytes held by `storage`.

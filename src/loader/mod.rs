@@ -76,6 +76,16 @@ pub(crate) fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| Error::io(path, e))
 }
 
+/// Maps a file read-only.
+pub(crate) fn map_file(path: &Path) -> Result<std::sync::Arc<crate::tensor::Storage>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    // SAFETY: the mapping is read-only. Like every memory-mapped reader, Ember assumes the
+    // file is not truncated or rewritten while the model is loaded; that is documented as a
+    // requirement of `Model::load`.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    Ok(std::sync::Arc::new(crate::tensor::Storage::Mapped(map)))
+}
+
 /// Largest `config.json` (and `model.safetensors.index.json`) accepted; real ones have a few
 /// kilobytes.
 pub const MAX_CONFIG_BYTES: u64 = 16 << 20;

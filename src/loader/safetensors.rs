@@ -1,26 +1,14 @@
 //! Memory-mapped `.safetensors` files, single or sharded.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
-use memmap2::Mmap;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::loader::TensorStore;
 use crate::tensor::{DType, Storage, Tensor};
-
-/// Maps a file read-only.
-pub(crate) fn map_file(path: &Path) -> Result<Arc<Storage>> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    // SAFETY: the mapping is read-only. Like every memory-mapped reader, Ember assumes the
-    // file is not truncated or rewritten while the model is loaded; that is documented as a
-    // requirement of `Model::load`.
-    let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    Ok(Arc::new(Storage::Mapped(map)))
-}
 
 fn dtype_of(dtype: StDtype, name: &str) -> Result<DType> {
     match dtype {
@@ -41,10 +29,25 @@ fn read_file(
     store: &mut TensorStore,
     only: Option<&dyn Fn(&str) -> bool>,
 ) -> Result<()> {
-    let storage = map_file(path)?;
+    read_storage(
+        super::map_file(path)?,
+        &path.display().to_string(),
+        store,
+        only,
+    )
+}
+
+/// Reads the tensors of safetensors bytes held by `storage` (`name` names them in errors)
+/// into `store`, keeping only those `only` accepts.
+pub fn read_storage(
+    storage: Arc<Storage>,
+    name: &str,
+    store: &mut TensorStore,
+    only: Option<&dyn Fn(&str) -> bool>,
+) -> Result<()> {
     let bytes = storage.bytes();
-    let parsed = SafeTensors::deserialize(bytes)
-        .map_err(|e| Error::format(format!("{}: {e}", path.display())))?;
+    let parsed =
+        SafeTensors::deserialize(bytes).map_err(|e| Error::format(format!("{name}: {e}")))?;
     let base = bytes.as_ptr() as usize;
     for (name, view) in parsed.tensors() {
         if only.is_some_and(|keep| !keep(&name)) {

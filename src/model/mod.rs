@@ -238,33 +238,52 @@ impl Model {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder"),
             ));
         }
-        let (mut model, builder): (Model, TokenizerBuilder) = if path.is_dir() {
+        if path.is_dir() {
             let (config, store) = loader::load_hf_folder(path)?;
             let dir = path.to_path_buf();
-            (
-                Model::from_hf_tensors(config, store)?,
-                Box::new(move || Tokenizer::from_hf_folder(&dir)),
-            )
+            let model = Model::from_hf_tensors(config, store)?;
+            model.finish_load(options, Box::new(move || Tokenizer::from_hf_folder(&dir)))
         } else {
-            let file = loader::gguf::GgufFile::open(path)?;
-            let name = path.display().to_string();
-            let (config, store) = loader::gguf::model_parts(&file).map_err(|e| e.in_file(&name))?;
-            let model = Model::from_gguf_tensors(config, store).map_err(|e| e.in_file(&name))?;
-            let metadata = file.metadata;
-            (
-                model,
-                Box::new(move || {
-                    crate::tokenizer::tokenizer_from_gguf(&metadata).map_err(|e| e.in_file(&name))
-                }),
-            )
-        };
+            let storage = loader::map_file(path)?;
+            Model::from_gguf_storage(storage, &path.display().to_string(), options)
+        }
+    }
+
+    /// Loads a model from the bytes of a GGUF file (copied; `name` names it in errors).
+    pub fn load_gguf_bytes(bytes: &[u8], name: &str, options: &LoadOptions) -> Result<Model> {
+        let storage = std::sync::Arc::new(crate::tensor::Storage::owned(bytes)?);
+        Model::from_gguf_storage(storage, name, options)
+    }
+
+    /// Loads a model from GGUF bytes held by `storage`.
+    fn from_gguf_storage(
+        storage: std::sync::Arc<crate::tensor::Storage>,
+        name: &str,
+        options: &LoadOptions,
+    ) -> Result<Model> {
+        let file = loader::gguf::GgufFile::parse(storage).map_err(|e| e.in_file(name))?;
+        let (config, store) = loader::gguf::model_parts(&file).map_err(|e| e.in_file(name))?;
+        let model = Model::from_gguf_tensors(config, store).map_err(|e| e.in_file(name))?;
+        let metadata = file.metadata;
+        let name = name.to_string();
+        model.finish_load(
+            options,
+            Box::new(move || {
+                crate::tokenizer::tokenizer_from_gguf(&metadata).map_err(|e| e.in_file(&name))
+            }),
+        )
+    }
+
+    /// What every way of loading does last: attach the tokenizer's builder and quantize
+    /// if asked.
+    fn finish_load(mut self, options: &LoadOptions, tokenizer: TokenizerBuilder) -> Result<Model> {
         if options.load_tokenizer {
-            model.tokenizer = LazyTokenizer::deferred(builder);
+            self.tokenizer = LazyTokenizer::deferred(tokenizer);
         }
         if options.quantize_q8_0 {
-            model.quantize_q8_0()?;
+            self.quantize_q8_0()?;
         }
-        Ok(model)
+        Ok(self)
     }
 
     /// Replaces every F32/F16/BF16 linear weight matrix (and the output matrix) by a Q8_0

@@ -93,6 +93,20 @@ pub struct TokenizerSettings {
     pub chat_template_origin: String,
 }
 
+impl TokenizerSettings {
+    /// The settings of a `tokenizer_config.json` and a `generation_config.json` (either may
+    /// be `Value::Null`).
+    pub fn from_configs(config: &Value, generation: &Value) -> TokenizerSettings {
+        TokenizerSettings {
+            bos_token: token_text(config.get("bos_token")),
+            eos_token: token_text(config.get("eos_token")),
+            extra_stop_ids: ids_of(generation.get("eos_token_id")),
+            chat_template: chat_template_text(config),
+            chat_template_origin: String::new(),
+        }
+    }
+}
+
 /// A special-token field of tokenizer_config.json: a string or `{"content": "..."}`.
 fn token_text(value: Option<&Value>) -> Option<String> {
     match value? {
@@ -181,16 +195,11 @@ impl Tokenizer {
         let json = crate::loader::read_bounded(&path, MAX_TOKENIZER_JSON_BYTES)?;
         let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let generation = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
-        let settings = TokenizerSettings {
-            bos_token: token_text(config.get("bos_token")),
-            eos_token: token_text(config.get("eos_token")),
-            extra_stop_ids: ids_of(generation.get("eos_token_id")),
-            chat_template: chat_template_text(&config),
-            chat_template_origin: format!(
-                "the chat template of {}",
-                dir.join("tokenizer_config.json").display()
-            ),
-        };
+        let mut settings = TokenizerSettings::from_configs(&config, &generation);
+        settings.chat_template_origin = format!(
+            "the chat template of {}",
+            dir.join("tokenizer_config.json").display()
+        );
         Tokenizer::from_json_bytes(&json, settings).map(Some)
     }
 

@@ -1,0 +1,534 @@
+//! The fuzz targets' bodies: one function per parser of untrusted input, each taking any
+//! bytes. `fuzz/` (cargo-fuzz) calls them under libFuzzer; `tests/fuzz_regressions.rs`
+//! replays the committed seeds and every input a campaign found through them, so a finding
+//! stays fixed. Whatever the bytes, none of them may panic, hang, or allocate beyond what
+//! the input size allows.
+//!
+//! Inputs of several parts (a `config.json` and a safetensors file, ...) are the parts
+//! joined by [`SEPARATOR`].
+
+use std::ffi::{c_char, c_void};
+use std::sync::{Arc, OnceLock};
+
+use crate::ffi::*;
+use crate::loader::gguf::GgufFile;
+use crate::model::{LoadOptions, Model};
+use crate::session::{Session, SessionOptions};
+use crate::tensor::Storage;
+use crate::tokenizer::{ChatMessage, ChatTemplate, StreamDecoder, Tokenizer, TokenizerSettings};
+
+/// Separates the parts of a multi-part input.
+pub const SEPARATOR: &[u8] = b"\n\0--ember--\0\n";
+
+/// The first `n` parts of `data` (missing parts are empty).
+fn parts(data: &[u8], n: usize) -> Vec<&[u8]> {
+    let mut out = Vec::with_capacity(n);
+    let mut rest = data;
+    while out.len() + 1 < n {
+        match rest.windows(SEPARATOR.len()).position(|w| w == SEPARATOR) {
+            Some(at) => {
+                out.push(&rest[..at]);
+                rest = &rest[at + SEPARATOR.len()..];
+            }
+            None => break,
+        }
+    }
+    out.push(rest);
+    out.resize(n, &[]);
+    out
+}
+
+/// Joins parts into one input (for making seeds).
+pub fn join(parts: &[&[u8]]) -> Vec<u8> {
+    parts.join(SEPARATOR)
+}
+
+/// Texts a tokenizer is tried on: plain, special-token markers, bytes of every kind.
+const TEXTS: [&str; 4] = [
+    "Hello, wörld! 123 ",
+    "<|im_start|>user\nhi<|im_end|><s></s>[INST]",
+    "\u{0}\t\n\r 😀 日本",
+    "",
+];
+
+/// Uses a tokenizer the way a host does: encode, decode, stream, chat.
+fn exercise_tokenizer(tok: &Tokenizer) {
+    for text in TEXTS {
+        for (add, parse) in [(false, false), (true, true)] {
+            if let Ok(ids) = tok.encode(text, add, parse) {
+                let _ = tok.decode(&ids);
+                let mut stream = StreamDecoder::new();
+                for &id in &ids {
+                    let _ = stream.push(tok, id);
+                }
+                let _ = stream.finish(tok);
+            }
+        }
+    }
+    let _ = tok.decode(&[0, 1, u32::MAX]);
+    let messages = [
+        ChatMessage::new("system", TEXTS[1]),
+        ChatMessage::new("user", TEXTS[0]),
+    ];
+    let _ = tok.encode_chat(&messages, true, false);
+    let _ = tok.encode_chat(&messages, false, true);
+}
+
+/// Steps a couple of tokens through a model in a small session.
+fn exercise_model(model: Model) {
+    let model = Arc::new(model);
+    if let Ok(tok) = model.tokenizer() {
+        exercise_tokenizer(tok);
+    }
+    let options = SessionOptions {
+        n_ctx: 8,
+        n_threads: 1,
+        ubatch: 2,
+    };
+    if let Ok(mut session) = Session::new(model.clone(), &options) {
+        let vocab = model.n_vocab() as u32;
+        let _ = session.step(&[0, vocab.saturating_sub(1), vocab / 2]);
+        let _ = session.step(&[vocab]);
+    }
+}
+
+/// GGUF bytes: the model (config, tensors), its tokenizer and one step.
+pub fn gguf(data: &[u8]) {
+    if let Ok(model) = Model::load_gguf_bytes(data, "fuzz.gguf", &LoadOptions::default()) {
+        exercise_model(model);
+    }
+}
+
+/// GGUF bytes through the tokenizer builder alone (`tokenizer.ggml.*` metadata).
+pub fn gguf_tokenizer(data: &[u8]) {
+    let Ok(storage) = Storage::owned(data) else {
+        return;
+    };
+    if let Ok(file) = GgufFile::parse(Arc::new(storage)) {
+        if let Ok(Some(tok)) = Tokenizer::from_gguf(&file.metadata) {
+            exercise_tokenizer(&tok);
+        }
+    }
+}
+
+/// `config.json`, then safetensors bytes: a Hugging Face model, and one step.
+pub fn safetensors(data: &[u8]) {
+    let p = parts(data, 2);
+    let Ok(text) = std::str::from_utf8(p[0]) else {
+        return;
+    };
+    let Ok(config) = crate::loader::ModelConfig::from_hf_json(text) else {
+        return;
+    };
+    let Ok(storage) = Storage::owned(p[1]) else {
+        return;
+    };
+    let mut store = crate::loader::TensorStore::default();
+    if crate::loader::safetensors::read_storage(Arc::new(storage), "fuzz", &mut store, None)
+        .is_err()
+    {
+        return;
+    }
+    if let Ok(model) = Model::from_hf_tensors(config, store) {
+        exercise_model(model);
+    }
+}
+
+/// `tokenizer.json`, then `tokenizer_config.json`: a Hugging Face tokenizer.
+pub fn tokenizer(data: &[u8]) {
+    let p = parts(data, 2);
+    let config: serde_json::Value = serde_json::from_slice(p[1]).unwrap_or_default();
+    let settings = TokenizerSettings::from_configs(&config, &serde_json::Value::Null);
+    if let Ok(tok) = Tokenizer::from_json_bytes(p[0], settings) {
+        exercise_tokenizer(&tok);
+    }
+}
+
+/// A chat template, then messages (one per line, `role: content`), rendered.
+pub fn chat_template(data: &[u8]) {
+    let p = parts(data, 2);
+    let (Ok(source), Ok(messages)) = (std::str::from_utf8(p[0]), std::str::from_utf8(p[1])) else {
+        return;
+    };
+    let Ok(template) = ChatTemplate::from_source(source, "fuzz") else {
+        return;
+    };
+    let messages: Vec<ChatMessage> = messages
+        .lines()
+        .map(|line| {
+            let (role, content) = line.split_once(": ").unwrap_or(("user", line));
+            ChatMessage::new(role, content)
+        })
+        .collect();
+    for add_generation_prompt in [false, true] {
+        let _ = template.render(&messages, add_generation_prompt, "<s>", "</s>");
+    }
+}
+
+/// Reads the bytes of an input as a sequence of small numbers.
+struct Cursor<'a> {
+    data: &'a [u8],
+}
+
+impl Cursor<'_> {
+    fn byte(&mut self) -> Option<u8> {
+        let (&b, rest) = self.data.split_first()?;
+        self.data = rest;
+        Some(b)
+    }
+
+    fn small(&mut self, max: usize) -> usize {
+        self.byte().map_or(0, |b| b as usize % (max + 1))
+    }
+
+    fn token(&mut self) -> i32 {
+        match self.byte().unwrap_or(0) {
+            250 => -1,
+            251 => i32::MAX,
+            252 => 320,
+            b => b as i32,
+        }
+    }
+
+    fn tokens(&mut self, max: usize) -> Vec<i32> {
+        (0..self.small(max)).map(|_| self.token()).collect()
+    }
+
+    fn text(&mut self) -> Vec<u8> {
+        let n = self.small(24);
+        (0..n).map(|_| self.byte().unwrap_or(b'a')).collect()
+    }
+
+    fn flag(&mut self) -> bool {
+        self.byte().unwrap_or(0) & 1 == 1
+    }
+}
+
+/// The tiny Llama fixture, loaded once through the C API.
+fn fixture_model() -> *mut ember_model {
+    struct Handle(*mut ember_model);
+    // SAFETY: an ember_model is immutable and shared across threads by design.
+    unsafe impl Send for Handle {}
+    // SAFETY: as above.
+    unsafe impl Sync for Handle {}
+    static MODEL: OnceLock<Handle> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama\0");
+            let mut model = std::ptr::null_mut();
+            // SAFETY: a NUL-terminated path and a valid output pointer.
+            let status =
+                unsafe { ember_model_load(path.as_ptr().cast(), std::ptr::null(), &mut model) };
+            assert_eq!(status, ember_status::EMBER_OK, "the fuzz fixture must load");
+            Handle(model)
+        })
+        .0
+}
+
+/// A text callback that continues or stops as the byte at `user` says, and counts calls.
+unsafe extern "C" fn on_text(piece: *const c_char, len: usize, user: *mut c_void) -> bool {
+    // SAFETY: the library passes `len` readable bytes and a NUL after them; `user` is the
+    // `u32` counter this module passes.
+    unsafe {
+        assert_eq!(*piece.add(len), 0, "pieces are NUL-terminated");
+        let calls = &mut *user.cast::<u32>();
+        *calls += 1;
+        *calls % 3 != 0
+    }
+}
+
+/// A sequence of C API calls with arguments from the input, on the tiny fixture model:
+/// NULL handles and outputs, out-of-range tokens, small buffers, and rewind/step/cancel/
+/// generate interleavings. Checks the API's promises along the way (failed steps leave the
+/// position unchanged, outputs are untouched on failure).
+pub fn c_api(data: &[u8]) {
+    let model = fixture_model();
+    let mut c = Cursor { data };
+    let mut session: *mut ember_session = std::ptr::null_mut();
+    let mut sampler: *mut ember_sampler = std::ptr::null_mut();
+    let mut detok: *mut ember_detokenizer = std::ptr::null_mut();
+    // SAFETY (the whole body): every pointer passed is NULL, a live handle made here, or a
+    // local buffer whose stated capacity is its length.
+    unsafe {
+        assert_eq!(
+            ember_session_new(model, std::ptr::null(), &mut session),
+            ember_status::EMBER_OK
+        );
+        assert_eq!(
+            ember_sampler_new(std::ptr::null(), &mut sampler),
+            ember_status::EMBER_OK
+        );
+        assert_eq!(
+            ember_detokenizer_new(model, &mut detok),
+            ember_status::EMBER_OK
+        );
+        let mut logits = vec![0.0f32; 320 * 9];
+        let mut ids = [0i32; 64];
+        let mut text = [0 as c_char; 256];
+        let mut n = 0usize;
+        for _ in 0..48 {
+            let Some(op) = c.byte() else { break };
+            let before = ember_session_position(session);
+            match op % 18 {
+                0 => {
+                    let t = c.text();
+                    let cap = c.small(64);
+                    let (add, parse) = (c.flag(), c.flag());
+                    let _ = ember_tokenize(
+                        model,
+                        t.as_ptr().cast(),
+                        t.len(),
+                        add,
+                        parse,
+                        ids.as_mut_ptr(),
+                        cap,
+                        &mut n,
+                    );
+                }
+                1 => {
+                    let tokens = c.tokens(8);
+                    let out = if c.flag() {
+                        logits.as_mut_ptr()
+                    } else {
+                        std::ptr::null_mut()
+                    };
+                    let status = ember_step(session, tokens.as_ptr(), tokens.len(), out);
+                    let after = ember_session_position(session);
+                    if status == ember_status::EMBER_OK {
+                        assert!(after >= before + tokens.len(), "a step appended nothing");
+                    } else {
+                        assert_eq!(after, before, "a failed step moved the session");
+                    }
+                }
+                2 => {
+                    let tokens = c.tokens(8);
+                    let cap = c.small(9) * 320;
+                    let status = ember_step_all(
+                        session,
+                        tokens.as_ptr(),
+                        tokens.len(),
+                        logits.as_mut_ptr(),
+                        cap,
+                    );
+                    if status != ember_status::EMBER_OK {
+                        assert_eq!(ember_session_position(session), before);
+                    }
+                }
+                3 => {
+                    let to = c.small(140);
+                    let status = ember_session_rewind(session, to);
+                    assert_eq!(status == ember_status::EMBER_OK, to <= before);
+                }
+                4 => assert_eq!(ember_session_reset(session), ember_status::EMBER_OK),
+                5 => {
+                    let _ = ember_session_cancel(session);
+                }
+                6 | 7 => {
+                    let mut params = std::mem::zeroed::<ember_generate_params>();
+                    ember_generate_params_default(
+                        std::mem::size_of::<ember_generate_params>(),
+                        &mut params,
+                    );
+                    params.max_tokens = c.small(5) as u32;
+                    params.ignore_end_tokens = c.flag() as u32;
+                    params.parse_special = c.flag() as u32;
+                    params.add_special = c.flag() as u32;
+                    let stop = c.text();
+                    let mut stop_c = stop
+                        .iter()
+                        .map(|&b| if b == 0 { b'x' } else { b })
+                        .collect::<Vec<u8>>();
+                    stop_c.push(0);
+                    let stops = [stop_c.as_ptr().cast::<c_char>()];
+                    if c.flag() {
+                        params.stop_strings = stops.as_ptr();
+                        params.n_stop_strings = 1;
+                    }
+                    let mut calls = 0u32;
+                    let mut reason = ember_stop_reason::EMBER_STOP_REASON_END_TOKEN;
+                    let mut n_tokens = usize::MAX;
+                    let status = if op % 18 == 6 {
+                        let prompt = c.text();
+                        ember_generate(
+                            session,
+                            sampler,
+                            prompt.as_ptr().cast(),
+                            prompt.len(),
+                            &params,
+                            Some(on_text),
+                            (&mut calls as *mut u32).cast(),
+                            &mut reason,
+                            &mut n_tokens,
+                        )
+                    } else {
+                        let mut role = c.text();
+                        role.retain(|&b| b != 0);
+                        role.push(0);
+                        let mut content = c.text();
+                        content.retain(|&b| b != 0);
+                        content.push(0);
+                        let msg = ember_chat_message {
+                            role: role.as_ptr().cast(),
+                            content: content.as_ptr().cast(),
+                        };
+                        ember_chat(
+                            session,
+                            sampler,
+                            &msg,
+                            1,
+                            &params,
+                            Some(on_text),
+                            (&mut calls as *mut u32).cast(),
+                            &mut reason,
+                            &mut n_tokens,
+                        )
+                    };
+                    if status == ember_status::EMBER_OK {
+                        assert!(n_tokens != usize::MAX, "no token count on success");
+                    } else if status != ember_status::EMBER_ERR_CANCELLED {
+                        assert_eq!(n_tokens, usize::MAX, "outputs written on failure");
+                    }
+                }
+                8 => {
+                    let cap = c.small(64);
+                    let _ = ember_session_tokens(session, ids.as_mut_ptr(), cap, &mut n);
+                }
+                9 => {
+                    let cap = c.small(32);
+                    let _ =
+                        ember_detokenizer_push(detok, c.token(), text.as_mut_ptr(), cap, &mut n);
+                }
+                10 => {
+                    let cap = c.small(32);
+                    let _ = ember_detokenizer_flush(detok, text.as_mut_ptr(), cap, &mut n);
+                    let _ = ember_detokenizer_reset(detok);
+                }
+                11 => {
+                    let count = c.small(320);
+                    for v in logits.iter_mut().take(count) {
+                        *v = match c.byte() {
+                            Some(255) => f32::NAN,
+                            Some(254) => f32::NEG_INFINITY,
+                            b => b.unwrap_or(0) as f32 / 16.0,
+                        };
+                    }
+                    let mut token = 0;
+                    let _ = ember_sample(sampler, logits.as_ptr(), count, &mut token);
+                    let _ = ember_sampler_accept(sampler, c.token());
+                }
+                12 => {
+                    // NULL handles and outputs.
+                    let _ = ember_step(std::ptr::null_mut(), ids.as_ptr(), 1, std::ptr::null_mut());
+                    let _ = ember_tokenize(
+                        model,
+                        std::ptr::null(),
+                        3,
+                        false,
+                        false,
+                        ids.as_mut_ptr(),
+                        64,
+                        &mut n,
+                    );
+                    let _ = ember_tokenize(
+                        std::ptr::null(),
+                        b"hi".as_ptr().cast(),
+                        2,
+                        false,
+                        false,
+                        ids.as_mut_ptr(),
+                        64,
+                        std::ptr::null_mut(),
+                    );
+                    let _ = ember_session_tokens(
+                        session,
+                        std::ptr::null_mut(),
+                        0,
+                        std::ptr::null_mut(),
+                    );
+                    let _ = ember_generate(
+                        session,
+                        std::ptr::null_mut(),
+                        b"x".as_ptr().cast(),
+                        1,
+                        std::ptr::null(),
+                        None,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                    );
+                    let _ =
+                        ember_detokenize(model, ids.as_ptr(), 0, std::ptr::null_mut(), 0, &mut n);
+                    assert_eq!(ember_session_position(std::ptr::null()), 0);
+                }
+                13 => {
+                    let cap = c.small(256);
+                    let mut content = c.text();
+                    content.retain(|&b| b != 0);
+                    content.push(0);
+                    let msg = ember_chat_message {
+                        role: c"user".as_ptr(),
+                        content: content.as_ptr().cast(),
+                    };
+                    let _ =
+                        ember_chat_apply(model, &msg, 1, c.flag(), text.as_mut_ptr(), cap, &mut n);
+                }
+                14 => {
+                    let tokens = c.tokens(16);
+                    let cap = c.small(256);
+                    let _ = ember_detokenize(
+                        model,
+                        tokens.as_ptr(),
+                        tokens.len(),
+                        text.as_mut_ptr(),
+                        cap,
+                        &mut n,
+                    );
+                }
+                15 => {
+                    let mut params = std::mem::zeroed::<ember_session_params>();
+                    ember_session_params_default(
+                        std::mem::size_of::<ember_session_params>(),
+                        &mut params,
+                    );
+                    params.n_ctx = c.small(200) as u32;
+                    params.n_threads = c.small(4) as u32;
+                    params.n_ubatch = c.small(70) as u32;
+                    let mut fresh = std::ptr::null_mut();
+                    if ember_session_new(model, &params, &mut fresh) == ember_status::EMBER_OK {
+                        ember_session_free(session);
+                        session = fresh;
+                    } else {
+                        assert!(fresh.is_null(), "output written on failure");
+                    }
+                }
+                16 => {
+                    assert!(ember_session_position(session) <= ember_session_n_ctx(session));
+                }
+                _ => {
+                    let mut params = std::mem::zeroed::<ember_sampler_params>();
+                    ember_sampler_params_default(
+                        std::mem::size_of::<ember_sampler_params>(),
+                        &mut params,
+                    );
+                    params.temperature = match c.byte() {
+                        Some(255) => f32::NAN,
+                        b => b.unwrap_or(0) as f32 / 64.0,
+                    };
+                    params.top_k = c.small(400) as u32;
+                    params.top_p = c.small(10) as f32 / 10.0;
+                    params.min_p = c.small(10) as f32 / 10.0;
+                    params.repetition_penalty = 1.0 + c.small(4) as f32 / 4.0;
+                    params.seed = c.byte().unwrap_or(0) as u64;
+                    let mut fresh = std::ptr::null_mut();
+                    if ember_sampler_new(&params, &mut fresh) == ember_status::EMBER_OK {
+                        ember_sampler_free(sampler);
+                        sampler = fresh;
+                    }
+                }
+            }
+        }
+        ember_detokenizer_free(detok);
+        ember_sampler_free(sampler);
+        ember_session_free(session);
+    }
+}

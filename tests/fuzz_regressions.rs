@@ -1,0 +1,87 @@
+//! Replays, through the fuzz targets' bodies (`ember::fuzzing`), every input a fuzzing
+//! campaign found (`fuzz/regressions/<target>/`, copied there by `scripts/fuzz`), and a
+//! seed input of each target; none may panic. The campaigns themselves run in
+//! `scripts/fuzz` (a smoke run of every target in `scripts/test`).
+
+use std::path::Path;
+
+type Target = fn(&[u8]);
+
+const TARGETS: [(&str, Target); 6] = [
+    ("gguf", ember::fuzzing::gguf),
+    ("gguf_tokenizer", ember::fuzzing::gguf_tokenizer),
+    ("safetensors", ember::fuzzing::safetensors),
+    ("tokenizer", ember::fuzzing::tokenizer),
+    ("chat_template", ember::fuzzing::chat_template),
+    ("c_api", ember::fuzzing::c_api),
+];
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn every_input_a_campaign_found_is_handled() {
+    let mut replayed = 0;
+    for (name, target) in TARGETS {
+        let dir = root().join("fuzz/regressions").join(name);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            let data = std::fs::read(&path).unwrap();
+            let outcome = std::panic::catch_unwind(|| target(&data));
+            assert!(outcome.is_ok(), "{} panics", path.display());
+            replayed += 1;
+        }
+    }
+    println!("{replayed} regression inputs replayed");
+}
+
+#[test]
+fn every_target_handles_its_seeds() {
+    let fixtures = root().join("tests/fixtures");
+    let read = |p: &str| std::fs::read(fixtures.join(p)).unwrap();
+    let seeds: [(&str, Vec<u8>); 6] = [
+        ("gguf", read("gguf/llama.Q4_0.gguf")),
+        ("gguf_tokenizer", read("gguf/gpt2.F32.gguf")),
+        (
+            "safetensors",
+            ember::fuzzing::join(&[&read("llama/config.json"), &read("llama/model.safetensors")]),
+        ),
+        (
+            "tokenizer",
+            ember::fuzzing::join(&[
+                &read("llama/tokenizer.json"),
+                &read("llama/tokenizer_config.json"),
+            ]),
+        ),
+        (
+            "chat_template",
+            ember::fuzzing::join(&[
+                b"{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}",
+                b"user: hi\nassistant: hello",
+            ]),
+        ),
+        ("c_api", (0..=255u8).step_by(3).collect()),
+    ];
+    for ((name, target), (seed_name, seed)) in TARGETS.iter().zip(seeds) {
+        assert_eq!(*name, seed_name);
+        target(&seed);
+        target(&seed[..seed.len() / 2]);
+        target(&[]);
+    }
+}
+
+#[test]
+fn the_fuzz_script_joins_parts_as_the_targets_split_them() {
+    let script = std::fs::read_to_string(root().join("scripts/fuzz")).unwrap();
+    let literal = String::from_utf8_lossy(ember::fuzzing::SEPARATOR)
+        .replace('\n', "\\n")
+        .replace('\0', "\\0");
+    assert!(
+        script.contains(&format!("SEP = b\"{literal}\"")),
+        "scripts/fuzz: {literal}"
+    );
+}
