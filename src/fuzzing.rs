@@ -247,7 +247,7 @@ pub fn c_api(data: &[u8]) {
     let mut session: *mut ember_session = std::ptr::null_mut();
     let mut sampler: *mut ember_sampler = std::ptr::null_mut();
     let mut detok: *mut ember_detokenizer = std::ptr::null_mut();
-    // SAFETY (the whole body): every pointer passed is NULL, a live handle made here, or a
+    // SAFETY: (the whole body) every pointer passed is NULL, a live handle made here, or a
     // local buffer whose stated capacity is its length.
     unsafe {
         assert_eq!(
