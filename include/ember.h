@@ -187,7 +187,7 @@ typedef struct ember_model_params {
   uint32_t struct_size;
   /**
    * Non-zero: the model has its tokenizer (tokenizer.json or GGUF metadata), built on its
-   * first use (a few hundred milliseconds for a 50k vocabulary). Default 1.
+   * first use (about 30 ms for a 50k vocabulary). Default 1.
    */
   uint32_t load_tokenizer;
   /**

@@ -26,7 +26,7 @@ pub struct ember_model_params {
     /// Size of this struct in bytes, as the caller knows it (set by the default function).
     pub struct_size: u32,
     /// Non-zero: the model has its tokenizer (tokenizer.json or GGUF metadata), built on its
-    /// first use (a few hundred milliseconds for a 50k vocabulary). Default 1.
+    /// first use (about 30 ms for a 50k vocabulary). Default 1.
     pub load_tokenizer: u32,
     /// Non-zero: quantize F32/F16/BF16 weight matrices to Q8_0 at load, for speed and memory
     /// over exactness (GPT-2's Conv1D matrices stay as they are). Default 0. (ABI 1, added

@@ -26,8 +26,59 @@ pub enum GgufValue {
     Bool(bool),
     /// A UTF-8 string.
     String(String),
-    /// An array of values of one type.
+    /// An array of values of one type (numbers and booleans as read; strings built in
+    /// memory).
     Array(Vec<GgufValue>),
+    /// An array of strings as read from a file: validated when the file is parsed, left in
+    /// the file's bytes and read from them when used (a vocabulary is tens of thousands of
+    /// strings, which loading should not copy).
+    Strings(StringArray),
+}
+
+/// Strings of a GGUF array, in the file's bytes: `count` items from `start`, each a u64
+/// length and that many bytes of UTF-8 (checked when the file was parsed).
+#[derive(Clone)]
+pub struct StringArray {
+    storage: Arc<Storage>,
+    start: usize,
+    count: usize,
+}
+
+impl StringArray {
+    /// Number of strings.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// True when the array has no string.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// The strings, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        let bytes = self.storage.bytes();
+        let mut pos = self.start;
+        (0..self.count).map(move |_| {
+            // Bounds and UTF-8 were checked at parse time, on the same immutable bytes.
+            let n = u64::from_le_bytes(bytes[pos..pos + 8].try_into().unwrap_or([0; 8])) as usize;
+            let text = std::str::from_utf8(&bytes[pos + 8..pos + 8 + n]).unwrap_or_default();
+            pos += 8 + n;
+            text
+        })
+    }
+}
+
+impl std::fmt::Debug for StringArray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StringArray({} strings)", self.count)
+    }
+}
+
+impl PartialEq for StringArray {
+    fn eq(&self, other: &StringArray) -> bool {
+        self.count == other.count && self.iter().eq(other.iter())
+    }
 }
 
 /// The key/value metadata of a GGUF file.
@@ -96,6 +147,7 @@ impl GgufMetadata {
     pub fn str_array(&self, key: &str) -> Result<Option<Vec<&str>>> {
         match self.get(key) {
             None => Ok(None),
+            Some(GgufValue::Strings(strings)) => Ok(Some(strings.iter().collect())),
             Some(GgufValue::Array(items)) => items
                 .iter()
                 .map(|v| match v {
@@ -192,6 +244,8 @@ const MAX_ARRAY_ITEMS: usize = 1 << 23;
 /// Bounds-checked little-endian reader over the file's bytes.
 struct Reader<'a> {
     bytes: &'a [u8],
+    /// What `bytes` belongs to (string arrays keep a view of it).
+    storage: &'a Arc<Storage>,
     pos: usize,
     /// Array items the metadata may still hold (see [`MAX_ARRAY_ITEMS`]).
     items_left: usize,
@@ -283,6 +337,21 @@ impl<'a> Reader<'a> {
                         "GGUF metadata arrays hold more than {MAX_ARRAY_ITEMS} items ({key})"
                     ))
                 })?;
+                if item_type == 8 {
+                    // Strings stay in the file: checked here, read when used.
+                    let start = self.pos;
+                    for _ in 0..n {
+                        let len = self.count(1, key)?;
+                        std::str::from_utf8(self.take(len, key)?).map_err(|_| {
+                            Error::format(format!("GGUF metadata {key}: a string is not UTF-8"))
+                        })?;
+                    }
+                    return Ok(GgufValue::Strings(StringArray {
+                        storage: self.storage.clone(),
+                        start,
+                        count: n,
+                    }));
+                }
                 // Grown as items are read: the count is only checked against the bytes left.
                 let mut items = Vec::with_capacity(n.min(1 << 16));
                 for _ in 0..n {
@@ -313,6 +382,7 @@ impl GgufFile {
         let bytes = storage.bytes();
         let mut r = Reader {
             bytes,
+            storage: &storage,
             pos: 0,
             items_left: MAX_ARRAY_ITEMS,
         };

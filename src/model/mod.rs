@@ -161,8 +161,8 @@ impl Default for LoadOptions {
 /// Builds the tokenizer from its source.
 type TokenizerBuilder = Box<dyn FnOnce() -> Result<Option<Tokenizer>> + Send>;
 
-/// A tokenizer built on first use: parsing a 50k-token vocabulary takes a few hundred
-/// milliseconds, which loading the weights should not pay (nor users who only step ids).
+/// A tokenizer built on first use: building a 50k-token vocabulary takes about 25 ms, which
+/// loading the weights should not pay (nor users who only step ids).
 #[derive(Default)]
 pub(crate) struct LazyTokenizer {
     builder: std::sync::Mutex<Option<TokenizerBuilder>>,

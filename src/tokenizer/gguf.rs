@@ -223,16 +223,6 @@ fn added_tokens(vocab: &Vocab) -> Vec<Value> {
         .collect()
 }
 
-/// The model's vocabulary object (token text → id), every token included as Hugging Face's
-/// own byte-level tokenizer.json files do.
-fn vocab_object(vocab: &Vocab) -> Value {
-    let mut map = Map::with_capacity(vocab.len());
-    for (id, &token) in vocab.tokens.iter().enumerate() {
-        map.insert(token.to_string(), json!(id));
-    }
-    Value::Object(map)
-}
-
 /// `TemplateProcessing` that adds BOS before and EOS after each sequence, as requested (the
 /// layout of Hugging Face's Llama tokenizers). With neither it leaves the ids as they are.
 fn post_processor(vocab: &Vocab, bos: Option<u32>, eos: Option<u32>) -> Value {
@@ -366,8 +356,11 @@ fn byte_level_pre(name: Option<&str>) -> Result<BytePre> {
     })
 }
 
-/// `tokenizer.ggml.merges` as `[left, right]` pairs, each checked against the vocabulary.
-fn read_merges(meta: &GgufMetadata, vocab: &Vocab) -> Result<Vec<Value>> {
+/// A merge: the left and right tokens it joins.
+type Merge<'a> = (&'a str, &'a str);
+
+/// `tokenizer.ggml.merges` as pairs, each checked against the vocabulary.
+fn read_merges<'a>(meta: &'a GgufMetadata, vocab: &Vocab) -> Result<Vec<Merge<'a>>> {
     let merges = meta.str_array(MERGES)?.ok_or_else(|| {
         Error::format(format!(
             "GGUF metadata {MERGES} is missing (a BPE tokenizer needs its merges)"
@@ -386,8 +379,9 @@ fn read_merges(meta: &GgufMetadata, vocab: &Vocab) -> Result<Vec<Value>> {
         .enumerate()
         .map(|(id, &t)| (t, id))
         .collect();
+    let mut joined = String::new();
     merges
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(i, merge)| {
             let bad =
@@ -396,23 +390,27 @@ fn read_merges(meta: &GgufMetadata, vocab: &Vocab) -> Result<Vec<Value>> {
                 .split_once(' ')
                 .filter(|(l, r)| !l.is_empty() && !r.is_empty() && !r.contains(' '))
                 .ok_or_else(|| bad("not two tokens separated by one space"))?;
-            for part in [left, right, &format!("{left}{right}")] {
+            joined.clear();
+            joined.push_str(left);
+            joined.push_str(right);
+            for part in [left, right, joined.as_str()] {
                 if !known.contains_key(part) {
                     return Err(bad(&format!("{part:?} is not in the vocabulary")));
                 }
             }
-            Ok(json!([left, right]))
+            Ok((left, right))
         })
         .collect()
 }
 
-/// tokenizer.json for a byte-level BPE (`tokenizer.ggml.model = "gpt2"`).
-fn byte_level_bpe_json(
-    meta: &GgufMetadata,
+/// tokenizer.json for a byte-level BPE (`tokenizer.ggml.model = "gpt2"`), but for its
+/// model's vocabulary and merges, and the merges.
+fn byte_level_bpe_json<'a>(
+    meta: &'a GgufMetadata,
     vocab: &Vocab,
     bos: Option<u32>,
     eos: Option<u32>,
-) -> Result<Value> {
+) -> Result<(Value, Vec<Merge<'a>>)> {
     let pre = byte_level_pre(meta.str(PRE)?)?;
     if meta.bool(ADD_SPACE_PREFIX)? == Some(true) {
         return Err(Error::Unsupported(format!(
@@ -421,7 +419,7 @@ fn byte_level_bpe_json(
     }
     let merges = read_merges(meta, vocab)?;
     let (add_bos, add_eos) = added_specials(meta, bos, eos, pre.default_add_bos)?;
-    Ok(json!({
+    let json = json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
@@ -444,17 +442,21 @@ fn byte_level_bpe_json(
             "fuse_unk": false,
             "byte_fallback": false,
             "ignore_merges": pre.ignore_merges,
-            "vocab": vocab_object(vocab),
-            "merges": merges,
         },
-    }))
+    });
+    Ok((json, merges))
 }
 
-/// The Hugging Face `tokenizer.json` (as a JSON value) and the settings of the tokenizer a
-/// GGUF file describes, or `None` when the file has no `tokenizer.ggml.model`.
-///
-/// Exposed for conversion to a Hugging Face folder; [`tokenizer_from_gguf`] loads it.
-pub fn tokenizer_json_from_gguf(meta: &GgufMetadata) -> Result<Option<(Value, TokenizerSettings)>> {
+/// A GGUF file's tokenizer, ready to become a `tokenizer.json` or a tokenizer: the
+/// `tokenizer.json` but for its model's vocabulary and merges, those, and the settings.
+struct GgufTokenizer<'a> {
+    json: Value,
+    tokens: Vec<&'a str>,
+    merges: Vec<Merge<'a>>,
+    settings: TokenizerSettings,
+}
+
+fn gguf_tokenizer(meta: &GgufMetadata) -> Result<Option<GgufTokenizer<'_>>> {
     let Some(model) = meta.str(MODEL)? else {
         return Ok(None);
     };
@@ -467,7 +469,7 @@ pub fn tokenizer_json_from_gguf(meta: &GgufMetadata) -> Result<Option<(Value, To
     for key in OTHER_ID_KEYS {
         special_id(meta, key, n)?;
     }
-    let json = match model {
+    let (json, merges) = match model {
         "gpt2" => byte_level_bpe_json(meta, &vocab, bos, eos)?,
         "llama" => sentencepiece_bpe_json(meta, &vocab, bos, eos)?,
         other => {
@@ -485,7 +487,32 @@ pub fn tokenizer_json_from_gguf(meta: &GgufMetadata) -> Result<Option<(Value, To
         chat_template: meta.str(CHAT_TEMPLATE)?.map(str::to_string),
         chat_template_origin: format!("the chat template of the GGUF file ({CHAT_TEMPLATE})"),
     };
-    Ok(Some((json, settings)))
+    Ok(Some(GgufTokenizer {
+        json,
+        tokens: vocab.tokens,
+        merges,
+        settings,
+    }))
+}
+
+/// The Hugging Face `tokenizer.json` (as a JSON value) and the settings of the tokenizer a
+/// GGUF file describes, or `None` when the file has no `tokenizer.ggml.model`.
+///
+/// For conversion to a Hugging Face folder; [`tokenizer_from_gguf`] builds the same tokenizer
+/// without writing its vocabulary and merges out as JSON.
+pub fn tokenizer_json_from_gguf(meta: &GgufMetadata) -> Result<Option<(Value, TokenizerSettings)>> {
+    let Some(t) = gguf_tokenizer(meta)? else {
+        return Ok(None);
+    };
+    let mut json = t.json;
+    let mut vocab = Map::with_capacity(t.tokens.len());
+    for (id, &token) in t.tokens.iter().enumerate() {
+        vocab.insert(token.to_string(), json!(id));
+    }
+    let merges: Vec<Value> = t.merges.iter().map(|(l, r)| json!([l, r])).collect();
+    json["model"]["vocab"] = Value::Object(vocab);
+    json["model"]["merges"] = Value::Array(merges);
+    Ok(Some((json, t.settings)))
 }
 
 /// Builds the tokenizer a GGUF file describes in its `tokenizer.ggml.*` metadata (with its
@@ -496,15 +523,29 @@ pub fn tokenizer_json_from_gguf(meta: &GgufMetadata) -> Result<Option<(Value, To
 /// special ids outside the vocabulary, merges of unknown tokens); [`Error::Unsupported`] for a
 /// tokenizer model or pre-tokenizer Ember does not know.
 pub fn tokenizer_from_gguf(meta: &GgufMetadata) -> Result<Option<Tokenizer>> {
-    let Some((json, settings)) = tokenizer_json_from_gguf(meta)? else {
+    let Some(t) = gguf_tokenizer(meta)? else {
         return Ok(None);
     };
-    Tokenizer::from_json_value(json, settings)
+    let in_gguf = |e: Error| match e {
+        Error::BadFormat(m) => Error::BadFormat(format!("tokenizer from GGUF metadata: {m}")),
+        other => other,
+    };
+    let vocab: tokenizers::models::bpe::Vocab = t
+        .tokens
+        .iter()
+        .enumerate()
+        .map(|(id, &token)| (token.to_string(), id as u32))
+        .collect();
+    let merges = t
+        .merges
+        .iter()
+        .map(|&(l, r)| (l.to_string(), r.to_string()))
+        .collect();
+    let model = super::build::bpe(&t.json["model"], vocab, merges).map_err(in_gguf)?;
+    let built = super::build::assemble(&t.json, model).map_err(in_gguf)?;
+    Tokenizer::from_built(built, t.settings)
         .map(Some)
-        .map_err(|e| match e {
-            Error::BadFormat(m) => Error::BadFormat(format!("tokenizer from GGUF metadata: {m}")),
-            other => other,
-        })
+        .map_err(in_gguf)
 }
 
 impl Tokenizer {
@@ -519,12 +560,16 @@ impl Tokenizer {
 /// vocabulary is a merge, ranked by the score of the piece it makes (highest first); ties keep
 /// piece id order, and the cuts of one piece are ordered by the ids of their left, then right
 /// parts.
-fn merges_from_scores(vocab: &Vocab, scores: &[f64]) -> Result<Vec<Value>> {
+fn merges_from_scores<'a>(vocab: &Vocab<'a>, scores: &[f64]) -> Result<Vec<Merge<'a>>> {
     merges_from_scores_capped(vocab, scores, super::MAX_MERGES)
 }
 
 /// [`merges_from_scores`], failing when there are more than `cap` merges.
-fn merges_from_scores_capped(vocab: &Vocab, scores: &[f64], cap: usize) -> Result<Vec<Value>> {
+fn merges_from_scores_capped<'a>(
+    vocab: &Vocab<'a>,
+    scores: &[f64],
+    cap: usize,
+) -> Result<Vec<Merge<'a>>> {
     /// Pieces longer than this (in bytes) take no part in merges.
     const MAX_PIECE_BYTES: usize = 128;
     let ids: HashMap<&str, usize> = vocab
@@ -534,8 +579,8 @@ fn merges_from_scores_capped(vocab: &Vocab, scores: &[f64], cap: usize) -> Resul
         .map(|(id, &t)| (t, id))
         .collect();
     // (score, left id, right id, left, right) in piece id order.
-    let mut merges: Vec<(f64, usize, usize, &str, &str)> = Vec::new();
-    for (piece, &score) in vocab.tokens.iter().zip(scores) {
+    let mut merges: Vec<(f64, usize, usize, &'a str, &'a str)> = Vec::new();
+    for (&piece, &score) in vocab.tokens.iter().zip(scores) {
         // Every cut of a piece is a candidate: long pieces would make this quadratic in
         // their length (and a hostile vocabulary cubic in memory). Real pieces are short.
         if piece.len() > MAX_PIECE_BYTES {
@@ -559,20 +604,20 @@ fn merges_from_scores_capped(vocab: &Vocab, scores: &[f64], cap: usize) -> Resul
     merges.sort_by(|a, b| b.0.total_cmp(&a.0));
     Ok(merges
         .into_iter()
-        .map(|(_, _, _, left, right)| json!([left, right]))
+        .map(|(_, _, _, left, right)| (left, right))
         .collect())
 }
 
 /// tokenizer.json for a SentencePiece BPE with byte fallback (`tokenizer.ggml.model =
 /// "llama"`), laid out as Hugging Face's Llama converter writes it: spaces become "▁" and one
 /// "▁" is prepended (normalizer), unknown characters fall back to byte tokens `<0xXX>`, and the
-/// decoder undoes both.
-fn sentencepiece_bpe_json(
-    meta: &GgufMetadata,
-    vocab: &Vocab,
+/// decoder undoes both. As [`byte_level_bpe_json`], without the model's vocabulary and merges.
+fn sentencepiece_bpe_json<'a>(
+    meta: &'a GgufMetadata,
+    vocab: &Vocab<'a>,
     bos: Option<u32>,
     eos: Option<u32>,
-) -> Result<Value> {
+) -> Result<(Value, Vec<Merge<'a>>)> {
     if meta.bool("tokenizer.ggml.remove_extra_whitespaces")? == Some(true) {
         return Err(Error::Unsupported(
             "tokenizer.ggml.remove_extra_whitespaces = true on a SentencePiece tokenizer".into(),
@@ -613,7 +658,7 @@ fn sentencepiece_bpe_json(
         decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
     }
     let (add_bos, add_eos) = added_specials(meta, bos, eos, true)?;
-    Ok(json!({
+    let json = json!({
         "version": "1.0",
         "truncation": null,
         "padding": null,
@@ -631,10 +676,9 @@ fn sentencepiece_bpe_json(
             "fuse_unk": true,
             "byte_fallback": true,
             "ignore_merges": false,
-            "vocab": vocab_object(vocab),
-            "merges": merges,
         },
-    }))
+    });
+    Ok((json, merges))
 }
 
 #[cfg(test)]

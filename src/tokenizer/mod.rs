@@ -6,6 +6,7 @@
 //! turning into control tokens, a streaming decoder ([`StreamDecoder`]) and chat templates
 //! ([`ChatTemplate`]).
 
+mod build;
 mod chat;
 mod gguf;
 mod guard;
@@ -46,8 +47,9 @@ pub const MAX_MERGES: usize = 1 << 22;
 pub struct Tokenizer {
     /// Recognises added/special tokens written in the text.
     parsing: tokenizers::Tokenizer,
-    /// Treats special tokens written in the text as plain text.
-    literal: tokenizers::Tokenizer,
+    /// The added vocabulary with special tokens treated as plain text: what encoding with
+    /// special-token parsing off matches (the rest of `parsing` is shared).
+    plain_added: tokenizers::AddedVocabulary,
     /// The pre-tokenizer for text that does not start the input, where it differs (a
     /// `Metaspace` that prepends "▁" only to the first piece of a text).
     later_pre_tokenizer: Option<tokenizers::PreTokenizerWrapper>,
@@ -221,19 +223,16 @@ impl Tokenizer {
     /// Builds a tokenizer from a parsed `tokenizer.json` and its settings.
     pub fn from_json_value(json: Value, settings: TokenizerSettings) -> Result<Tokenizer> {
         check_tokenizer_json(&json)?;
-        let parsing = match crate::error::catch_quietly(|| {
-            serde_json::from_value::<tokenizers::Tokenizer>(json)
-        }) {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => return Err(Error::format(format!("tokenizer.json: {e}"))),
-            Err(panic) => {
-                return Err(Error::format(format!(
-                    "tokenizer.json is malformed (the tokenizers library failed on it: {panic})"
-                )))
-            }
-        };
-        let mut literal = parsing.clone();
-        literal.set_encode_special_tokens(true);
+        Tokenizer::from_built(build::from_json(json)?, settings)
+    }
+
+    /// Completes a tokenizer the `tokenizers` crate has built.
+    pub(crate) fn from_built(
+        parsing: tokenizers::Tokenizer,
+        settings: TokenizerSettings,
+    ) -> Result<Tokenizer> {
+        let mut plain_added = parsing.get_added_vocabulary().clone();
+        plain_added.set_encode_special_tokens(true);
         let n_vocab = parsing.get_vocab_size(true);
         let id = |text: &Option<String>| text.as_deref().and_then(|t| parsing.token_to_id(t));
         let bos = id(&settings.bos_token);
@@ -286,7 +285,7 @@ impl Tokenizer {
             bos_text: settings.bos_token.clone().unwrap_or_else(|| text_of(bos)),
             eos_text: settings.eos_token.clone().unwrap_or_else(|| text_of(eos)),
             parsing,
-            literal,
+            plain_added,
             n_vocab,
             bos,
             eos,
@@ -343,15 +342,41 @@ impl Tokenizer {
     ///   become their ids; when false they are tokenized as plain text, so user input can
     ///   never inject a control token.
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Result<Vec<u32>> {
-        let tokenizer = if parse_special {
-            &self.parsing
-        } else {
-            &self.literal
-        };
-        let encoding = crate::error::catch_quietly(|| tokenizer.encode(text, add_special))
-            .map_err(|panic| Error::InvalidArgument(format!("tokenization failed: {panic}")))?
-            .map_err(|e| Error::InvalidArgument(format!("tokenization failed: {e}")))?;
+        let encoding = crate::error::catch_quietly(|| {
+            if parse_special {
+                self.parsing.encode(text, add_special)
+            } else {
+                let plain = self.plain_encoding(text, true)?;
+                self.parsing.post_process(plain, None, add_special)
+            }
+        })
+        .map_err(|panic| Error::InvalidArgument(format!("tokenization failed: {panic}")))?
+        .map_err(|e| Error::InvalidArgument(format!("tokenization failed: {e}")))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// The encoding of `text` with special tokens as plain text, as the tokenizer encodes a
+    /// piece of a longer input (`at_start`: the piece starts the input), before
+    /// post-processing: the `tokenizers` crate's own pipeline with the plain added
+    /// vocabulary.
+    fn plain_encoding(
+        &self,
+        text: &str,
+        at_start: bool,
+    ) -> tokenizers::Result<tokenizers::Encoding> {
+        let t = &self.parsing;
+        let mut pieces = self
+            .plain_added
+            .extract_and_normalize(t.get_normalizer(), text);
+        let pre_tokenizer = match (&self.later_pre_tokenizer, at_start) {
+            (Some(later), false) => Some(later),
+            _ => t.get_pre_tokenizer(),
+        };
+        if let Some(p) = pre_tokenizer {
+            p.pre_tokenize(&mut pieces)?;
+        }
+        pieces.tokenize(|piece| t.get_model().tokenize(piece.get()))?;
+        pieces.into_encoding(None, 0, OffsetType::None)
     }
 
     /// Decodes ids to text, special tokens included. An id outside the vocabulary is an error.
@@ -468,25 +493,9 @@ impl Tokenizer {
         if text.is_empty() {
             return Ok(());
         }
-        let failed =
-            |e: tokenizers::Error| Error::InvalidArgument(format!("tokenization failed: {e}"));
-        let t = &self.literal;
-        let mut pieces = t
-            .get_added_vocabulary()
-            .extract_and_normalize(t.get_normalizer(), text);
-        let pre_tokenizer = match (&self.later_pre_tokenizer, at_start) {
-            (Some(later), false) => Some(later),
-            _ => t.get_pre_tokenizer(),
-        };
-        if let Some(p) = pre_tokenizer {
-            p.pre_tokenize(&mut pieces).map_err(failed)?;
-        }
-        pieces
-            .tokenize(|piece| t.get_model().tokenize(piece.get()))
-            .map_err(failed)?;
-        let encoding = pieces
-            .into_encoding(None, 0, OffsetType::None)
-            .map_err(failed)?;
+        let encoding = crate::error::catch_quietly(|| self.plain_encoding(text, at_start))
+            .map_err(|panic| Error::InvalidArgument(format!("tokenization failed: {panic}")))?
+            .map_err(|e| Error::InvalidArgument(format!("tokenization failed: {e}")))?;
         ids.extend_from_slice(encoding.get_ids());
         Ok(())
     }

@@ -90,8 +90,18 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         })
         .collect::<Result<_, _>>()?;
     let rss_before = resident_mib();
+    let start = Instant::now();
     let (model, load_s) = load(&path, &args)?;
     let rss_loaded = resident_mib();
+    // Time to ready: from the start of the load to the first token ids of a short prompt.
+    let first_ids = match model.tokenizer() {
+        Ok(t) => t
+            .encode("Hello, how are you?", true, false)
+            .map(|_| start.elapsed().as_secs_f64())
+            .unwrap_or(f64::NAN),
+        Err(_) => f64::NAN,
+    };
+    let rss_tokenizer = resident_mib();
     let tokens = bench_tokens(pp.max(1), model.n_vocab());
     let mut rows = Vec::new();
     for &n_threads in &threads {
@@ -154,7 +164,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
             })
             .collect();
         out!(
-            "{{\"model\":{:?},\"dtype\":\"{}\",\"isa\":\"{}\",\"load_s\":{load_s:.6},\"rss_before_mib\":{rss_before:.1},\"rss_loaded_mib\":{rss_loaded:.1},\"rss_after_mib\":{rss_after:.1},\"weight_bytes_per_token\":{bytes},\"pp\":{pp},\"tg\":{tg},\"results\":[{}]}}",
+            "{{\"model\":{:?},\"dtype\":\"{}\",\"isa\":\"{}\",\"load_s\":{load_s:.6},\"first_ids_s\":{first_ids:.6},\"rss_before_mib\":{rss_before:.1},\"rss_loaded_mib\":{rss_loaded:.1},\"rss_tokenizer_mib\":{rss_tokenizer:.1},\"rss_after_mib\":{rss_after:.1},\"weight_bytes_per_token\":{bytes},\"pp\":{pp},\"tg\":{tg},\"results\":[{}]}}",
             path,
             model.weight_dtype(),
             ember::kernels::Isa::detect().name(),
@@ -167,6 +177,11 @@ pub fn bench(args: &[String]) -> Result<(), String> {
             ember::kernels::Isa::detect().name()
         );
         out!("load         {:.2} ms", load_s * 1e3);
+        out!(
+            "first ids    {:.2} ms from the start of the load (resident +{:.1} MiB for the tokenizer)",
+            first_ids * 1e3,
+            rss_tokenizer - rss_loaded
+        );
         out!("resident     {rss_before:.1} MiB before load, {rss_loaded:.1} MiB after load, {rss_after:.1} MiB after the runs");
         out!("weights/tok  {:.1} MiB", bytes / (1 << 20) as f64);
         out!("threads  pp{pp} tok/s  tg{tg} tok/s  read GB/s  tg limit tok/s");
