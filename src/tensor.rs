@@ -11,6 +11,10 @@ use memmap2::Mmap;
 use crate::error::{Error, Result};
 
 /// Element type of a weight tensor.
+///
+/// The block-quantized types are GGML's (their byte layouts are those of llama.cpp's
+/// `ggml-common.h`): blocks of [`DType::block_len`] weights of [`DType::block_bytes`] bytes.
+#[allow(non_camel_case_types)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
     /// IEEE 754 single precision.
@@ -19,21 +23,65 @@ pub enum DType {
     F16,
     /// bfloat16 (the upper half of an f32).
     BF16,
-    /// GGML Q8_0: blocks of 32 weights, an f16 scale and 32 `i8` (34 bytes).
+    /// Q8_0: 32 weights, an f16 scale and 32 `i8` (34 bytes).
     Q8_0,
-    /// GGML Q4_0: blocks of 32 weights, an f16 scale and 32 4-bit values offset by 8 (18 bytes).
+    /// Q4_0: 32 weights, an f16 scale and 32 4-bit values offset by 8 (18 bytes).
     Q4_0,
-    /// GGML Q4_1: blocks of 32 weights, f16 scale and minimum, 32 4-bit values (20 bytes).
+    /// Q4_1: 32 weights, f16 scale and minimum, 32 4-bit values (20 bytes).
     Q4_1,
+    /// Q5_0: 32 weights, an f16 scale, 32 5-bit values offset by 16 (22 bytes).
+    Q5_0,
+    /// Q5_1: 32 weights, f16 scale and minimum, 32 5-bit values (24 bytes).
+    Q5_1,
+    /// Q2_K: 256 weights in 16 groups with 4-bit scales and minimums, 2-bit values (84 bytes).
+    Q2_K,
+    /// Q3_K: 256 weights in 16 groups with 6-bit scales, 3-bit values (110 bytes).
+    Q3_K,
+    /// Q4_K: 256 weights in 8 groups with 6-bit scales and minimums, 4-bit values (144 bytes).
+    Q4_K,
+    /// Q5_K: 256 weights in 8 groups with 6-bit scales and minimums, 5-bit values (176 bytes).
+    Q5_K,
+    /// Q6_K: 256 weights in 16 groups with 8-bit scales, 6-bit values (210 bytes).
+    Q6_K,
+    /// IQ4_NL: 32 weights, an f16 scale, 32 4-bit indices into a fixed table (18 bytes).
+    IQ4_NL,
+    /// IQ4_XS: 256 weights in 8 groups with 6-bit scales, 4-bit table indices (136 bytes).
+    IQ4_XS,
 }
 
 impl DType {
-    /// Number of elements stored together (32 for the quantized types, else 1).
+    /// Every type, for tests and tables.
+    pub fn all() -> [DType; 15] {
+        [
+            DType::F32,
+            DType::F16,
+            DType::BF16,
+            DType::Q8_0,
+            DType::Q4_0,
+            DType::Q4_1,
+            DType::Q5_0,
+            DType::Q5_1,
+            DType::Q2_K,
+            DType::Q3_K,
+            DType::Q4_K,
+            DType::Q5_K,
+            DType::Q6_K,
+            DType::IQ4_NL,
+            DType::IQ4_XS,
+        ]
+    }
+
+    /// Number of elements stored together: 256 for the K-quants and IQ4_XS, 32 for the other
+    /// quantized types, 1 for floats.
     pub fn block_len(self) -> usize {
-        if self.is_quantized() {
-            crate::kernels::quant::BLOCK
-        } else {
-            1
+        match self {
+            DType::F32 | DType::F16 | DType::BF16 => 1,
+            DType::Q8_0 | DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::IQ4_NL => {
+                32
+            }
+            DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::IQ4_XS => {
+                256
+            }
         }
     }
 
@@ -43,14 +91,22 @@ impl DType {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
             DType::Q8_0 => 34,
-            DType::Q4_0 => 18,
+            DType::Q4_0 | DType::IQ4_NL => 18,
             DType::Q4_1 => 20,
+            DType::Q5_0 => 22,
+            DType::Q5_1 => 24,
+            DType::Q2_K => 84,
+            DType::Q3_K => 110,
+            DType::Q4_K => 144,
+            DType::Q5_K => 176,
+            DType::Q6_K => 210,
+            DType::IQ4_XS => 136,
         }
     }
 
     /// True for the block-quantized types.
     pub fn is_quantized(self) -> bool {
-        matches!(self, DType::Q8_0 | DType::Q4_0 | DType::Q4_1)
+        self.block_len() > 1
     }
 
     /// Bytes needed for `n` elements, or `None` if `n` is not a whole number of blocks or
@@ -62,11 +118,12 @@ impl DType {
         (n / self.block_len()).checked_mul(self.block_bytes())
     }
 
-    /// Alignment the in-place view of the elements needs.
+    /// Alignment the in-place view of the elements needs (quantized blocks are read with
+    /// unaligned loads; their sizes are even).
     fn alignment(self) -> usize {
         match self {
             DType::F32 => 4,
-            DType::F16 | DType::BF16 | DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => 2,
+            _ => 2,
         }
     }
 
@@ -79,6 +136,15 @@ impl DType {
             DType::Q8_0 => "Q8_0",
             DType::Q4_0 => "Q4_0",
             DType::Q4_1 => "Q4_1",
+            DType::Q5_0 => "Q5_0",
+            DType::Q5_1 => "Q5_1",
+            DType::Q2_K => "Q2_K",
+            DType::Q3_K => "Q3_K",
+            DType::Q4_K => "Q4_K",
+            DType::Q5_K => "Q5_K",
+            DType::Q6_K => "Q6_K",
+            DType::IQ4_NL => "IQ4_NL",
+            DType::IQ4_XS => "IQ4_XS",
         }
     }
 }
@@ -263,10 +329,10 @@ impl Tensor {
         // keeps the storage alive.
         unsafe {
             match self.dtype {
-                DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => Elements::Quantized(self.dtype, bytes),
                 DType::F32 => Elements::F32(std::slice::from_raw_parts(bytes.as_ptr().cast(), n)),
                 DType::F16 => Elements::F16(std::slice::from_raw_parts(bytes.as_ptr().cast(), n)),
                 DType::BF16 => Elements::BF16(std::slice::from_raw_parts(bytes.as_ptr().cast(), n)),
+                quantized => Elements::Quantized(quantized, bytes),
             }
         }
     }

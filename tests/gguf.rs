@@ -223,3 +223,66 @@ fn converted_folders_give_the_gguf_logits() {
         }
     }
 }
+
+/// llama.cpp's logits of `file` in a reference JSON, flattened.
+fn reference_logits(reference: &serde_json::Value, key: &str) -> Vec<f32> {
+    reference["logits"][key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap().iter())
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect()
+}
+
+fn mean_abs_diff(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() as f64)
+        .sum::<f64>()
+        / a.len() as f64
+}
+
+#[test]
+fn every_quantization_mix_of_llama_cpps_quantizer_matches_llama_cpp() {
+    // scripts/make_kquant_fixtures.py: a random Llama of 256-wide rows converted by llama.cpp
+    // and quantized by its quantizer into every mix; llama.cpp's logits on each.
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/kquant");
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let tokens: Vec<u32> = reference["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    let exact = reference_logits(&reference, "F32");
+    let types = reference["types"].as_object().unwrap();
+    assert_eq!(types.len(), 9);
+    for (mix, counts) in types {
+        let model = Model::load(dir.join(format!("{mix}.gguf"))).unwrap();
+        // The file holds the types llama.cpp's quantizer chose, and Ember reads them all.
+        for (dtype, n) in counts.as_object().unwrap() {
+            assert_eq!(
+                model.tensor_type_counts().get(dtype.as_str()).copied(),
+                Some(n.as_u64().unwrap() as usize),
+                "{mix}: {dtype}"
+            );
+        }
+        let ours = all_logits(model, &tokens);
+        let theirs = reference_logits(&reference, mix);
+        let err = max_abs_diff(&ours, &theirs);
+        // How far the weight quantization moves the logits, in each engine.
+        let (ours_f32, theirs_f32) = (mean_abs_diff(&ours, &exact), mean_abs_diff(&theirs, &exact));
+        eprintln!(
+            "{mix}: max |ember - llama.cpp| {err:.3}; mean |logit - F32|: ember {ours_f32:.4}, \
+             llama.cpp {theirs_f32:.4}"
+        );
+        assert!(err < 0.25, "{mix}: {err}");
+        assert!(
+            ours_f32 <= theirs_f32 * 1.1 + 1e-3,
+            "{mix}: {ours_f32} vs {theirs_f32}"
+        );
+    }
+}

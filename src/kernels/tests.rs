@@ -44,10 +44,11 @@ fn tensor(data: &[f32], dtype: DType, shape: Vec<usize>) -> (Tensor, Vec<f32>) {
                 h.iter().map(|v| v.to_f32()).collect(),
             )
         }
-        DType::Q8_0 | DType::Q4_0 | DType::Q4_1 => {
-            let bytes = quantized_blocks(dtype, data.len() / quant::BLOCK, data.len() as u64);
+        quantized => {
+            let n = data.len() / quantized.block_len();
+            let bytes = quantized_blocks(quantized, n, data.len() as u64);
             let mut exact = vec![0.0; data.len()];
-            quant::dequantize(dtype, &bytes, &mut exact);
+            quant::dequantize(quantized, &bytes, &mut exact);
             (bytes, exact)
         }
     };
@@ -58,24 +59,40 @@ fn tensor(data: &[f32], dtype: DType, shape: Vec<usize>) -> (Tensor, Vec<f32>) {
     )
 }
 
-/// `n` random blocks of a quantized type: random f16 scales (and minimums) and random values
-/// over the whole range of the format, including Q8_0's -128.
+/// Where a quantized type's blocks hold f16 scales (and minimums).
+fn f16_fields(dtype: DType) -> &'static [usize] {
+    match dtype {
+        DType::Q8_0 | DType::Q4_0 | DType::Q5_0 | DType::IQ4_NL | DType::IQ4_XS => &[0],
+        DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
+        DType::Q2_K => &[80, 82],
+        DType::Q3_K => &[108],
+        DType::Q6_K => &[208],
+        DType::F32 | DType::F16 | DType::BF16 => &[],
+    }
+}
+
+/// `n` random blocks of a quantized type: random bytes everywhere (every bit pattern of the
+/// values, scales and minimums, including Q8_0's -128), with finite, moderate f16 scales.
 fn quantized_blocks(dtype: DType, n: usize, seed: u64) -> Vec<u8> {
-    let noise = values(n * 40, seed);
-    let mut bytes = Vec::new();
+    let size = dtype.block_bytes();
+    let noise = values(n * size, seed);
+    let mut bytes: Vec<u8> = noise.iter().map(|v| ((v + 1.0) * 128.0) as u8).collect();
     for b in 0..n {
-        let r = &noise[b * 40..(b + 1) * 40];
-        bytes.extend(f16::from_f32(r[0] * 0.05).to_le_bytes());
-        if dtype == DType::Q4_1 {
-            bytes.extend(f16::from_f32(r[1] * 0.2).to_le_bytes());
-        }
-        match dtype {
-            DType::Q8_0 => bytes.extend(r[8..40].iter().map(|v| (v * 128.0).floor() as i8 as u8)),
-            _ => bytes.extend(r[8..24].iter().map(|v| ((v + 1.0) * 128.0) as u8)),
+        for (i, &at) in f16_fields(dtype).iter().enumerate() {
+            let scale = if i == 0 { 0.05 } else { 0.2 } / (dtype.block_len() as f32 / 32.0);
+            let v = f16::from_f32(noise[b * size + at] * scale).to_le_bytes();
+            bytes[b * size + at..b * size + at + 2].copy_from_slice(&v);
         }
     }
-    assert_eq!(bytes.len(), n * dtype.block_bytes());
     bytes
+}
+
+/// The quantized types.
+fn quantized_types() -> Vec<DType> {
+    DType::all()
+        .into_iter()
+        .filter(|d| d.is_quantized())
+        .collect()
 }
 
 fn isas() -> Vec<Isa> {
@@ -342,8 +359,13 @@ fn attention_kernels_match_scalar() {
 #[test]
 fn quantized_matmul_is_the_exact_product_of_dequantized_weights_and_activations() {
     let pool = ThreadPool::new(3).unwrap();
-    for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_1] {
-        for &(n_out, k, n_tok) in &[(1, 32, 1), (7, 64, 3), (37, 96, 5), (64, 160, 9)] {
+    for dtype in quantized_types() {
+        let shapes: &[(usize, usize, usize)] = if dtype.block_len() == 256 {
+            &[(1, 256, 1), (7, 512, 3), (37, 256, 5), (64, 768, 9)]
+        } else {
+            &[(1, 32, 1), (7, 64, 3), (37, 96, 5), (64, 160, 9)]
+        };
+        for &(n_out, k, n_tok) in shapes {
             let (w, exact) = tensor(&values(n_out * k, 3), dtype, vec![n_out, k]);
             let x: Vec<f32> = values(n_tok * k, 4).iter().map(|v| v * 3.0).collect();
             // The kernels quantize the activations to 8 bits per block; the integer product
@@ -369,6 +391,15 @@ fn quantized_matmul_is_the_exact_product_of_dequantized_weights_and_activations(
             };
             let want = product(&|i| x_held[i]);
             let want_f32_x = product(&|i| x[i] as f64);
+            // Σ|w·x| per output: f32 accumulation errors scale with it, not with the result.
+            let magnitude: Vec<f64> = (0..n_tok * n_out)
+                .map(|i| {
+                    let (t, r) = (i / n_out, i % n_out);
+                    (0..k)
+                        .map(|j| (exact[r * k + j] as f64 * x_held[t * k + j]).abs())
+                        .sum()
+                })
+                .collect();
             let mut results = Vec::new();
             for isa in isas() {
                 for threads in [1, 3] {
@@ -380,7 +411,10 @@ fn quantized_matmul_is_the_exact_product_of_dequantized_weights_and_activations(
                         pool.install(|par| matmul_isa(isa, par, &w, &x, n_tok, &mut y, &mut act));
                     }
                     let what = format!("{dtype:?} {isa:?} {threads}t {n_out}x{k}x{n_tok}");
-                    assert_close(&y, &want, 2e-5, &what);
+                    for (i, ((g, w), m)) in y.iter().zip(&want).zip(&magnitude).enumerate() {
+                        let err = (*g as f64 - w).abs();
+                        assert!(err <= 1e-6 * m + 1e-9, "{what}: element {i}: {g} vs {w}");
+                    }
                     // Against dequantize-then-f32: only the activations' 8-bit rounding
                     // differs (at most half a step, amax/254, per element).
                     for (i, (g, f)) in y.iter().zip(&want_f32_x).enumerate() {
@@ -396,11 +430,12 @@ fn quantized_matmul_is_the_exact_product_of_dequantized_weights_and_activations(
                 }
             }
             for r in &results[1..] {
-                // Portable and SIMD agree to rounding; thread counts bit for bit per ISA.
-                let r64: Vec<f64> = r.iter().map(|&v| v as f64).collect();
-                assert_close(&results[0], &r64, 2e-5, "isas agree");
+                // Portable and SIMD, 1 and 3 threads: the same arithmetic, bit for bit.
+                assert_eq!(
+                    &results[0], r,
+                    "{dtype:?} {n_out}x{k}x{n_tok}: isas and threads"
+                );
             }
-            assert_eq!(results[0], results[1], "{dtype:?}: 1 and 3 threads");
         }
     }
 }
@@ -410,8 +445,8 @@ fn quantized_decode_and_batched_products_agree() {
     // The decode path (eight rows per vector) and the batched path (eight tokens per vector,
     // single outputs for leftover tokens) are different code: the same token must give the
     // same values.
-    for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_1] {
-        let (n_out, k, n_tok) = (30, 128, 11);
+    for dtype in quantized_types() {
+        let (n_out, k, n_tok) = (30, 512, 11);
         let (w, _) = tensor(&values(n_out * k, 5), dtype, vec![n_out, k]);
         let x = values(n_tok * k, 6);
         for isa in isas() {
@@ -431,13 +466,8 @@ fn quantized_decode_and_batched_products_agree() {
                 let xt = &x[t * k..(t + 1) * k];
                 matmul_isa(isa, Par::sequential(), &w, xt, 1, &mut single, &mut act);
                 let batched = &batched[t * n_out..(t + 1) * n_out];
-                if isa == Isa::Portable {
-                    let s64: Vec<f64> = single.iter().map(|&v| v as f64).collect();
-                    assert_close(batched, &s64, 1e-6, "decode");
-                } else {
-                    // Every SIMD tile accumulates in the same order: bit for bit.
-                    assert_eq!(batched, &single[..], "{dtype:?} token {t}");
-                }
+                // Every path accumulates in the same order: bit for bit.
+                assert_eq!(batched, &single[..], "{dtype:?} {isa:?} token {t}");
             }
         }
     }
@@ -456,6 +486,29 @@ fn q8_0_quantization_round_trips_within_half_a_step() {
             assert!(
                 (a - b).abs() <= amax / 254.0 * 1.01 + 1e-3 * amax,
                 "block {block}"
+            );
+        }
+    }
+}
+
+#[test]
+fn dequantization_equals_llama_cpps_bit_for_bit() {
+    // References from llama.cpp's gguf-py (scripts/make_quant_fixtures.py).
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quants");
+    for dtype in quantized_types() {
+        let blocks = std::fs::read(dir.join(format!("{}.blocks", dtype.name()))).unwrap();
+        let want: Vec<f32> = std::fs::read(dir.join(format!("{}.f32", dtype.name())))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let mut got = vec![0.0; want.len()];
+        quant::dequantize(dtype, &blocks, &mut got);
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g.to_bits(),
+                w.to_bits(),
+                "{dtype:?} element {i}: {g} vs {w}"
             );
         }
     }

@@ -1,43 +1,44 @@
-//! AVX2 integer kernels for block-quantized weights (see [`super::quant`]).
+//! AVX2 integer kernels for block-quantized weights (see [`super::quant`] for the
+//! decomposition every format is read with).
 //!
-//! One block's dot product is one `maddubs` (unsigned 8-bit × signed 8-bit, pairs summed to
-//! 16 bits) and one `madd` against ones (to eight 32-bit sums). The eight sums of eight
-//! products are reduced together into one vector of exact integer totals, whose lanes are
-//! eight weight rows (single-token products) or eight tokens (prompts). Every path, including
-//! the one for leftover rows and tokens, then accumulates each output the same way,
-//! `acc = fma(d_w·d_x, total, acc)` and `acc = fma(offset_w, sum_x, acc)` per block, so a
+//! A weight block's 32 values sit in one register (unsigned bytes, or signed ones whose sign
+//! is moved onto the activations). One block's dot product with an activation block is one
+//! `maddubs` (pairs of byte products summed to 16 bits) and one `madd` against the halves'
+//! integer multipliers (to eight 32-bit sums). The eight sums of eight products are reduced
+//! together into one vector of exact integer totals, whose lanes are eight weight rows
+//! (single-token products) or eight tokens (prompts). Every path, including the one for
+//! leftover rows and tokens, then accumulates each output the same way,
+//! `acc = fma(scale·dx, total, acc)` and `acc = fma(offset·dx, osum, acc)` per block, so a
 //! result does not depend on the tile or the thread that computed it: decode and prompt
-//! products agree bit for bit.
+//! products agree bit for bit, and with the portable kernel.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::quant::{ActBlock, QuantGemm};
+use super::quant::{factors, BlockFactors, QuantGemm, IQ4_VALUES};
 use crate::tensor::DType;
 
 /// How one quantized weight format is read.
 trait Format {
-    /// Bytes per block.
+    /// The format.
+    const DTYPE: DType;
+    /// Bytes per (super-)block.
     const BYTES: usize;
-    /// True when the values are signed 8-bit (Q8_0); false for unsigned 4-bit values.
+    /// 32-value blocks per (super-)block: 1, or 8 for the 256-value formats.
+    const BLOCKS: usize;
+    /// True when the values are signed bytes; false for unsigned ones.
     const SIGNED: bool;
-    /// True when blocks carry an offset term (Q4_0's −8, Q4_1's minimum).
+    /// True when blocks carry an offset term.
     const HAS_OFFSET: bool;
-    /// The block at `p`: 32 values in element order, its scale and its offset coefficient.
+    /// True when the two halves of a block have integer multipliers other than 1.
+    const HALF_MULS: bool;
+    /// True when the offset term weighs the two half sums differently (Q2_K's minimums).
+    const HALF_OFFSETS: bool;
+    /// The 32 values of block `j` of the (super-)block at `p`, in element order.
     ///
     /// # Safety
-    /// `p` must be valid for reading `BYTES` bytes; the CPU must support AVX2 and F16C.
-    unsafe fn load(p: *const u8) -> (__m256i, f32, f32);
-}
-
-/// The f16 at `p` as f32.
-#[inline(always)]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    // SAFETY: the caller guarantees two readable bytes at `p` and F16C support.
-    unsafe {
-        let bits = u16::from_le_bytes(std::ptr::read_unaligned(p.cast::<[u8; 2]>()));
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-    }
+    /// `p` must be valid for reading `BYTES` bytes; the CPU must support AVX2.
+    unsafe fn values(p: *const u8, j: usize) -> __m256i;
 }
 
 /// Sixteen bytes of packed nibbles at `p`, as 32 bytes: low nibbles (elements 0..16), then
@@ -54,59 +55,148 @@ unsafe fn unpack_nibbles(p: *const u8) -> __m256i {
     }
 }
 
-struct Q8_0;
-struct Q4_0;
-struct Q4_1;
-
-impl Format for Q8_0 {
-    const BYTES: usize = 34;
-    const SIGNED: bool = true;
-    const HAS_OFFSET: bool = false;
-    #[inline(always)]
-    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
-        // SAFETY: a Q8_0 block is an f16 scale then 32 bytes, all readable (caller).
-        unsafe { (_mm256_loadu_si256(p.add(2).cast()), f16_at(p), 0.0) }
-    }
-}
-
-impl Format for Q4_0 {
-    const BYTES: usize = 18;
-    const SIGNED: bool = false;
-    const HAS_OFFSET: bool = true;
-    #[inline(always)]
-    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
-        // SAFETY: a Q4_0 block is an f16 scale then 16 bytes, all readable (caller).
-        unsafe {
-            let d = f16_at(p);
-            (unpack_nibbles(p.add(2)), d, -8.0 * d)
-        }
-    }
-}
-
-impl Format for Q4_1 {
-    const BYTES: usize = 20;
-    const SIGNED: bool = false;
-    const HAS_OFFSET: bool = true;
-    #[inline(always)]
-    unsafe fn load(p: *const u8) -> (__m256i, f32, f32) {
-        // SAFETY: a Q4_1 block is f16 scale and minimum then 16 bytes, all readable (caller).
-        unsafe { (unpack_nibbles(p.add(4)), f16_at(p), f16_at(p.add(2))) }
-    }
-}
-
-/// Σ w·x over 32 lanes as eight 32-bit partial sums.
+/// Byte `e` of the result is 0xFF where bit `e` of `bits` is set, else 0.
 #[inline(always)]
-unsafe fn block_dot_i32(signed: bool, w: __m256i, x: __m256i) -> __m256i {
+unsafe fn bytes_of_bits(bits: u32) -> __m256i {
+    // SAFETY: register-only AVX2 operations.
+    unsafe {
+        // Byte e holds byte e / 8 of `bits`, then only its bit e % 8 is kept.
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits as i32),
+            _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            ),
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
+        _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit)
+    }
+}
+
+/// The bytes of `v` shifted right by `n` bits (within each byte) and masked with `mask`.
+#[inline(always)]
+unsafe fn shift_mask(v: __m256i, n: usize, mask: i8) -> __m256i {
+    // SAFETY: register-only AVX2 operations; the mask removes the bits a 16-bit shift moves
+    // across the byte boundary.
+    unsafe {
+        _mm256_and_si256(
+            _mm256_srl_epi16(v, _mm_cvtsi32_si128(n as i32)),
+            _mm256_set1_epi8(mask),
+        )
+    }
+}
+
+/// IQ4_NL/IQ4_XS indices (bytes 0..16) looked up in their table of values.
+#[inline(always)]
+unsafe fn iq4_lookup(indices: __m256i) -> __m256i {
+    // SAFETY: register-only AVX2 operations; the 16-byte table is loaded from a constant.
+    unsafe {
+        let table = _mm_loadu_si128(IQ4_VALUES.as_ptr().cast());
+        _mm256_shuffle_epi8(_mm256_set_m128i(table, table), indices)
+    }
+}
+
+/// Loads 32 bytes at `p`.
+#[inline(always)]
+unsafe fn load32(p: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 32 readable bytes at `p`.
+    unsafe { _mm256_loadu_si256(p.cast()) }
+}
+
+/// Defines a format: its type, sizes, flags and how to read block `j` at `p`.
+macro_rules! format {
+    ($name:ident, $dtype:ident, $bytes:expr, $blocks:expr, signed: $signed:expr,
+     offset: $offset:expr, half_muls: $hm:expr, half_offsets: $ho:expr,
+     |$p:ident, $j:ident| $values:expr) => {
+        #[allow(non_camel_case_types)]
+        struct $name;
+        impl Format for $name {
+            const DTYPE: DType = DType::$dtype;
+            const BYTES: usize = $bytes;
+            const BLOCKS: usize = $blocks;
+            const SIGNED: bool = $signed;
+            const HAS_OFFSET: bool = $offset;
+            const HALF_MULS: bool = $hm;
+            const HALF_OFFSETS: bool = $ho;
+            #[inline(always)]
+            #[allow(unused_variables)]
+            unsafe fn values($p: *const u8, $j: usize) -> __m256i {
+                // SAFETY: every read stays inside the format's `BYTES` bytes at `p`
+                // (the caller's contract), at the offsets of llama.cpp's block layout.
+                unsafe { $values }
+            }
+        }
+    };
+}
+
+format!(Q8_0, Q8_0, 34, 1, signed: true, offset: false, half_muls: false, half_offsets: false,
+    |p, j| load32(p.add(2)));
+format!(Q4_0, Q4_0, 18, 1, signed: false, offset: true, half_muls: false, half_offsets: false,
+    |p, j| unpack_nibbles(p.add(2)));
+format!(Q4_1, Q4_1, 20, 1, signed: false, offset: true, half_muls: false, half_offsets: false,
+    |p, j| unpack_nibbles(p.add(4)));
+format!(Q5_0, Q5_0, 22, 1, signed: false, offset: true, half_muls: false, half_offsets: false,
+|p, j| {
+    let high = bytes_of_bits(std::ptr::read_unaligned(p.add(2).cast::<u32>()));
+    _mm256_or_si256(unpack_nibbles(p.add(6)), _mm256_and_si256(high, _mm256_set1_epi8(0x10)))
+});
+format!(Q5_1, Q5_1, 24, 1, signed: false, offset: true, half_muls: false, half_offsets: false,
+|p, j| {
+    let high = bytes_of_bits(std::ptr::read_unaligned(p.add(4).cast::<u32>()));
+    _mm256_or_si256(unpack_nibbles(p.add(8)), _mm256_and_si256(high, _mm256_set1_epi8(0x10)))
+});
+format!(IQ4_NL, IQ4_NL, 18, 1, signed: true, offset: false, half_muls: false, half_offsets: false,
+    |p, j| iq4_lookup(unpack_nibbles(p.add(2))));
+format!(Q4_K, Q4_K, 144, 8, signed: false, offset: true, half_muls: false, half_offsets: false,
+    |p, j| shift_mask(load32(p.add(16 + 32 * (j / 2))), 4 * (j % 2), 0x0F));
+format!(Q5_K, Q5_K, 176, 8, signed: false, offset: true, half_muls: false, half_offsets: false,
+|p, j| {
+    let low = shift_mask(load32(p.add(48 + 32 * (j / 2))), 4 * (j % 2), 0x0F);
+    let high = _mm256_slli_epi16::<4>(shift_mask(load32(p.add(16)), j, 1));
+    _mm256_or_si256(low, high)
+});
+format!(IQ4_XS, IQ4_XS, 136, 8, signed: true, offset: false, half_muls: false, half_offsets: false,
+    |p, j| iq4_lookup(unpack_nibbles(p.add(8 + 16 * j))));
+format!(Q6_K, Q6_K, 210, 8, signed: true, offset: false, half_muls: true, half_offsets: false,
+|p, j| {
+    let (n, g) = (j / 4, j % 4);
+    let low = shift_mask(load32(p.add(64 * n + 32 * (g & 1))), 4 * (g / 2), 0x0F);
+    let high = _mm256_slli_epi16::<4>(shift_mask(load32(p.add(128 + 32 * n)), 2 * g, 3));
+    _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(32))
+});
+format!(Q3_K, Q3_K, 110, 8, signed: true, offset: false, half_muls: true, half_offsets: false,
+|p, j| {
+    let (h, s) = (j / 4, j % 4);
+    let low = shift_mask(load32(p.add(32 + 32 * h)), 2 * s, 3);
+    let high = _mm256_slli_epi16::<2>(shift_mask(load32(p), j, 1));
+    _mm256_sub_epi8(_mm256_or_si256(low, high), _mm256_set1_epi8(4))
+});
+format!(Q2_K, Q2_K, 84, 8, signed: false, offset: true, half_muls: true, half_offsets: true,
+    |p, j| shift_mask(load32(p.add(16 + 32 * (j / 4))), 2 * (j % 4), 3));
+
+/// The halves' multipliers `[m0, m1]` as sixteen 16-bit lanes (eight of each).
+#[inline(always)]
+unsafe fn half_muls(m: [i16; 2]) -> __m256i {
+    // SAFETY: register-only AVX2 operations.
+    unsafe { _mm256_set_m128i(_mm_set1_epi16(m[1]), _mm_set1_epi16(m[0])) }
+}
+
+/// Σ w·x over 32 lanes, each half times its multiplier, as eight 32-bit partial sums.
+#[inline(always)]
+unsafe fn block_dot<F: Format>(w: __m256i, x: __m256i, muls: __m256i) -> __m256i {
     // SAFETY: register-only AVX2 operations (the caller enabled AVX2). `maddubs` multiplies
     // unsigned by signed bytes: signed weights are made unsigned by moving their sign onto
-    // the activations. No pair sum can saturate 16 bits (at most 2·128·127).
+    // the activations. No pair sum can saturate 16 bits (at most 2·128·127), and no 32-bit
+    // sum can overflow (at most 2·(2·128·127)·128).
     unsafe {
-        let pairs = if signed {
+        let pairs = if F::SIGNED {
             _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w))
         } else {
             _mm256_maddubs_epi16(w, x)
         };
-        _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+        _mm256_madd_epi16(pairs, muls)
     }
 }
 
@@ -125,34 +215,6 @@ unsafe fn total_i32(v: __m256i) -> i32 {
     }
 }
 
-/// One output, row `r` × token `t`, block by block (for rows and tokens left over by the
-/// 8-lane tiles), with the same arithmetic as the tiles.
-///
-/// # Safety
-/// AVX2, FMA and F16C must be available; `r` and `t` must be in range and row `r` owned by
-/// the calling task.
-#[inline(always)]
-unsafe fn single<F: Format>(g: &QuantGemm<'_>, r: usize, t: usize) {
-    let w = g.w_row(r).as_ptr();
-    let x = g.x_row(t).as_ptr();
-    // SAFETY: the pointers stay inside row `r` and token `t`'s blocks (checked by the slices
-    // above); the output element belongs to this task.
-    unsafe {
-        let mut acc = 0.0f32;
-        for b in 0..g.n_blocks {
-            let (wq, d, off) = F::load(w.add(b * F::BYTES));
-            let xb = &*x.add(b);
-            let xq = _mm256_loadu_si256(xb.qs.as_ptr().cast());
-            let total = total_i32(block_dot_i32(F::SIGNED, wq, xq));
-            acc = (d * xb.d).mul_add(total as f32, acc);
-            if F::HAS_OFFSET {
-                acc = off.mul_add(xb.sum, acc);
-            }
-        }
-        g.y.write(t * g.n_out + r, acc);
-    }
-}
-
 /// The eight 8-lane sums `p[0..8]` as one vector of eight totals (exact integer sums).
 #[inline(always)]
 unsafe fn sum_lanes8(p: [__m256i; 8]) -> __m256i {
@@ -164,6 +226,69 @@ unsafe fn sum_lanes8(p: [__m256i; 8]) -> __m256i {
         let lo = _mm256_permute2x128_si256::<0x20>(q0, q1);
         let hi = _mm256_permute2x128_si256::<0x31>(q0, q1);
         _mm256_add_epi32(lo, hi)
+    }
+}
+
+/// The offset term's integer sum of one block: `omul[0]·lo + omul[1]·hi`.
+#[inline(always)]
+fn offset_sum<F: Format>(omul: [i16; 2], lo: i32, hi: i32) -> i32 {
+    if F::HALF_OFFSETS {
+        omul[0] as i32 * lo + omul[1] as i32 * hi
+    } else {
+        lo + hi
+    }
+}
+
+/// One output, row `r` × token `t`, block by block (for rows and tokens left over by the
+/// 8-lane tiles), with the same arithmetic as the tiles.
+///
+/// # Safety
+/// AVX2, FMA and F16C must be available; `r` and `t` must be in range and row `r` owned by
+/// the calling task.
+#[inline(always)]
+unsafe fn single<F: Format>(g: &QuantGemm<'_>, r: usize, t: usize) {
+    let w = g.w_row(r);
+    let x = g.x_row(t);
+    // SAFETY: the pointers stay inside row `r` and token `t`'s blocks (checked by the slices
+    // above); the output element belongs to this task.
+    unsafe {
+        let mut acc = 0.0f32;
+        for (sb, wsb) in w.chunks_exact(F::BYTES).enumerate() {
+            let f = factors(F::DTYPE, wsb);
+            for j in 0..F::BLOCKS {
+                let xb = &x[sb * F::BLOCKS + j];
+                let xq = _mm256_loadu_si256(xb.qs.as_ptr().cast());
+                let wq = F::values(wsb.as_ptr(), j);
+                let total = total_i32(block_dot::<F>(wq, xq, half_muls(f.mul[j])));
+                acc = (f.scale[j] * xb.d).mul_add(total as f32, acc);
+                if F::HAS_OFFSET {
+                    let (lo, hi) = (xb.half_sums[0] as i32, xb.half_sums[1] as i32);
+                    let osum = offset_sum::<F>(f.omul[j], lo, hi);
+                    acc = (f.offset[j] * xb.d).mul_add(osum as f32, acc);
+                }
+            }
+        }
+        g.y.write(t * g.n_out + r, acc);
+    }
+}
+
+/// The factors of eight rows' super-blocks, arranged for eight-lane loads (lane = row).
+#[derive(Default)]
+struct RowFactors {
+    scale: [[f32; 8]; 8],
+    offset: [[f32; 8]; 8],
+    mul: [[[i16; 2]; 8]; 8],
+    omul: [[[i16; 2]; 8]; 8],
+}
+
+impl RowFactors {
+    fn set(&mut self, row: usize, f: &BlockFactors, blocks: usize) {
+        for j in 0..blocks {
+            self.scale[j][row] = f.scale[j];
+            self.offset[j][row] = f.offset[j];
+            self.mul[j][row] = f.mul[j];
+            self.omul[j][row] = f.omul[j];
+        }
     }
 }
 
@@ -179,35 +304,57 @@ unsafe fn tile_rows8<F: Format>(g: &QuantGemm<'_>, r0: usize) {
     for (i, p) in w.iter_mut().enumerate() {
         *p = g.w_row(r0 + i).as_ptr();
     }
-    let x = g.x_row(0).as_ptr();
+    let x = g.x_row(0);
+    let n_super = g.row_bytes / F::BYTES;
+    let mut f = RowFactors::default();
     // SAFETY: the pointers stay inside rows r0..r0 + 8 and token 0's blocks (checked by the
     // slices above); prefetches may point anywhere; the outputs belong to this task.
     unsafe {
         let mut acc = _mm256_setzero_ps();
         let ahead = w[0].wrapping_add(PREFETCH_TILES * 8 * g.row_bytes);
         let step = 8 * F::BYTES;
-        for b in 0..g.n_blocks {
-            let mut line = b * step;
-            while line < (b + 1) * step {
+        for sb in 0..n_super {
+            // This super-block's share of the tile two tiles ahead (the tile is contiguous).
+            let mut line = sb * step;
+            while line < (sb + 1) * step {
                 _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line).cast());
                 line += 64;
             }
-            let xb = &*x.add(b);
-            let xq = _mm256_loadu_si256(xb.qs.as_ptr().cast());
-            let mut p = [_mm256_setzero_si256(); 8];
-            let mut d = [0.0f32; 8];
-            let mut off = [0.0f32; 8];
-            for i in 0..8 {
-                let (wq, di, oi) = F::load(w[i].add(b * F::BYTES));
-                p[i] = block_dot_i32(F::SIGNED, wq, xq);
-                d[i] = di;
-                off[i] = oi;
+            for (i, &wi) in w.iter().enumerate() {
+                let block = std::slice::from_raw_parts(wi.add(sb * F::BYTES), F::BYTES);
+                f.set(i, &factors(F::DTYPE, block), F::BLOCKS);
             }
-            let totals = _mm256_cvtepi32_ps(sum_lanes8(p));
-            let scale = _mm256_mul_ps(_mm256_loadu_ps(d.as_ptr()), _mm256_set1_ps(xb.d));
-            acc = _mm256_fmadd_ps(scale, totals, acc);
-            if F::HAS_OFFSET {
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(off.as_ptr()), _mm256_set1_ps(xb.sum), acc);
+            for j in 0..F::BLOCKS {
+                let xb = &x[sb * F::BLOCKS + j];
+                let xq = _mm256_loadu_si256(xb.qs.as_ptr().cast());
+                let mut p = [_mm256_setzero_si256(); 8];
+                for (i, pi) in p.iter_mut().enumerate() {
+                    let wq = F::values(w[i].add(sb * F::BYTES), j);
+                    let muls = if F::HALF_MULS {
+                        half_muls(f.mul[j][i])
+                    } else {
+                        _mm256_set1_epi16(1)
+                    };
+                    *pi = block_dot::<F>(wq, xq, muls);
+                }
+                let totals = _mm256_cvtepi32_ps(sum_lanes8(p));
+                let xd = _mm256_set1_ps(xb.d);
+                let scale = _mm256_mul_ps(_mm256_loadu_ps(f.scale[j].as_ptr()), xd);
+                acc = _mm256_fmadd_ps(scale, totals, acc);
+                if F::HAS_OFFSET {
+                    let (lo, hi) = (xb.half_sums[0] as i32, xb.half_sums[1] as i32);
+                    let osum = if F::HALF_OFFSETS {
+                        let mut osum = [0i32; 8];
+                        for (i, o) in osum.iter_mut().enumerate() {
+                            *o = offset_sum::<F>(f.omul[j][i], lo, hi);
+                        }
+                        _mm256_cvtepi32_ps(_mm256_loadu_si256(osum.as_ptr().cast()))
+                    } else {
+                        _mm256_set1_ps((lo + hi) as f32)
+                    };
+                    let offset = _mm256_mul_ps(_mm256_loadu_ps(f.offset[j].as_ptr()), xd);
+                    acc = _mm256_fmadd_ps(offset, osum, acc);
+                }
             }
         }
         let mut lanes = [0.0f32; 8];
@@ -231,31 +378,69 @@ unsafe fn tile_tokens8<F: Format, const R: usize>(g: &QuantGemm<'_>, r0: usize, 
     for (i, p) in w.iter_mut().enumerate() {
         *p = g.w_row(r0 + i).as_ptr();
     }
-    let mut x = [std::ptr::null::<ActBlock>(); 8];
+    let mut x = [std::ptr::null::<super::quant::ActBlock>(); 8];
     for (j, p) in x.iter_mut().enumerate() {
         *p = g.x_row(t0 + j).as_ptr();
     }
     let n_tok = g.n_tok;
-    assert!(g.x_scales.len() >= g.n_blocks * n_tok && t0 + 8 <= n_tok);
+    let n_super = g.row_bytes / F::BYTES;
+    assert!(
+        g.x_scales.len() >= g.n_blocks * n_tok
+            && g.x_sums_lo.len() >= g.n_blocks * n_tok
+            && g.x_sums_hi.len() >= g.n_blocks * n_tok
+            && t0 + 8 <= n_tok
+    );
     // SAFETY: weight and activation pointers stay inside the rows checked above; scales and
     // sums are read at b * n_tok + t0 .. + 8 <= n_blocks * n_tok (asserted); the output
     // elements written belong to this task's rows.
     unsafe {
         let mut acc = [_mm256_setzero_ps(); R];
-        for b in 0..g.n_blocks {
-            let xd = _mm256_loadu_ps(g.x_scales.as_ptr().add(b * n_tok + t0));
-            let xs = _mm256_loadu_ps(g.x_sums.as_ptr().add(b * n_tok + t0));
-            for i in 0..R {
-                let (wq, d, off) = F::load(w[i].add(b * F::BYTES));
-                let mut p = [_mm256_setzero_si256(); 8];
-                for (j, pj) in p.iter_mut().enumerate() {
-                    let xq = _mm256_loadu_si256((*x[j].add(b)).qs.as_ptr().cast());
-                    *pj = block_dot_i32(F::SIGNED, wq, xq);
-                }
-                let dots = _mm256_cvtepi32_ps(sum_lanes8(p));
-                acc[i] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(d), xd), dots, acc[i]);
-                if F::HAS_OFFSET {
-                    acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(off), xs, acc[i]);
+        for sb in 0..n_super {
+            let mut f = [BlockFactors::default(); R];
+            for (fi, &wi) in f.iter_mut().zip(&w) {
+                *fi = factors(
+                    F::DTYPE,
+                    std::slice::from_raw_parts(wi.add(sb * F::BYTES), F::BYTES),
+                );
+            }
+            for j in 0..F::BLOCKS {
+                let b = sb * F::BLOCKS + j;
+                let xd = _mm256_loadu_ps(g.x_scales.as_ptr().add(b * n_tok + t0));
+                let osums = if F::HAS_OFFSET {
+                    let lo = _mm256_loadu_si256(g.x_sums_lo.as_ptr().add(b * n_tok + t0).cast());
+                    let hi = _mm256_loadu_si256(g.x_sums_hi.as_ptr().add(b * n_tok + t0).cast());
+                    (lo, hi)
+                } else {
+                    (_mm256_setzero_si256(), _mm256_setzero_si256())
+                };
+                for i in 0..R {
+                    let wq = F::values(w[i].add(sb * F::BYTES), j);
+                    let muls = if F::HALF_MULS {
+                        half_muls(f[i].mul[j])
+                    } else {
+                        _mm256_set1_epi16(1)
+                    };
+                    let mut p = [_mm256_setzero_si256(); 8];
+                    for (k, pk) in p.iter_mut().enumerate() {
+                        let xq = _mm256_loadu_si256((*x[k].add(b)).qs.as_ptr().cast());
+                        *pk = block_dot::<F>(wq, xq, muls);
+                    }
+                    let dots = _mm256_cvtepi32_ps(sum_lanes8(p));
+                    let scale = _mm256_mul_ps(_mm256_set1_ps(f[i].scale[j]), xd);
+                    acc[i] = _mm256_fmadd_ps(scale, dots, acc[i]);
+                    if F::HAS_OFFSET {
+                        let osum = if F::HALF_OFFSETS {
+                            let [m0, m1] = f[i].omul[j];
+                            _mm256_add_epi32(
+                                _mm256_mullo_epi32(_mm256_set1_epi32(m0 as i32), osums.0),
+                                _mm256_mullo_epi32(_mm256_set1_epi32(m1 as i32), osums.1),
+                            )
+                        } else {
+                            _mm256_add_epi32(osums.0, osums.1)
+                        };
+                        let offset = _mm256_mul_ps(_mm256_set1_ps(f[i].offset[j]), xd);
+                        acc[i] = _mm256_fmadd_ps(offset, _mm256_cvtepi32_ps(osum), acc[i]);
+                    }
                 }
             }
         }
@@ -318,6 +503,15 @@ pub(crate) unsafe fn gemm_rows(g: &QuantGemm<'_>, rows: Range<usize>) {
             DType::Q8_0 => rows_of::<Q8_0>(g, rows),
             DType::Q4_0 => rows_of::<Q4_0>(g, rows),
             DType::Q4_1 => rows_of::<Q4_1>(g, rows),
+            DType::Q5_0 => rows_of::<Q5_0>(g, rows),
+            DType::Q5_1 => rows_of::<Q5_1>(g, rows),
+            DType::IQ4_NL => rows_of::<IQ4_NL>(g, rows),
+            DType::Q4_K => rows_of::<Q4_K>(g, rows),
+            DType::Q5_K => rows_of::<Q5_K>(g, rows),
+            DType::IQ4_XS => rows_of::<IQ4_XS>(g, rows),
+            DType::Q6_K => rows_of::<Q6_K>(g, rows),
+            DType::Q3_K => rows_of::<Q3_K>(g, rows),
+            DType::Q2_K => rows_of::<Q2_K>(g, rows),
             DType::F32 | DType::F16 | DType::BF16 => unreachable!("not a quantized type"),
         }
     }

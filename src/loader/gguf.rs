@@ -208,30 +208,51 @@ fn dtype_from_ggml(code: u32, name: &str) -> Result<DType> {
         1 => DType::F16,
         2 => DType::Q4_0,
         3 => DType::Q4_1,
+        6 => DType::Q5_0,
+        7 => DType::Q5_1,
         8 => DType::Q8_0,
+        10 => DType::Q2_K,
+        11 => DType::Q3_K,
+        12 => DType::Q4_K,
+        13 => DType::Q5_K,
+        14 => DType::Q6_K,
+        20 => DType::IQ4_NL,
+        23 => DType::IQ4_XS,
         30 => DType::BF16,
         other => {
+            let supported: Vec<&str> = DType::all().iter().map(|d| d.name()).collect();
             return Err(Error::Unsupported(format!(
-                "tensor {name}: GGML type {other} ({}) is not supported (F32, F16, BF16, Q8_0, \
-                 Q4_0 and Q4_1 are)",
-                ggml_type_name(other)
-            )))
+                "tensor {name}: GGML type {other} ({}) is not supported ({} are)",
+                ggml_type_name(other),
+                supported.join(", ")
+            )));
         }
     })
 }
 
-/// A readable name for GGML type codes Ember does not support, for messages.
+/// A readable name for the GGML type codes Ember does not read, for messages.
 fn ggml_type_name(code: u32) -> &'static str {
     match code {
-        6 => "Q5_0",
-        7 => "Q5_1",
         9 => "Q8_1",
-        10 => "Q2_K",
-        11 => "Q3_K",
-        12 => "Q4_K",
-        13 => "Q5_K",
-        14 => "Q6_K",
         15 => "Q8_K",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        40 => "NVFP4",
+        41 => "Q1_0",
+        42 => "Q2_0",
         _ => "unknown",
     }
 }

@@ -39,6 +39,15 @@ impl TensorStore {
         }
     }
 
+    /// How many tensors have each element type.
+    pub fn type_counts(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for t in self.tensors.values() {
+            *counts.entry(t.dtype().name()).or_default() += 1;
+        }
+        counts
+    }
+
     /// Fails if tensors remain that the model did not use, except known buffers that
     /// some exporters save (rotary frequency tables, GPT-2 causal masks).
     pub fn finish(self) -> Result<()> {

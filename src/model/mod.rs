@@ -136,6 +136,8 @@ pub struct Model {
     pub(crate) final_norm: Norm,
     pub(crate) lm_head: Tensor, // [vocab, hidden]
     pub(crate) tokenizer: LazyTokenizer,
+    /// How many of the file's tensors have each element type.
+    pub(crate) type_counts: std::collections::BTreeMap<&'static str, usize>,
 }
 
 /// How a model is loaded.
@@ -263,7 +265,12 @@ impl Model {
     ) -> Result<Model> {
         let file = loader::gguf::GgufFile::parse(storage).map_err(|e| e.in_file(name))?;
         let (config, store) = loader::gguf::model_parts(&file).map_err(|e| e.in_file(name))?;
-        let model = Model::from_gguf_tensors(config, store).map_err(|e| e.in_file(name))?;
+        let mut model = Model::from_gguf_tensors(config, store).map_err(|e| e.in_file(name))?;
+        // Every tensor of the file (the loader folds `rope_freqs` into the configuration).
+        model.type_counts = std::collections::BTreeMap::new();
+        for info in &file.infos {
+            *model.type_counts.entry(info.dtype.name()).or_default() += 1;
+        }
         let metadata = file.metadata;
         let name = name.to_string();
         model.finish_load(
@@ -314,23 +321,33 @@ impl Model {
 
     /// Builds a model from its configuration and Hugging Face-named tensors.
     pub fn from_hf_tensors(config: ModelConfig, mut store: TensorStore) -> Result<Model> {
-        let model = match config.architecture {
+        let counts = store.type_counts();
+        let mut model = match config.architecture {
             Architecture::Llama | Architecture::Qwen2 => llama_from_hf(config, &mut store)?,
             Architecture::Gpt2 => gpt2_from_hf(config, &mut store, Gpt2Layout::Conv1D)?,
         };
         store.finish()?;
+        model.type_counts = counts;
         Ok(model)
     }
 
     /// Builds a model from a GGUF file's configuration and tensors, renamed to Hugging Face
     /// names by the loader (GPT-2 projections stay in GGUF's `[n_out, n_in]` layout).
     pub fn from_gguf_tensors(config: ModelConfig, mut store: TensorStore) -> Result<Model> {
-        let model = match config.architecture {
+        let counts = store.type_counts();
+        let mut model = match config.architecture {
             Architecture::Llama | Architecture::Qwen2 => llama_from_hf(config, &mut store)?,
             Architecture::Gpt2 => gpt2_from_hf(config, &mut store, Gpt2Layout::Linear)?,
         };
         store.finish()?;
+        model.type_counts = counts;
         Ok(model)
+    }
+
+    /// How many of the model file's tensors have each element type (e.g. a Q4_K_M file:
+    /// `{"F32": 61, "Q4_K": 16, "Q5_0": 166, ...}`).
+    pub fn tensor_type_counts(&self) -> &std::collections::BTreeMap<&'static str, usize> {
+        &self.type_counts
     }
 
     /// Attaches a tokenizer (or none), checking that its ids fit the model's vocabulary.
@@ -534,6 +551,7 @@ fn llama_from_hf(config: ModelConfig, store: &mut TensorStore) -> Result<Model> 
         lm_head,
         config,
         tokenizer: LazyTokenizer::default(),
+        type_counts: Default::default(),
     })
 }
 
@@ -617,5 +635,6 @@ fn gpt2_from_hf(config: ModelConfig, store: &mut TensorStore, layout: Gpt2Layout
         lm_head,
         config,
         tokenizer: LazyTokenizer::default(),
+        type_counts: Default::default(),
     })
 }
