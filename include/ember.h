@@ -453,7 +453,9 @@ int32_t ember_model_token_eot(const struct ember_model *model);
 bool ember_model_token_is_end(const struct ember_model *model, int32_t token);
 
 /**
- * The architecture's name ("llama", "qwen2", "gpt2"); a static string, "" if `model` is NULL.
+ * The architecture's name (GGUF's `general.architecture`: "llama", "qwen2", "qwen3",
+ * "gemma2", "gemma3", "phi3", "smollm3", "granite", "gpt2"); a static string, "" if `model`
+ * is NULL.
  *
  * # Safety
  * `model` must be NULL or a live model.

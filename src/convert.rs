@@ -12,8 +12,9 @@ use half::{bf16, f16};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::loader::gguf::{model_parts, GgufFile};
-use crate::loader::{Architecture, ModelConfig};
+use crate::loader::gguf::GgufFile;
+use crate::model::names::{gguf_key, Part, Role};
+use crate::model::{arch, Architecture, Model, ModelConfig, RopeScaling};
 use crate::tensor::DType;
 
 /// Converts the GGUF file `input` into a Hugging Face model folder `out_dir` (created if
@@ -26,19 +27,24 @@ pub fn gguf_to_hf_folder(input: &Path, out_dir: &Path, dtype: DType) -> Result<(
         )));
     }
     let file = GgufFile::open(input)?;
-    let (config, store) = model_parts(&file)?;
-    if config.rope_freq_factors.is_some() {
+    // The model must load: this validates every tensor before anything is written.
+    let model = Model::from_gguf_file(&file)?;
+    let config = model.config();
+    if !matches!(
+        config.architecture,
+        Architecture::Llama | Architecture::Qwen2 | Architecture::Gpt2
+    ) {
+        return Err(Error::Unsupported(format!(
+            "converting {} models (ember convert writes llama, qwen2 and gpt2 folders)",
+            config.architecture.name()
+        )));
+    }
+    if matches!(config.rope.scaling, RopeScaling::Factors(_)) {
         return Err(Error::Unsupported(
             "converting models with RoPE frequency factors (rope_freqs, Llama 3 scaling)".into(),
         ));
     }
-    // The model must load: this validates every tensor before anything is written.
-    crate::model::Model::from_gguf_tensors(
-        config.clone(),
-        crate::loader::TensorStore {
-            tensors: store.tensors.clone(),
-        },
-    )?;
+    let names = arch::family(config.architecture).hf_names;
     let (tokenizer_json, _) = crate::tokenizer::tokenizer_json_from_gguf(&file.metadata)?
         .ok_or_else(|| Error::Unsupported("the GGUF file has no tokenizer".into()))?;
     let tokenizer_json = serde_json::to_string_pretty(&tokenizer_json)
@@ -47,22 +53,27 @@ pub fn gguf_to_hf_folder(input: &Path, out_dir: &Path, dtype: DType) -> Result<(
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let mut tensors: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
     let gpt2 = config.architecture == Architecture::Gpt2;
-    for (name, tensor) in &store.tensors {
+    for (name, tensor) in &file.tensors {
+        let key @ (role, _, part) =
+            gguf_key(name).ok_or_else(|| Error::Internal(format!("tensor {name}")))?;
+        let mut hf_name = names
+            .name(key)
+            .ok_or_else(|| Error::Internal(format!("no Hugging Face name for {name}")))?;
         let mut shape = tensor.shape().to_vec();
         let mut values = tensor.to_f32_vec();
-        let mut hf_name = name.clone();
         if config.rope_interleaved
-            && (name.ends_with("q_proj.weight") || name.ends_with("k_proj.weight"))
+            && matches!(role, Role::AttnQ | Role::AttnK)
+            && part == Part::Weight
         {
             values = rotate_half_rows(&values, shape[1], config.head_dim);
         }
         if gpt2 {
-            if shape.len() == 2 && name.starts_with("h.") && name.ends_with(".weight") {
+            if shape.len() == 2 && role.per_layer() && part == Part::Weight {
                 values = transpose(&values, shape[0], shape[1]);
                 shape.swap(0, 1);
             }
-            if name != "lm_head.weight" {
-                hf_name = format!("transformer.{name}");
+            if role != Role::Output {
+                hf_name = format!("transformer.{hf_name}");
             }
         }
         tensors.insert(hf_name, (shape, encode(&values, dtype)));
@@ -99,7 +110,7 @@ pub fn gguf_to_hf_folder(input: &Path, out_dir: &Path, dtype: DType) -> Result<(
             .map_err(|e| Error::Internal(format!("{name}: {e}")))?;
         std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, e))
     };
-    write_json("config.json", &hf_config(&config, dtype))?;
+    write_json("config.json", &hf_config(config, dtype))?;
     let tokenizer_path = out_dir.join("tokenizer.json");
     std::fs::write(&tokenizer_path, &tokenizer_json).map_err(|e| Error::io(&tokenizer_path, e))?;
     write_json(
@@ -184,7 +195,7 @@ fn hf_config(c: &ModelConfig, dtype: DType) -> Value {
             "eos_token_id": eos,
             "torch_dtype": torch_dtype,
         }),
-        Architecture::Llama | Architecture::Qwen2 => {
+        _ => {
             let qwen = c.architecture == Architecture::Qwen2;
             let mut config = json!({
                 "architectures": [if qwen { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
@@ -198,7 +209,7 @@ fn hf_config(c: &ModelConfig, dtype: DType) -> Value {
                 "head_dim": c.head_dim,
                 "max_position_embeddings": c.max_position_embeddings,
                 "rms_norm_eps": c.norm_eps,
-                "rope_theta": c.rope_theta,
+                "rope_theta": c.rope.theta,
                 "hidden_act": "silu",
                 "tie_word_embeddings": c.tie_word_embeddings,
                 "bos_token_id": c.bos_token_id,

@@ -117,19 +117,19 @@ pub fn safetensors(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(p[0]) else {
         return;
     };
-    let Ok(config) = crate::loader::ModelConfig::from_hf_json(text) else {
+    let Ok(json) = crate::loader::parse_config(text.as_bytes()) else {
         return;
     };
     let Ok(storage) = Storage::owned(p[1]) else {
         return;
     };
-    let mut store = crate::loader::TensorStore::default();
-    if crate::loader::safetensors::read_storage(Arc::new(storage), "fuzz", &mut store, None)
+    let mut tensors = crate::loader::TensorMap::new();
+    if crate::loader::safetensors::read_storage(Arc::new(storage), "fuzz", &mut tensors, None)
         .is_err()
     {
         return;
     }
-    if let Ok(model) = Model::from_hf_tensors(config, store) {
+    if let Ok(model) = Model::from_hf(&json, tensors) {
         exercise_model(model);
     }
 }

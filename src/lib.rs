@@ -2,10 +2,12 @@
 //!
 //! The crate is organised by stage of the pipeline:
 //! - [`ffi`]: the C API (`include/ember.h`);
-//! - [`loader`]: reading model files (Hugging Face folders) into named, memory-mapped tensors;
+//! - [`loader`]: reading model files (GGUF, Hugging Face folders) into named, memory-mapped
+//!   tensors;
 //! - [`tensor`]: typed views of weights that stay in the mapped file;
 //! - [`kernels`]: SIMD matrix products and the small vector operations of a Transformer;
-//! - [`model`]: the [`Model`] (weights per block) and its forward pass;
+//! - [`model`]: the [`Model`] (weights per block, one file per architecture family) and its
+//!   forward pass;
 //! - [`session`]: a [`Session`], one sequence's KV cache and position;
 //! - [`generate`]: streaming generation and chat with stop conditions;
 //! - [`sampler`]: choosing the next token (greedy, temperature, top-k/p, min-p, penalties);
@@ -42,7 +44,7 @@ pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub use generate::{chat, generate, GenerateOptions, Generation, StopReason};
-pub use loader::{Architecture, ModelConfig};
+pub use model::{Architecture, ModelConfig};
 pub use model::{LoadOptions, Model};
 pub use sampler::{Sampler, SamplerOptions};
 pub use session::{CancelHandle, Session, SessionOptions};

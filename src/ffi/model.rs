@@ -194,7 +194,9 @@ pub unsafe extern "C" fn ember_model_token_is_end(model: *const ember_model, tok
     })
 }
 
-/// The architecture's name ("llama", "qwen2", "gpt2"); a static string, "" if `model` is NULL.
+/// The architecture's name (GGUF's `general.architecture`: "llama", "qwen2", "qwen3",
+/// "gemma2", "gemma3", "phi3", "smollm3", "granite", "gpt2"); a static string, "" if `model`
+/// is NULL.
 ///
 /// # Safety
 /// `model` must be NULL or a live model.
@@ -202,15 +204,11 @@ pub unsafe extern "C" fn ember_model_token_is_end(model: *const ember_model, tok
 pub unsafe extern "C" fn ember_model_architecture(model: *const ember_model) -> *const c_char {
     run_value(c"".as_ptr(), || {
         // SAFETY: caller's contract.
-        let name = match unsafe { borrow(model, "model") }?
+        let name = unsafe { borrow(model, "model") }?
             .model
             .config()
             .architecture
-        {
-            crate::Architecture::Llama => c"llama",
-            crate::Architecture::Qwen2 => c"qwen2",
-            crate::Architecture::Gpt2 => c"gpt2",
-        };
+            .c_name();
         Ok(name.as_ptr())
     })
 }

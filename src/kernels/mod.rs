@@ -364,6 +364,15 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// `x = x / rms(x) * weight` (RMSNorm) in place, for one row (per-head norms).
+pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let mean_sq = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let scale = 1.0 / (mean_sq + eps).sqrt();
+    for (v, w) in x.iter_mut().zip(weight) {
+        *v = w * (*v * scale);
+    }
+}
+
 /// `out = (x - mean) / std * weight + bias` (LayerNorm), for one row.
 pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32, out: &mut [f32]) {
     let n = x.len() as f32;
@@ -401,6 +410,21 @@ pub fn gelu_tanh(x: &mut [f32]) {
     for v in x.iter_mut() {
         let u = *v;
         *v = 0.5 * u * (1.0 + (SQRT_2_OVER_PI * (u + 0.044715 * u * u * u)).tanh());
+    }
+}
+
+/// `gate = gelu_tanh(gate) * up` (GeGLU).
+pub fn gelu_tanh_mul(gate: &mut [f32], up: &[f32]) {
+    gelu_tanh(gate);
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g *= u;
+    }
+}
+
+/// `x = cap * tanh(x / cap)` in place (Gemma's soft caps on scores and logits).
+pub fn softcap(x: &mut [f32], cap: f32) {
+    for v in x.iter_mut() {
+        *v = cap * (*v / cap).tanh();
     }
 }
 

@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{Architecture, ModelConfig, TensorStore};
 use crate::error::{Error, Result};
 use crate::tensor::{DType, Storage, Tensor};
 
@@ -479,98 +478,4 @@ impl GgufFile {
             tensors,
         })
     }
-}
-
-/// The Hugging Face name of a GGUF tensor name (`blk.3.attn_q.weight` →
-/// `model.layers.3.self_attn.q_proj.weight` for Llama-family models, `h.3.attn.c_attn.weight`
-/// for GPT-2), or `None` for names Ember does not know.
-fn hf_name(gguf_name: &str, gpt2: bool) -> Option<String> {
-    let (stem, suffix) = gguf_name.rsplit_once('.')?;
-    let mapped = match stem {
-        "token_embd" if gpt2 => "wte".to_string(),
-        "position_embd" if gpt2 => "wpe".to_string(),
-        "output_norm" if gpt2 => "ln_f".to_string(),
-        "token_embd" => "model.embed_tokens".to_string(),
-        "output_norm" => "model.norm".to_string(),
-        "output" => "lm_head".to_string(),
-        _ => {
-            let rest = stem.strip_prefix("blk.")?;
-            let (layer, part) = rest.split_once('.')?;
-            let layer: usize = layer.parse().ok()?;
-            let part = if gpt2 {
-                match part {
-                    "attn_norm" => "ln_1",
-                    "attn_qkv" => "attn.c_attn",
-                    "attn_output" => "attn.c_proj",
-                    "ffn_norm" => "ln_2",
-                    "ffn_up" => "mlp.c_fc",
-                    "ffn_down" => "mlp.c_proj",
-                    _ => return None,
-                }
-            } else {
-                match part {
-                    "attn_norm" => "input_layernorm",
-                    "attn_q" => "self_attn.q_proj",
-                    "attn_k" => "self_attn.k_proj",
-                    "attn_v" => "self_attn.v_proj",
-                    "attn_output" => "self_attn.o_proj",
-                    "ffn_norm" => "post_attention_layernorm",
-                    "ffn_gate" => "mlp.gate_proj",
-                    "ffn_up" => "mlp.up_proj",
-                    "ffn_down" => "mlp.down_proj",
-                    _ => return None,
-                }
-            };
-            if gpt2 {
-                format!("h.{layer}.{part}")
-            } else {
-                format!("model.layers.{layer}.{part}")
-            }
-        }
-    };
-    Some(format!("{mapped}.{suffix}"))
-}
-
-/// The model configuration and the tensors of a GGUF file, renamed to Hugging Face names
-/// (names Ember does not know keep their GGUF name, so the model builder reports them).
-pub fn model_parts(file: &GgufFile) -> Result<(ModelConfig, TensorStore)> {
-    let embed = file
-        .tensors
-        .get("token_embd.weight")
-        .ok_or_else(|| Error::format("GGUF tensor token_embd.weight is missing"))?;
-    let mut config = ModelConfig::from_gguf(&file.metadata, embed.shape()[0])?;
-    let gpt2 = config.architecture == Architecture::Gpt2;
-    config.tie_word_embeddings = !file.tensors.contains_key("output.weight");
-    if let Some(factors) = file.tensors.get("rope_freqs.weight") {
-        let n = config.head_dim / 2;
-        if factors.shape() != [n] || factors.dtype() != crate::tensor::DType::F32 {
-            return Err(Error::format(format!(
-                "GGUF tensor rope_freqs.weight must be {n} F32 values"
-            )));
-        }
-        let factors = factors.to_f32_vec();
-        if factors.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
-            return Err(Error::format(
-                "GGUF rope_freqs.weight holds a non-positive value",
-            ));
-        }
-        config.rope_freq_factors = Some(factors);
-    }
-    let mut store = TensorStore::default();
-    for (name, tensor) in &file.tensors {
-        if name == "rope_freqs.weight" {
-            continue;
-        }
-        let renamed = hf_name(name, gpt2).unwrap_or_else(|| name.clone());
-        if store
-            .tensors
-            .insert(renamed.clone(), tensor.clone())
-            .is_some()
-        {
-            return Err(Error::format(format!(
-                "GGUF tensor {name} collides with another tensor named {renamed}"
-            )));
-        }
-    }
-    Ok((config, store))
 }

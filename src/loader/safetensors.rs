@@ -7,7 +7,7 @@ use std::sync::Arc;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
 use crate::error::{Error, Result};
-use crate::loader::TensorStore;
+use crate::loader::TensorMap;
 use crate::tensor::{DType, Storage, Tensor};
 
 fn dtype_of(dtype: StDtype, name: &str) -> Result<DType> {
@@ -26,7 +26,7 @@ fn dtype_of(dtype: StDtype, name: &str) -> Result<DType> {
 /// `only` restricts the tensors taken to those a sharded index assigns to this file.
 fn read_file(
     path: &Path,
-    store: &mut TensorStore,
+    store: &mut TensorMap,
     only: Option<&dyn Fn(&str) -> bool>,
 ) -> Result<()> {
     read_storage(
@@ -42,7 +42,7 @@ fn read_file(
 pub fn read_storage(
     storage: Arc<Storage>,
     name: &str,
-    store: &mut TensorStore,
+    store: &mut TensorMap,
     only: Option<&dyn Fn(&str) -> bool>,
 ) -> Result<()> {
     let bytes = storage.bytes();
@@ -56,7 +56,7 @@ pub fn read_storage(
         let dtype = dtype_of(view.dtype(), &name)?;
         let offset = view.data().as_ptr() as usize - base;
         let tensor = Tensor::new(storage.clone(), offset, dtype, view.shape().to_vec(), &name)?;
-        if store.tensors.insert(name.clone(), tensor).is_some() {
+        if store.insert(name.clone(), tensor).is_some() {
             return Err(Error::format(format!("tensor {name} appears twice")));
         }
     }
@@ -64,8 +64,8 @@ pub fn read_storage(
 }
 
 /// Loads `model.safetensors`, or the shards listed by `model.safetensors.index.json`.
-pub fn load_folder(dir: &Path) -> Result<TensorStore> {
-    let mut store = TensorStore::default();
+pub fn load_folder(dir: &Path) -> Result<TensorMap> {
+    let mut store = TensorMap::new();
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     if single.is_file() {
@@ -101,7 +101,7 @@ pub fn load_folder(dir: &Path) -> Result<TensorStore> {
         let keep = |name: &str| parsed.weight_map.get(name).is_some_and(|f| f == file);
         read_file(&dir.join(file), &mut store, Some(&keep))?;
         for name in names {
-            if !store.tensors.contains_key(*name) {
+            if !store.contains_key(*name) {
                 return Err(Error::format(format!(
                     "tensor {name} is listed in the index but missing from {file}"
                 )));

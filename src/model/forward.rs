@@ -4,11 +4,12 @@
 //! read once per micro-batch (matrix-matrix work). All buffers are allocated when the session
 //! is created; a decode step allocates nothing.
 
-use super::{FeedForward, Model};
+use super::config::{Activation, LayerKind, ModelConfig, Rope, RopeScaling};
+use super::layers::{FeedForward, Norm};
+use super::Model;
 use crate::error::{try_zeroed_f32, Error, Result};
 use crate::kernels;
 use crate::kernels::quant::{QuantActs, BLOCK};
-use crate::loader::{Architecture, ModelConfig};
 use crate::threading::{DisjointSlice, Par};
 
 /// Keys and values of every past position, for every layer, in f32.
@@ -61,18 +62,19 @@ impl KvCache {
 #[derive(Debug)]
 pub(crate) struct ForwardScratch {
     ubatch: usize,
-    x: Vec<f32>,        // [ubatch, hidden] residual stream
-    xn: Vec<f32>,       // [ubatch, hidden] normalised
-    q: Vec<f32>,        // [ubatch, n_heads * head_dim]
-    k: Vec<f32>,        // [ubatch, kv_dim]
-    v: Vec<f32>,        // [ubatch, kv_dim]
-    att: Vec<f32>,      // [ubatch, n_heads * head_dim]
-    out: Vec<f32>,      // [ubatch, hidden]
-    ff_a: Vec<f32>,     // [ubatch, intermediate]
-    ff_b: Vec<f32>,     // [ubatch, intermediate]
-    scores: Vec<f32>,   // [n_threads, n_ctx] attention weights, one row per task
-    rope_cos: Vec<f32>, // [n_ctx, head_dim / 2]
-    rope_sin: Vec<f32>, // [n_ctx, head_dim / 2]
+    x: Vec<f32>,      // [ubatch, hidden] residual stream
+    xn: Vec<f32>,     // [ubatch, hidden] normalised
+    q: Vec<f32>,      // [ubatch, n_heads * head_dim]
+    k: Vec<f32>,      // [ubatch, kv_dim]
+    v: Vec<f32>,      // [ubatch, kv_dim]
+    att: Vec<f32>,    // [ubatch, n_heads * head_dim]
+    out: Vec<f32>,    // [ubatch, hidden]
+    ff_a: Vec<f32>,   // [ubatch, intermediate]
+    ff_b: Vec<f32>,   // [ubatch, intermediate]
+    scores: Vec<f32>, // [n_threads, n_ctx] attention weights, one row per task
+    /// cos/sin tables of the model's RoPE and, where it has one, of its local RoPE (empty
+    /// when no layer rotates).
+    ropes: Vec<RopeTable>,
     /// `[ubatch, max(hidden, intermediate, q_dim) / 32]` activations quantized for products
     /// with quantized weights (empty when no weight is quantized).
     act: QuantActs,
@@ -92,20 +94,13 @@ impl ForwardScratch {
     ) -> Result<ForwardScratch> {
         let (h, inter) = (config.hidden_size, config.intermediate_size);
         let buf = |n: usize, what: &str| try_zeroed_f32(ubatch * n, what);
-        let half = config.head_dim / 2;
-        let (rope_cos, rope_sin) = if config.architecture == Architecture::Gpt2 {
-            (Vec::new(), Vec::new())
-        } else {
-            rope_table(config, n_ctx)?
-        };
-        debug_assert_eq!(
-            rope_cos.len(),
-            if config.architecture == Architecture::Gpt2 {
-                0
-            } else {
-                n_ctx * half
+        let mut ropes = Vec::new();
+        if config.layers.iter().any(|l| l.rope) {
+            ropes.push(RopeTable::new(&config.rope, n_ctx)?);
+            if let Some(local) = &config.rope_local {
+                ropes.push(RopeTable::new(local, n_ctx)?);
             }
-        );
+        }
         let widest = h.max(inter).max(config.q_dim());
         let n_act = if quantized {
             ubatch * widest.div_ceil(BLOCK)
@@ -126,26 +121,87 @@ impl ForwardScratch {
             ff_a: buf(inter, "feed-forward activations")?,
             ff_b: buf(inter, "feed-forward activations")?,
             scores: try_zeroed_f32(n_threads.max(1) * n_ctx, "attention scores")?,
-            rope_cos,
-            rope_sin,
+            ropes,
             logits: try_zeroed_f32(config.vocab_size, "logits")?,
         })
     }
 }
 
-/// Inverse RoPE frequencies, with Llama 3 scaling applied when configured.
-fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
-    let dim = config.head_dim;
-    let base = config.rope_theta as f64;
-    (0..dim / 2)
-        .map(|i| {
-            let inv = (1.0 / base.powf((2 * i) as f64 / dim as f64)) as f32;
-            if let Some(factors) = &config.rope_freq_factors {
-                return inv / factors[i];
+/// cos and sin of every position's RoPE angles, `[n_ctx, dims / 2]` each, with LongRoPE's
+/// attention factor folded in.
+#[derive(Debug)]
+struct RopeTable {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    /// Leading dimensions of a head that rotate.
+    dims: usize,
+}
+
+impl RopeTable {
+    /// The table for `n_ctx` positions. The angle is formed in f32, as transformers does,
+    /// then its cosine and sine are taken accurately.
+    fn new(rope: &Rope, n_ctx: usize) -> Result<RopeTable> {
+        let (inv_freq, factor) = inv_freq(rope, n_ctx);
+        let half = inv_freq.len();
+        let mut cos = try_zeroed_f32(n_ctx * half, "RoPE table")?;
+        let mut sin = try_zeroed_f32(n_ctx * half, "RoPE table")?;
+        for pos in 0..n_ctx {
+            for (i, &f) in inv_freq.iter().enumerate() {
+                let angle = (pos as f32 * f) as f64;
+                cos[pos * half + i] = angle.cos() as f32 * factor;
+                sin[pos * half + i] = angle.sin() as f32 * factor;
             }
-            match &config.rope_scaling {
-                None => inv,
-                Some(s) => {
+        }
+        Ok(RopeTable {
+            cos,
+            sin,
+            dims: rope.dims,
+        })
+    }
+
+    /// Rotates the heads of one row (`head_dim` wide each) for position `pos`.
+    fn rotate(&self, row: &mut [f32], head_dim: usize, pos: usize, interleaved: bool) {
+        let half = self.dims / 2;
+        let (cos, sin) = (
+            &self.cos[pos * half..(pos + 1) * half],
+            &self.sin[pos * half..(pos + 1) * half],
+        );
+        for head in row.chunks_exact_mut(head_dim) {
+            let rotating = &mut head[..self.dims];
+            if interleaved {
+                kernels::rope_interleaved(rotating, cos, sin);
+            } else {
+                kernels::rope(rotating, cos, sin);
+            }
+        }
+    }
+}
+
+/// Inverse RoPE frequencies after scaling, and the factor on cos and sin, for a session of
+/// `n_ctx` positions (LongRoPE's factors depend on it).
+fn inv_freq(rope: &Rope, n_ctx: usize) -> (Vec<f32>, f32) {
+    let dims = rope.dims;
+    let base = rope.theta as f64;
+    let plain = |i: usize| (1.0 / base.powf((2 * i) as f64 / dims as f64)) as f32;
+    let mut factor = 1.0;
+    let freqs = (0..dims / 2)
+        .map(|i| {
+            let inv = plain(i);
+            match &rope.scaling {
+                RopeScaling::None => inv,
+                RopeScaling::Linear { factor } => inv / factor,
+                RopeScaling::Factors(f) => inv / f[i],
+                RopeScaling::LongRope {
+                    short,
+                    long,
+                    original_max,
+                    attention_factor,
+                } => {
+                    factor = *attention_factor;
+                    let ext = if n_ctx > *original_max { long } else { short };
+                    (1.0 / (ext[i] as f64 * base.powf((2 * i) as f64 / dims as f64))) as f32
+                }
+                RopeScaling::Llama3(s) => {
                     let wavelen = 2.0 * std::f32::consts::PI / inv;
                     let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
                     let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
@@ -162,24 +218,8 @@ fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
                 }
             }
         })
-        .collect()
-}
-
-/// cos and sin of `position * inv_freq`, `[n_ctx, head_dim / 2]` each. The angle is formed in
-/// f32, as transformers does, then its cosine and sine are taken accurately.
-fn rope_table(config: &ModelConfig, n_ctx: usize) -> Result<(Vec<f32>, Vec<f32>)> {
-    let inv_freq = rope_inv_freq(config);
-    let half = inv_freq.len();
-    let mut cos = try_zeroed_f32(n_ctx * half, "RoPE table")?;
-    let mut sin = try_zeroed_f32(n_ctx * half, "RoPE table")?;
-    for pos in 0..n_ctx {
-        for (i, &f) in inv_freq.iter().enumerate() {
-            let angle = (pos as f32 * f) as f64;
-            cos[pos * half + i] = angle.cos() as f32;
-            sin[pos * half + i] = angle.sin() as f32;
-        }
-    }
-    Ok((cos, sin))
+        .collect();
+    (freqs, factor)
 }
 
 /// A session's mutable state for the forward pass: its cache and its buffers.
@@ -254,6 +294,7 @@ impl Model {
                         out,
                         &mut scratch.act,
                     );
+                    self.finish_logits(par, out);
                     if first + n == tokens.len() {
                         scratch
                             .logits
@@ -271,11 +312,29 @@ impl Model {
                         &mut scratch.logits,
                         &mut scratch.act,
                     );
+                    self.finish_logits(par, &mut scratch.logits);
                 }
                 LogitsWanted::Last => {}
             }
         }
         Ok(())
+    }
+
+    /// The output logits' multiplier and soft cap (Granite, Gemma), on rows of `vocab`.
+    fn finish_logits(&self, par: Par, rows: &mut [f32]) {
+        let c = &self.config;
+        if c.logit_scale == 1.0 && c.final_softcap.is_none() {
+            return;
+        }
+        par.for_rows(rows, c.vocab_size, |_, row| {
+            if c.logit_scale != 1.0 {
+                let inv = 1.0 / c.logit_scale;
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
+            if let Some(cap) = c.final_softcap {
+                kernels::softcap(row, cap);
+            }
+        });
     }
 
     fn forward_chunk(
@@ -295,6 +354,9 @@ impl Model {
         for (t, &token) in tokens.iter().enumerate() {
             let row = &mut s.x[t * h..(t + 1) * h];
             self.embed.elements().to_f32(token as usize * h, row);
+            if c.embedding_scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= c.embedding_scale);
+            }
             if let Some(positions) = &self.positions {
                 positions.elements().to_f32((pos0 + t) * h, &mut s.xn[..h]);
                 for (a, b) in row.iter_mut().zip(&s.xn[..h]) {
@@ -303,7 +365,7 @@ impl Model {
             }
         }
 
-        for (layer, block) in self.blocks.iter().enumerate() {
+        for (layer, (block, kind)) in self.blocks.iter().zip(&c.layers).enumerate() {
             if stop() {
                 return Err(Error::Cancelled);
             }
@@ -315,22 +377,18 @@ impl Model {
             block.q.forward(par, &s.xn, n, &mut s.q, &mut s.act);
             block.k.forward(par, &s.xn, n, &mut s.k, &mut s.act);
             block.v.forward(par, &s.xn, n, &mut s.v, &mut s.act);
-            if !s.rope_cos.is_empty() {
-                let (half, hd) = (c.head_dim / 2, c.head_dim);
-                let (cos, sin) = (&s.rope_cos, &s.rope_sin);
+            for (norm, rows, width) in [
+                (&block.q_norm, &mut s.q[..n * q_dim], q_dim),
+                (&block.k_norm, &mut s.k[..n * kv_dim], kv_dim),
+            ] {
+                if let Some(norm) = norm {
+                    par.for_rows(rows, width, |_, row| norm.apply_per_head(row));
+                }
+            }
+            if kind.rope {
+                let table = &s.ropes[usize::from(kind.local_rope).min(s.ropes.len() - 1)];
                 let rotate = |t: usize, row: &mut [f32]| {
-                    let pos = pos0 + t;
-                    let (cos, sin) = (
-                        &cos[pos * half..(pos + 1) * half],
-                        &sin[pos * half..(pos + 1) * half],
-                    );
-                    if c.rope_interleaved {
-                        row.chunks_exact_mut(hd)
-                            .for_each(|head| kernels::rope_interleaved(head, cos, sin));
-                    } else {
-                        row.chunks_exact_mut(hd)
-                            .for_each(|head| kernels::rope(head, cos, sin));
-                    }
+                    table.rotate(row, c.head_dim, pos0 + t, c.rope_interleaved)
                 };
                 par.for_rows(&mut s.q[..n * q_dim], q_dim, rotate);
                 par.for_rows(&mut s.k[..n * kv_dim], kv_dim, rotate);
@@ -346,6 +404,7 @@ impl Model {
             attention(
                 par,
                 c,
+                kind,
                 cache,
                 layer,
                 &s.q[..n * q_dim],
@@ -354,7 +413,7 @@ impl Model {
                 &mut s.att[..n * q_dim],
             );
             block.o.forward(par, &s.att, n, &mut s.out, &mut s.act);
-            add_rows(par, &mut s.x[..n * h], &s.out, h);
+            add_residual(par, c, &block.post_attn_norm, s, n);
 
             // Feed-forward.
             let x = &s.x;
@@ -362,16 +421,20 @@ impl Model {
                 block.ffn_norm.apply(&x[t * h..(t + 1) * h], row)
             });
             match &block.ffn {
-                FeedForward::SwiGlu { gate, up, down } => {
+                FeedForward::Gated { gate, up, down } => {
                     gate.forward(par, &s.xn, n, &mut s.ff_a, &mut s.act);
                     up.forward(par, &s.xn, n, &mut s.ff_b, &mut s.act);
                     let up = &s.ff_b;
                     par.for_rows(&mut s.ff_a[..n * inter], inter, |t, row| {
-                        kernels::silu_mul(row, &up[t * inter..(t + 1) * inter])
+                        let up = &up[t * inter..(t + 1) * inter];
+                        match c.activation {
+                            Activation::Silu => kernels::silu_mul(row, up),
+                            Activation::GeluTanh => kernels::gelu_tanh_mul(row, up),
+                        }
                     });
                     down.forward(par, &s.ff_a, n, &mut s.out, &mut s.act);
                 }
-                FeedForward::Gelu { fc, proj } => {
+                FeedForward::Plain { fc, proj } => {
                     fc.forward(par, &s.xn, n, &mut s.ff_a, &mut s.act);
                     par.for_rows(&mut s.ff_a[..n * inter], inter, |_, row| {
                         kernels::gelu_tanh(row)
@@ -379,27 +442,45 @@ impl Model {
                     proj.forward(par, &s.ff_a, n, &mut s.out, &mut s.act);
                 }
             }
-            add_rows(par, &mut s.x[..n * h], &s.out, h);
+            add_residual(par, c, &block.post_ffn_norm, s, n);
         }
         Ok(())
     }
 }
 
-/// `x[t] += y[t]` for every row of width `h`.
-fn add_rows(par: Par, x: &mut [f32], y: &[f32], h: usize) {
-    par.for_rows(x, h, |t, row| {
-        for (a, b) in row.iter_mut().zip(&y[t * h..(t + 1) * h]) {
-            *a += b;
+/// `x[t] += residual_scale * norm(out[t])` for the `n` rows of the micro-batch (the norm is
+/// a sandwich norm, when the block has one).
+fn add_residual(par: Par, c: &ModelConfig, norm: &Option<Norm>, s: &mut ForwardScratch, n: usize) {
+    let h = c.hidden_size;
+    let added = match norm {
+        Some(norm) => {
+            let out = &s.out;
+            par.for_rows(&mut s.xn[..n * h], h, |t, row| {
+                norm.apply(&out[t * h..(t + 1) * h], row)
+            });
+            &s.xn
+        }
+        None => &s.out,
+    };
+    let scale = c.residual_scale;
+    par.for_rows(&mut s.x[..n * h], h, |t, row| {
+        let added = &added[t * h..(t + 1) * h];
+        if scale == 1.0 {
+            row.iter_mut().zip(added).for_each(|(a, b)| *a += b);
+        } else {
+            row.iter_mut().zip(added).for_each(|(a, b)| *a += scale * b);
         }
     });
 }
 
 /// Causal attention of `n` query rows (positions `pos0..pos0 + n`) over the cache of `layer`,
-/// one (token, head) pair per work item. Grouped-query heads share key/value heads.
+/// one (token, head) pair per work item. Grouped-query heads share key/value heads. A sliding
+/// layer attends to the last `window` positions only (the token's own included).
 #[allow(clippy::too_many_arguments)]
 fn attention(
     par: Par,
     c: &ModelConfig,
+    kind: &LayerKind,
     cache: &KvCache,
     layer: usize,
     q: &[f32],
@@ -410,16 +491,22 @@ fn attention(
     let (hd, n_heads, kv_dim) = (c.head_dim, c.n_heads, c.kv_dim());
     let group = n_heads / c.n_kv_heads;
     let n = q.len() / (n_heads * hd);
-    let scale = 1.0 / (hd as f32).sqrt();
     let (keys, values) = cache.layer(layer);
     let out = DisjointSlice::new(out);
     // Later tokens attend to more positions: tasks take items round-robin to share the work.
     par.for_each_strided_with_scratch(n * n_heads, scores, cache.n_ctx, |item, scores| {
         let (t, head) = (item / n_heads, item % n_heads);
-        let kv_off = (head / group) * hd;
+        let pos = pos0 + t;
+        let first = kind
+            .sliding_window
+            .map_or(0, |w| (pos + 1).saturating_sub(w));
+        let kv_off = first * kv_dim + (head / group) * hd;
         let q_row = &q[item * hd..(item + 1) * hd];
-        let scores = &mut scores[..pos0 + t + 1];
-        kernels::attention_scores(q_row, &keys[kv_off..], kv_dim, scale, scores);
+        let scores = &mut scores[..pos + 1 - first];
+        kernels::attention_scores(q_row, &keys[kv_off..], kv_dim, c.attention_scale, scores);
+        if let Some(cap) = c.attn_softcap {
+            kernels::softcap(scores, cap);
+        }
         kernels::softmax(scores);
         // SAFETY: item (t, head) owns output elements item*hd..(item+1)*hd alone.
         let o = unsafe { out.range_mut(item * hd..(item + 1) * hd) };

@@ -1,130 +1,37 @@
 //! The model: its configuration and its weights, arranged per Transformer block.
 //!
+//! - `config.rs`: the hyper-parameters and the features of the forward pass;
+//! - `names.rs`: tensor names of both formats, mapped to roles;
+//! - `layers.rs`: projections, norms, feed-forward networks and blocks;
+//! - `arch/`: one file per architecture family (what it changes relative to Llama);
+//! - `forward.rs`: the forward pass, reading features rather than family names.
+//!
 //! A [`Model`] is immutable once loaded and is shared between threads and sessions (`Arc`).
 
+pub(crate) mod arch;
+pub(crate) mod config;
 mod forward;
+pub(crate) mod layers;
+pub(crate) mod names;
 
-use std::ops::Range;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+
+use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::kernels::quant::QuantActs;
-use crate::loader::{self, Architecture, ModelConfig, TensorStore};
+use crate::loader::{self, gguf::GgufFile};
 use crate::tensor::{DType, Tensor};
-use crate::threading::Par;
 use crate::tokenizer::Tokenizer;
+use arch::{Family, Format};
+use layers::{Block, Norm, Projection, ProjectionWeight};
+use names::Weights;
 
+pub use config::{
+    Activation, Architecture, LayerKind, Llama3RopeScaling, ModelConfig, Rope, RopeScaling,
+};
 pub(crate) use forward::{ForwardScratch, KvCache, LogitsWanted, Workspace};
-
-/// A weight matrix applied to activations, with an optional bias.
-#[derive(Debug)]
-pub(crate) struct Projection {
-    /// The weights, in one of two layouts.
-    weight: ProjectionWeight,
-    /// Added to every output row when present.
-    bias: Option<Vec<f32>>,
-}
-
-#[derive(Debug)]
-enum ProjectionWeight {
-    /// `[n_out, n_in]`, as `torch.nn.Linear` stores it.
-    Linear(Tensor),
-    /// Columns `cols` of an `[n_in, n_total]` matrix, as GPT-2's `Conv1D` stores it.
-    InOut { weight: Tensor, cols: Range<usize> },
-}
-
-impl Projection {
-    fn linear(weight: Tensor, bias: Option<Tensor>) -> Projection {
-        Projection {
-            weight: ProjectionWeight::Linear(weight),
-            bias: bias.map(|b| b.to_f32_vec()),
-        }
-    }
-
-    /// `y[t] = W x[t] + b` for `n_tok` rows of `x`; `act` holds quantized activations.
-    pub(crate) fn forward(
-        &self,
-        par: Par,
-        x: &[f32],
-        n_tok: usize,
-        y: &mut [f32],
-        act: &mut QuantActs,
-    ) {
-        match &self.weight {
-            ProjectionWeight::Linear(w) => kernels::matmul_with(par, w, x, n_tok, y, act),
-            ProjectionWeight::InOut { weight, cols } => {
-                kernels::matmul_in_out_cols(par, weight, cols.clone(), x, n_tok, y)
-            }
-        }
-        if let Some(bias) = &self.bias {
-            kernels::add_bias(&mut y[..n_tok * bias.len()], bias);
-        }
-    }
-
-    /// The weights' element type.
-    pub(crate) fn dtype(&self) -> DType {
-        match &self.weight {
-            ProjectionWeight::Linear(w) | ProjectionWeight::InOut { weight: w, .. } => w.dtype(),
-        }
-    }
-
-    /// Bytes of weights one product reads.
-    pub(crate) fn weight_bytes(&self) -> usize {
-        match &self.weight {
-            ProjectionWeight::Linear(w) => w.bytes().len(),
-            ProjectionWeight::InOut { weight, cols } => {
-                weight.shape()[0] * cols.len() * weight.dtype().block_bytes()
-            }
-        }
-    }
-}
-
-/// A normalisation layer's parameters (RMSNorm when `bias` is `None`, else LayerNorm).
-#[derive(Debug)]
-pub(crate) struct Norm {
-    weight: Vec<f32>,
-    bias: Option<Vec<f32>>,
-    eps: f32,
-}
-
-impl Norm {
-    /// Normalises one row.
-    pub(crate) fn apply(&self, x: &[f32], out: &mut [f32]) {
-        match &self.bias {
-            None => kernels::rms_norm(x, &self.weight, self.eps, out),
-            Some(bias) => kernels::layer_norm(x, &self.weight, bias, self.eps, out),
-        }
-    }
-}
-
-/// The feed-forward part of a block.
-#[derive(Debug)]
-pub(crate) enum FeedForward {
-    /// `down(silu(gate(x)) * up(x))` (Llama, Qwen2).
-    SwiGlu {
-        gate: Projection, // [intermediate, hidden]
-        up: Projection,   // [intermediate, hidden]
-        down: Projection, // [hidden, intermediate]
-    },
-    /// `proj(gelu(fc(x)))` (GPT-2).
-    Gelu {
-        fc: Projection,   // [hidden -> intermediate]
-        proj: Projection, // [intermediate -> hidden]
-    },
-}
-
-/// One Transformer block.
-#[derive(Debug)]
-pub(crate) struct Block {
-    pub(crate) attn_norm: Norm,
-    pub(crate) q: Projection, // [n_heads * head_dim, hidden]
-    pub(crate) k: Projection, // [n_kv_heads * head_dim, hidden]
-    pub(crate) v: Projection, // [n_kv_heads * head_dim, hidden]
-    pub(crate) o: Projection, // [hidden, n_heads * head_dim]
-    pub(crate) ffn_norm: Norm,
-    pub(crate) ffn: FeedForward,
-}
 
 /// A loaded, immutable language model.
 #[derive(Debug)]
@@ -137,7 +44,7 @@ pub struct Model {
     pub(crate) lm_head: Tensor, // [vocab, hidden]
     pub(crate) tokenizer: LazyTokenizer,
     /// How many of the file's tensors have each element type.
-    pub(crate) type_counts: std::collections::BTreeMap<&'static str, usize>,
+    pub(crate) type_counts: BTreeMap<&'static str, usize>,
 }
 
 /// How a model is loaded.
@@ -241,9 +148,9 @@ impl Model {
             ));
         }
         if path.is_dir() {
-            let (config, store) = loader::load_hf_folder(path)?;
+            let (json, tensors) = loader::read_hf_folder(path)?;
             let dir = path.to_path_buf();
-            let model = Model::from_hf_tensors(config, store)?;
+            let model = Model::from_hf(&json, tensors)?;
             model.finish_load(options, Box::new(move || Tokenizer::from_hf_folder(&dir)))
         } else {
             let storage = loader::map_file(path)?;
@@ -263,14 +170,8 @@ impl Model {
         name: &str,
         options: &LoadOptions,
     ) -> Result<Model> {
-        let file = loader::gguf::GgufFile::parse(storage).map_err(|e| e.in_file(name))?;
-        let (config, store) = loader::gguf::model_parts(&file).map_err(|e| e.in_file(name))?;
-        let mut model = Model::from_gguf_tensors(config, store).map_err(|e| e.in_file(name))?;
-        // Every tensor of the file (the loader folds `rope_freqs` into the configuration).
-        model.type_counts = std::collections::BTreeMap::new();
-        for info in &file.infos {
-            *model.type_counts.entry(info.dtype.name()).or_default() += 1;
-        }
+        let file = GgufFile::parse(storage).map_err(|e| e.in_file(name))?;
+        let model = Model::from_gguf_file(&file).map_err(|e| e.in_file(name))?;
         let metadata = file.metadata;
         let name = name.to_string();
         model.finish_load(
@@ -279,6 +180,55 @@ impl Model {
                 crate::tokenizer::tokenizer_from_gguf(&metadata).map_err(|e| e.in_file(&name))
             }),
         )
+    }
+
+    /// The family a GGUF file's `general.architecture` names.
+    pub(crate) fn gguf_family(file: &GgufFile) -> Result<&'static Family> {
+        let name = file
+            .metadata
+            .str("general.architecture")?
+            .ok_or_else(|| Error::format("GGUF metadata general.architecture is missing"))?;
+        arch::gguf_family(name)
+    }
+
+    /// A model from a parsed GGUF file (its weights stay in the file's storage).
+    pub(crate) fn from_gguf_file(file: &GgufFile) -> Result<Model> {
+        let family = Model::gguf_family(file)?;
+        let mut weights = Weights::from_gguf(&file.tensors)?;
+        let config = (family.gguf_config)(&file.metadata, &mut weights)?;
+        Model::assemble(family, config, weights, Format::Gguf)
+    }
+
+    /// A model from a Hugging Face `config.json` and its named tensors.
+    pub(crate) fn from_hf(json: &Value, tensors: HashMap<String, Tensor>) -> Result<Model> {
+        let family = arch::hf_family(json)?;
+        let config = (family.hf_config)(json)?;
+        let weights = Weights::from_hf(tensors, family.hf_names)?;
+        Model::assemble(family, config, weights, Format::HuggingFace)
+    }
+
+    /// Builds the family's blocks from the weights, checking that every tensor was used.
+    fn assemble(
+        family: &Family,
+        mut config: ModelConfig,
+        mut weights: Weights,
+        format: Format,
+    ) -> Result<Model> {
+        config.validate()?;
+        let type_counts = weights.type_counts().clone();
+        let parts = (family.build)(&mut config, &mut weights, format)?;
+        weights.finish()?;
+        config.validate()?;
+        Ok(Model {
+            config,
+            embed: parts.embed,
+            positions: parts.positions,
+            blocks: parts.blocks,
+            final_norm: parts.final_norm,
+            lm_head: parts.lm_head,
+            tokenizer: LazyTokenizer::default(),
+            type_counts,
+        })
     }
 
     /// What every way of loading does last: attach the tokenizer's builder and quantize
@@ -297,15 +247,7 @@ impl Model {
     /// copy. The embedding table stays as it is (one row is read per token).
     fn quantize_q8_0(&mut self) -> Result<()> {
         for block in &mut self.blocks {
-            let Block {
-                q, k, v, o, ffn, ..
-            } = block;
-            let mut projections: Vec<&mut Projection> = vec![q, k, v, o];
-            match ffn {
-                FeedForward::SwiGlu { gate, up, down } => projections.extend([gate, up, down]),
-                FeedForward::Gelu { fc, proj } => projections.extend([fc, proj]),
-            }
-            for p in projections {
+            for p in block.projections_mut() {
                 if let ProjectionWeight::Linear(w) = &p.weight {
                     if let Some(quantized) = quantized_q8_0(w)? {
                         p.weight = ProjectionWeight::Linear(quantized);
@@ -319,34 +261,9 @@ impl Model {
         Ok(())
     }
 
-    /// Builds a model from its configuration and Hugging Face-named tensors.
-    pub fn from_hf_tensors(config: ModelConfig, mut store: TensorStore) -> Result<Model> {
-        let counts = store.type_counts();
-        let mut model = match config.architecture {
-            Architecture::Llama | Architecture::Qwen2 => llama_from_hf(config, &mut store)?,
-            Architecture::Gpt2 => gpt2_from_hf(config, &mut store, Gpt2Layout::Conv1D)?,
-        };
-        store.finish()?;
-        model.type_counts = counts;
-        Ok(model)
-    }
-
-    /// Builds a model from a GGUF file's configuration and tensors, renamed to Hugging Face
-    /// names by the loader (GPT-2 projections stay in GGUF's `[n_out, n_in]` layout).
-    pub fn from_gguf_tensors(config: ModelConfig, mut store: TensorStore) -> Result<Model> {
-        let counts = store.type_counts();
-        let mut model = match config.architecture {
-            Architecture::Llama | Architecture::Qwen2 => llama_from_hf(config, &mut store)?,
-            Architecture::Gpt2 => gpt2_from_hf(config, &mut store, Gpt2Layout::Linear)?,
-        };
-        store.finish()?;
-        model.type_counts = counts;
-        Ok(model)
-    }
-
     /// How many of the model file's tensors have each element type (e.g. a Q4_K_M file:
     /// `{"F32": 61, "Q4_K": 16, "Q5_0": 166, ...}`).
-    pub fn tensor_type_counts(&self) -> &std::collections::BTreeMap<&'static str, usize> {
+    pub fn tensor_type_counts(&self) -> &BTreeMap<&'static str, usize> {
         &self.type_counts
     }
 
@@ -425,24 +342,6 @@ impl Model {
     }
 }
 
-impl Block {
-    /// Every projection of the block.
-    fn projections(&self) -> impl Iterator<Item = &Projection> {
-        let ffn: [&Projection; 3] = match &self.ffn {
-            FeedForward::SwiGlu { gate, up, down } => [gate, up, down],
-            FeedForward::Gelu { fc, proj } => [fc, proj, proj],
-        };
-        let ffn_len = if matches!(self.ffn, FeedForward::Gelu { .. }) {
-            2
-        } else {
-            3
-        };
-        [&self.q, &self.k, &self.v, &self.o]
-            .into_iter()
-            .chain(ffn.into_iter().take(ffn_len))
-    }
-}
-
 /// A Q8_0 copy of a float matrix whose rows are whole blocks, or `None` if it is already
 /// quantized or its rows cannot be.
 fn quantized_q8_0(w: &Tensor) -> Result<Option<Tensor>> {
@@ -465,176 +364,4 @@ fn quantized_q8_0(w: &Tensor) -> Result<Option<Tensor>> {
     }
     let storage = std::sync::Arc::new(crate::tensor::Storage::owned(&bytes)?);
     Tensor::new(storage, 0, DType::Q8_0, vec![rows, cols], "Q8_0 copy").map(Some)
-}
-
-fn norm(
-    store: &mut TensorStore,
-    prefix: &str,
-    hidden: usize,
-    eps: f32,
-    with_bias: bool,
-) -> Result<Norm> {
-    let weight = store
-        .take(&format!("{prefix}.weight"), &[hidden])?
-        .to_f32_vec();
-    let bias = if with_bias {
-        Some(
-            store
-                .take(&format!("{prefix}.bias"), &[hidden])?
-                .to_f32_vec(),
-        )
-    } else {
-        None
-    };
-    Ok(Norm { weight, bias, eps })
-}
-
-fn linear(
-    store: &mut TensorStore,
-    prefix: &str,
-    n_out: usize,
-    n_in: usize,
-    with_bias: bool,
-) -> Result<Projection> {
-    let weight = store.take(&format!("{prefix}.weight"), &[n_out, n_in])?;
-    let bias = if with_bias {
-        Some(store.take(&format!("{prefix}.bias"), &[n_out])?)
-    } else {
-        None
-    };
-    Ok(Projection::linear(weight, bias))
-}
-
-fn llama_from_hf(config: ModelConfig, store: &mut TensorStore) -> Result<Model> {
-    let (h, inter) = (config.hidden_size, config.intermediate_size);
-    let (q_dim, kv_dim) = (config.q_dim(), config.kv_dim());
-    let qkv_bias = config.architecture == Architecture::Qwen2;
-    let eps = config.norm_eps;
-    let mut blocks = Vec::with_capacity(config.n_layers);
-    for i in 0..config.n_layers {
-        let p = format!("model.layers.{i}");
-        blocks.push(Block {
-            attn_norm: norm(store, &format!("{p}.input_layernorm"), h, eps, false)?,
-            q: linear(store, &format!("{p}.self_attn.q_proj"), q_dim, h, qkv_bias)?,
-            k: linear(store, &format!("{p}.self_attn.k_proj"), kv_dim, h, qkv_bias)?,
-            v: linear(store, &format!("{p}.self_attn.v_proj"), kv_dim, h, qkv_bias)?,
-            o: linear(store, &format!("{p}.self_attn.o_proj"), h, q_dim, false)?,
-            ffn_norm: norm(
-                store,
-                &format!("{p}.post_attention_layernorm"),
-                h,
-                eps,
-                false,
-            )?,
-            ffn: FeedForward::SwiGlu {
-                gate: linear(store, &format!("{p}.mlp.gate_proj"), inter, h, false)?,
-                up: linear(store, &format!("{p}.mlp.up_proj"), inter, h, false)?,
-                down: linear(store, &format!("{p}.mlp.down_proj"), h, inter, false)?,
-            },
-        });
-    }
-    let embed = store.take("model.embed_tokens.weight", &[config.vocab_size, h])?;
-    let lm_head = match store.take_optional("lm_head.weight", &[config.vocab_size, h])? {
-        Some(head) => head,
-        None if config.tie_word_embeddings => embed.clone(),
-        None => {
-            return Err(Error::format(
-                "tensor lm_head.weight is missing (embeddings are not tied)",
-            ))
-        }
-    };
-    Ok(Model {
-        final_norm: norm(store, "model.norm", h, eps, false)?,
-        embed,
-        positions: None,
-        blocks,
-        lm_head,
-        config,
-        tokenizer: LazyTokenizer::default(),
-        type_counts: Default::default(),
-    })
-}
-
-/// How a GPT-2 checkpoint stores its projection matrices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Gpt2Layout {
-    /// `[n_in, n_out]` (Hugging Face's `Conv1D`).
-    Conv1D,
-    /// `[n_out, n_in]` (GGUF files, converted to ordinary linear layers).
-    Linear,
-}
-
-fn gpt2_from_hf(config: ModelConfig, store: &mut TensorStore, layout: Gpt2Layout) -> Result<Model> {
-    // Checkpoints saved from GPT2LMHeadModel prefix names with "transformer."; the original
-    // OpenAI conversions do not.
-    let prefix = if store.tensors.contains_key("transformer.wte.weight") {
-        "transformer."
-    } else {
-        ""
-    };
-    let (h, inter) = (config.hidden_size, config.intermediate_size);
-    let eps = config.norm_eps;
-    // A projection's weight and bias, in the checkpoint's layout.
-    let conv = |store: &mut TensorStore,
-                name: &str,
-                n_in: usize,
-                n_out: usize|
-     -> Result<(Tensor, Vec<f32>)> {
-        let shape = match layout {
-            Gpt2Layout::Conv1D => [n_in, n_out],
-            Gpt2Layout::Linear => [n_out, n_in],
-        };
-        let w = store.take(&format!("{name}.weight"), &shape)?;
-        let b = store.take(&format!("{name}.bias"), &[n_out])?.to_f32_vec();
-        Ok((w, b))
-    };
-    // Output features `cols` of a (possibly fused) projection.
-    let split = |w: &Tensor, b: &[f32], cols: Range<usize>| Projection {
-        bias: Some(b[cols.clone()].to_vec()),
-        weight: match layout {
-            Gpt2Layout::Conv1D => ProjectionWeight::InOut {
-                weight: w.clone(),
-                cols,
-            },
-            Gpt2Layout::Linear => ProjectionWeight::Linear(w.rows(cols)),
-        },
-    };
-    let mut blocks = Vec::with_capacity(config.n_layers);
-    for i in 0..config.n_layers {
-        let p = format!("{prefix}h.{i}");
-        let (attn_w, attn_b) = conv(store, &format!("{p}.attn.c_attn"), h, 3 * h)?;
-        let (proj_w, proj_b) = conv(store, &format!("{p}.attn.c_proj"), h, h)?;
-        let (fc_w, fc_b) = conv(store, &format!("{p}.mlp.c_fc"), h, inter)?;
-        let (mproj_w, mproj_b) = conv(store, &format!("{p}.mlp.c_proj"), inter, h)?;
-        blocks.push(Block {
-            attn_norm: norm(store, &format!("{p}.ln_1"), h, eps, true)?,
-            q: split(&attn_w, &attn_b, 0..h),
-            k: split(&attn_w, &attn_b, h..2 * h),
-            v: split(&attn_w, &attn_b, 2 * h..3 * h),
-            o: split(&proj_w, &proj_b, 0..h),
-            ffn_norm: norm(store, &format!("{p}.ln_2"), h, eps, true)?,
-            ffn: FeedForward::Gelu {
-                fc: split(&fc_w, &fc_b, 0..inter),
-                proj: split(&mproj_w, &mproj_b, 0..h),
-            },
-        });
-    }
-    let embed = store.take(&format!("{prefix}wte.weight"), &[config.vocab_size, h])?;
-    let positions = store.take(
-        &format!("{prefix}wpe.weight"),
-        &[config.max_position_embeddings, h],
-    )?;
-    let lm_head = store
-        .take_optional("lm_head.weight", &[config.vocab_size, h])?
-        .unwrap_or_else(|| embed.clone());
-    Ok(Model {
-        final_norm: norm(store, &format!("{prefix}ln_f"), h, eps, true)?,
-        embed,
-        positions: Some(positions),
-        blocks,
-        lm_head,
-        config,
-        tokenizer: LazyTokenizer::default(),
-        type_counts: Default::default(),
-    })
 }

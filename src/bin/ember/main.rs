@@ -159,6 +159,12 @@ fn info(args: &[String]) -> Result<(), String> {
     let c = model.config();
     out!("architecture      {}", c.architecture.name());
     out!("weights           {}", model.dtype_summary());
+    let mix: Vec<String> = model
+        .tensor_type_counts()
+        .iter()
+        .map(|(dtype, n)| format!("{n} {dtype}"))
+        .collect();
+    out!("tensor types      {}", mix.join(", "));
     out!("vocabulary        {}", c.vocab_size);
     out!("layers            {}", c.n_layers);
     out!(
@@ -173,7 +179,11 @@ fn info(args: &[String]) -> Result<(), String> {
         c.head_dim
     );
     out!("context           {}", c.max_position_embeddings);
-    out!("bytes per token   {}", model.weight_bytes_per_token());
+    out!(
+        "bytes per token   {} ({:.1} MiB of weights read per generated token)",
+        model.weight_bytes_per_token(),
+        model.weight_bytes_per_token() as f64 / (1 << 20) as f64
+    );
     match model.tokenizer() {
         Ok(t) => {
             let name = |id: Option<u32>| match id {
