@@ -199,6 +199,68 @@ typedef struct ember_model_params {
 } ember_model_params;
 
 /**
+ * What `ember_model_probe` says about a model file. Call it through the
+ * `EMBER_MODEL_PROBE(path, &info)` macro, which passes `sizeof info`: the library writes the
+ * fields that fit in both its and the caller's struct, and their size in `struct_size`.
+ */
+typedef struct ember_model_info {
+  /**
+   * Bytes of this struct the library wrote.
+   */
+  uint32_t struct_size;
+  /**
+   * Non-zero when Ember can load and run the file (its tokenizer included).
+   */
+  uint32_t supported;
+  /**
+   * Non-zero when the file has a tokenizer Ember can build.
+   */
+  uint32_t has_tokenizer;
+  /**
+   * Non-zero when the tokenizer has a chat template.
+   */
+  uint32_t has_chat_template;
+  /**
+   * The architecture as the file names it (GGUF `general.architecture`, config.json's
+   * `architectures`), even when unsupported; NUL-terminated, truncated to fit.
+   */
+  char architecture[32];
+  /**
+   * Why the file is not supported ("" when it is); NUL-terminated, truncated to fit.
+   */
+  char reason[256];
+  /**
+   * The context length the model was trained for; 0 when unknown.
+   */
+  uint64_t n_ctx_train;
+  /**
+   * Transformer blocks; 0 when unknown.
+   */
+  uint64_t n_layers;
+  /**
+   * Vocabulary size; 0 when unknown.
+   */
+  uint64_t n_vocab;
+  /**
+   * Number of weights (elements of every tensor).
+   */
+  uint64_t n_params;
+  /**
+   * Bytes of the model's files.
+   */
+  uint64_t file_bytes;
+  /**
+   * Bytes of weights one generated token reads; 0 when unsupported.
+   */
+  uint64_t bytes_per_token;
+  /**
+   * Tensors by type, e.g. "61 F32, 16 Q4_K, 166 Q5_0, 14 Q6_K, 15 Q8_0"; NUL-terminated,
+   * truncated to fit.
+   */
+  char tensor_types[192];
+} ember_model_info;
+
+/**
  * A message of a conversation for chat templates: NUL-terminated UTF-8 strings, borrowed
  * for the duration of the call.
  */
@@ -394,6 +456,22 @@ enum ember_status ember_model_params_default(size_t struct_size, struct ember_mo
 enum ember_status ember_model_load(const char *path,
                                    const struct ember_model_params *params,
                                    struct ember_model **out);
+
+/**
+ * Describes the model at `path` (a GGUF file or a Hugging Face folder) and whether Ember runs
+ * it, without loading it: it reads the metadata, the norm vectors and the tokenizer, never a
+ * weight matrix, and keeps nothing mapped. A file Ember cannot use is described (with
+ * `supported` 0 and the `reason`) and the call returns `EMBER_OK`; errors are for arguments
+ * and unreadable paths. `*out` (of `info_size` bytes, normally `sizeof(ember_model_info)`)
+ * is written only on success. Use the `EMBER_MODEL_PROBE(path, &info)` macro.
+ *
+ * # Safety
+ * `path` must be a NUL-terminated string; `out` NULL or valid for writing `info_size`
+ * bytes.
+ */
+enum ember_status ember_model_probe(const char *path,
+                                    size_t info_size,
+                                    struct ember_model_info *out);
 
 /**
  * Releases a model (NULL is ignored). Sessions made from it keep it alive until they are
@@ -830,6 +908,8 @@ enum ember_status ember_chat(struct ember_session *session,
 
 #endif  /* EMBER_H */
 
+/** Describes the model file at `path` in `*info`: `EMBER_MODEL_PROBE(path, &info);` */
+#define EMBER_MODEL_PROBE(path, info) ember_model_probe((path), sizeof *(info), (info))
 /** Fills an ember_model_params with the defaults: `EMBER_MODEL_PARAMS_DEFAULT(&p);` */
 #define EMBER_MODEL_PARAMS_DEFAULT(p) ember_model_params_default(sizeof *(p), (p))
 /** Fills an ember_session_params with the defaults. */

@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
 """Ember against llama.cpp on the same weights, threads and machine, in one run.
 
-For each dtype (default Q4_1, Q4_0, Q8_0, F32 and BF16 of SmolLM2-135M-Instruct) and thread
-count, measures
+For each type or mix (default: every one llama.cpp's quantizer makes that Ember reads, of
+SmolLM2-135M-Instruct) and thread count, measures
 prompt processing (one 512-token batch on an empty context) and generation (128 single-token
 steps from an empty context), best of --reps runs, alternating Ember and llama.cpp so both see
 the same machine load. Also measures the machine's read bandwidth and prints the generation
 limit it implies: bandwidth / weight bytes read per token.
 
 Weights: both read the same GGUF file: the default model's Q4_1 file (scripts/fetch-model),
-or the file of another type that llama.cpp's own quantizer writes from it (llama_model_quantize
-with allow_requantize), cached in models/.
+or the file of another type or mix that llama.cpp's own quantizer writes from its F32 GGUF
+(itself requantized from the Q4_1 file with llama_model_quantize, allow_requantize), cached
+in models/. Another model: --base FILE.gguf (an F32 GGUF, e.g. from
+scripts/bench_1b.py).
 
 Needs: pip install llama-cpp-python numpy (CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TOOLS=OFF"),
 and `cargo build --release`. Usage: python3 scripts/bench_vs_llamacpp.py [--dtypes q4_1,q8_0]
@@ -30,7 +32,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 Q4_1 = MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBER = ROOT / "target" / "release" / "ember"
-FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "bf16": 32}
+MIXES = "q4_1,q4_0,q8_0,q5_0,q5_1,q4_k_m,q5_k_m,q6_k,q3_k_m,q2_k,iq4_nl,iq4_xs,bf16,f32"
 PP, TG = 512, 128
 
 
@@ -45,20 +47,37 @@ def bench_tokens(n, vocab):
     return out
 
 
-def gguf_for(dtype):
+def quantize(src, dst, dtype):
     import llama_cpp
 
-    path = MODELS / f"SmolLM2-135M-Instruct.{dtype.upper()}.gguf"
-    if dtype == "q4_1":
-        return Q4_1
+    params = llama_cpp.llama_model_quantize_default_params()
+    name = "LLAMA_FTYPE_ALL_F32" if dtype == "f32" else f"LLAMA_FTYPE_MOSTLY_{dtype.upper()}"
+    params.ftype = getattr(llama_cpp, name)
+    params.allow_requantize = True
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize to {dtype} failed ({rc})")
+
+
+def gguf_for(dtype, base=None):
+    """The GGUF of `dtype`, made by llama.cpp's quantizer from the F32 file (`base`, or the
+    F32 requantization of the default Q4_1 file)."""
+    if base is None:
+        if dtype == "q4_1":
+            return Q4_1
+        f32 = MODELS / "SmolLM2-135M-Instruct.F32.gguf"
+        if not f32.exists():
+            quantize(Q4_1, f32, "f32")
+        base, stem = f32, MODELS / "SmolLM2-135M-Instruct"
+    else:
+        base = pathlib.Path(base)
+        stem = base.with_name(base.name.split(".")[0])
+    if dtype == "f32":
+        return base
+    path = stem.with_name(f"{stem.name}.{dtype.upper()}.gguf")
     if not path.exists():
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = FTYPES[dtype]
-        params.allow_requantize = True
-        params.nthread = 2
-        rc = llama_cpp.llama_model_quantize(str(Q4_1).encode(), str(path).encode(), ctypes.byref(params))
-        if rc != 0:
-            raise SystemExit(f"llama_model_quantize to {dtype} failed ({rc})")
+        quantize(base, path, dtype)
     return path
 
 
@@ -108,7 +127,8 @@ class LlamaCpp:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dtypes", default="q4_1,q4_0,q8_0,f32,bf16")
+    ap.add_argument("--dtypes", default=MIXES)
+    ap.add_argument("--base", default=None, help="an F32 GGUF to quantize (default SmolLM2)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
@@ -119,7 +139,7 @@ def main():
     bandwidth = {}
     rows = []
     for dtype in args.dtypes.split(","):
-        gguf = gguf_for(dtype)
+        gguf = gguf_for(dtype, args.base)
         for threads in thread_counts:
             peer = LlamaCpp(gguf, threads)
             e_pp, e_tg, l_pp, l_tg = 0.0, 0.0, 0.0, 0.0

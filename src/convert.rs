@@ -60,7 +60,7 @@ pub fn gguf_to_hf_folder(input: &Path, out_dir: &Path, dtype: DType) -> Result<(
             .name(key)
             .ok_or_else(|| Error::Internal(format!("no Hugging Face name for {name}")))?;
         let mut shape = tensor.shape().to_vec();
-        let mut values = tensor.to_f32_vec();
+        let mut values = crate::kernels::to_f32_vec(tensor);
         if config.rope_interleaved
             && matches!(role, Role::AttnQ | Role::AttnK)
             && part == Part::Weight

@@ -45,7 +45,7 @@ pub mod tokenizer;
 pub use error::{Error, Result};
 pub use generate::{chat, generate, GenerateOptions, Generation, StopReason};
 pub use model::{Architecture, ModelConfig};
-pub use model::{LoadOptions, Model};
+pub use model::{LoadOptions, Model, ModelInfo};
 pub use sampler::{Sampler, SamplerOptions};
 pub use session::{CancelHandle, Session, SessionOptions};
 pub use threading::ThreadPool;

@@ -209,32 +209,6 @@ pub enum Elements<'a> {
     Quantized(DType, &'a [u8]),
 }
 
-impl Elements<'_> {
-    /// Writes elements `start..start + out.len()` as f32 into `out`. For quantized types
-    /// `start` and `out.len()` must be multiples of the block length.
-    pub fn to_f32(&self, start: usize, out: &mut [f32]) {
-        let range = start..start + out.len();
-        match *self {
-            Elements::F32(e) => out.copy_from_slice(&e[range]),
-            Elements::F16(e) => out
-                .iter_mut()
-                .zip(&e[range])
-                .for_each(|(o, v)| *o = v.to_f32()),
-            Elements::BF16(e) => out
-                .iter_mut()
-                .zip(&e[range])
-                .for_each(|(o, v)| *o = v.to_f32()),
-            Elements::Quantized(dtype, bytes) => {
-                let (block, block_bytes) = (dtype.block_len(), dtype.block_bytes());
-                assert!(start % block == 0 && out.len() % block == 0);
-                let first = start / block * block_bytes;
-                let bytes = &bytes[first..first + out.len() / block * block_bytes];
-                crate::kernels::quant::dequantize(dtype, bytes, out);
-            }
-        }
-    }
-}
-
 /// A shaped, typed window onto a [`Storage`]. Cheap to clone (shares the storage).
 #[derive(Debug, Clone)]
 pub struct Tensor {
@@ -335,14 +309,6 @@ impl Tensor {
                 quantized => Elements::Quantized(quantized, bytes),
             }
         }
-    }
-
-    /// Copies the elements out as f32 (for small vectors such as norms and biases, and for
-    /// conversion), dequantizing quantized types.
-    pub fn to_f32_vec(&self) -> Vec<f32> {
-        let mut out = vec![0.0; self.len()];
-        self.elements().to_f32(0, &mut out);
-        out
     }
 
     /// Rows `rows` of a matrix, as a tensor sharing the same storage.

@@ -146,6 +146,43 @@ fn chat_templates_match_transformers() {
 }
 
 #[test]
+fn templates_with_tools_thinking_namespaces_and_exceptions_match_transformers() {
+    // Templates written to use what current families' templates use (namespace(), loops over
+    // tool calls, loop.previtem/nextitem, tojson(indent), enable_thinking, raise_exception,
+    // content parts), rendered by transformers: scripts/make_chat_feature_fixtures.py.
+    let data = json("chat_features.json");
+    let (bos, eos) = (
+        data["bos_token"].as_str().unwrap(),
+        data["eos_token"].as_str().unwrap(),
+    );
+    let mut compared = (0, 0);
+    for case in data["cases"].as_array().unwrap() {
+        let name = case["template"].as_str().unwrap();
+        let source = data["templates"][name].as_str().unwrap();
+        let template = ChatTemplate::from_source(source, name).unwrap();
+        let got = template.render_json(
+            &case["messages"],
+            case["variables"].as_object().unwrap(),
+            case["add_generation_prompt"].as_bool().unwrap(),
+            bos,
+            eos,
+        );
+        match (&case["text"], &case["error"], got) {
+            (Value::String(want), _, Ok(got)) => {
+                assert_eq!(&got, want, "{name}: {}", case["variables"]);
+                compared.0 += 1;
+            }
+            (Value::Null, Value::String(want), Err(Error::InvalidArgument(msg))) => {
+                assert!(msg.contains(want.as_str()), "{name}: {msg}");
+                compared.1 += 1;
+            }
+            (_, _, got) => panic!("{name} {}: got {got:?}", case["variables"]),
+        }
+    }
+    assert_eq!(compared, (16, 4));
+}
+
+#[test]
 fn a_tokenizer_without_template_says_so() {
     let tok = load("gpt2");
     let err = tok

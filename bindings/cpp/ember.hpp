@@ -328,12 +328,56 @@ inline Result<void> c_params(const GenerateOptions &options, ember_generate_para
 
 /// A loaded model: immutable, shared by any number of sessions on any threads. Sessions and
 /// detokenizers keep the weights alive, so a Model may be destroyed before them.
+/// What probe() says about a model file (ember_model_info).
+struct ModelInfo {
+  std::string architecture;      ///< as the file names it, even when unsupported
+  bool supported = false;        ///< Ember can load and run the file
+  std::string reason;            ///< why not ("" when supported)
+  bool has_tokenizer = false;    ///< the file has a tokenizer Ember can build
+  bool has_chat_template = false;///< the tokenizer has a chat template
+  uint64_t n_ctx_train = 0;      ///< trained context (0: unknown)
+  uint64_t n_layers = 0;         ///< Transformer blocks (0: unknown)
+  uint64_t n_vocab = 0;          ///< vocabulary size (0: unknown)
+  uint64_t n_params = 0;         ///< number of weights
+  uint64_t file_bytes = 0;       ///< bytes of the model's files
+  uint64_t bytes_per_token = 0;  ///< weight bytes one generated token reads
+  std::string tensor_types;      ///< e.g. "61 F32, 16 Q4_K, 166 Q5_0"
+};
+
+/// Describes the model file at `path` without loading it; fails only when the path cannot
+/// be read (an unusable file is described, with supported false and the reason).
+inline Result<ModelInfo> try_probe(std::string_view path) {
+  if (auto r = detail::no_nul(path, "the path"); !r) return r.error();
+  ember_model_info c;
+  ember_status st = EMBER_MODEL_PROBE(std::string(path).c_str(), &c);
+  if (st != EMBER_OK) return detail::failure(st);
+  ModelInfo info;
+  info.architecture = c.architecture;
+  info.supported = c.supported != 0;
+  info.reason = c.reason;
+  info.has_tokenizer = c.has_tokenizer != 0;
+  info.has_chat_template = c.has_chat_template != 0;
+  info.n_ctx_train = c.n_ctx_train;
+  info.n_layers = c.n_layers;
+  info.n_vocab = c.n_vocab;
+  info.n_params = c.n_params;
+  info.file_bytes = c.file_bytes;
+  info.bytes_per_token = c.bytes_per_token;
+  info.tensor_types = c.tensor_types;
+  return info;
+}
+
+#if EMBER_HPP_EXCEPTIONS
+/// try_probe(); throws ember::Error on failure.
+inline ModelInfo probe(std::string_view path) { return try_probe(path).value(); }
+#endif
+
 class Model : public detail::Handle<ember_model, ember_model_free> {
  public:
   /// An empty model (as after a move); load one with try_load() or the constructor.
   Model() noexcept = default;
 
-  /// Loads a Hugging Face folder (config.json, safetensors, tokenizer.json).
+  /// Loads a GGUF file or a Hugging Face folder (config.json, safetensors, tokenizer.json).
   static Result<Model> try_load(std::string_view path, const ModelParams &params = ModelParams()) {
     if (auto r = detail::no_nul(path, "the path"); !r) return r.error();
     ember_model *handle = nullptr;
@@ -361,7 +405,8 @@ class Model : public detail::Handle<ember_model, ember_model_free> {
   int32_t eot_token() const noexcept { return ember_model_token_eot(get()); }
   /// True if `token` ends generation.
   bool is_end_token(int32_t token) const noexcept { return ember_model_token_is_end(get(), token); }
-  /// "llama", "qwen2" or "gpt2" ("" if empty).
+  /// The architecture (GGUF's general.architecture: "llama", "qwen3", "gemma3", ...; "" if
+  /// empty).
   std::string_view architecture() const noexcept { return ember_model_architecture(get()); }
   /// True if the tokenizer has a chat template.
   bool has_chat_template() const noexcept { return ember_model_has_chat_template(get()); }

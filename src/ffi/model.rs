@@ -104,6 +104,110 @@ pub unsafe extern "C" fn ember_model_load(
     })
 }
 
+/// What `ember_model_probe` says about a model file. Call it through the
+/// `EMBER_MODEL_PROBE(path, &info)` macro, which passes `sizeof info`: the library writes the
+/// fields that fit in both its and the caller's struct, and their size in `struct_size`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ember_model_info {
+    /// Bytes of this struct the library wrote.
+    pub struct_size: u32,
+    /// Non-zero when Ember can load and run the file (its tokenizer included).
+    pub supported: u32,
+    /// Non-zero when the file has a tokenizer Ember can build.
+    pub has_tokenizer: u32,
+    /// Non-zero when the tokenizer has a chat template.
+    pub has_chat_template: u32,
+    /// The architecture as the file names it (GGUF `general.architecture`, config.json's
+    /// `architectures`), even when unsupported; NUL-terminated, truncated to fit.
+    pub architecture: [c_char; 32],
+    /// Why the file is not supported ("" when it is); NUL-terminated, truncated to fit.
+    pub reason: [c_char; 256],
+    /// The context length the model was trained for; 0 when unknown.
+    pub n_ctx_train: u64,
+    /// Transformer blocks; 0 when unknown.
+    pub n_layers: u64,
+    /// Vocabulary size; 0 when unknown.
+    pub n_vocab: u64,
+    /// Number of weights (elements of every tensor).
+    pub n_params: u64,
+    /// Bytes of the model's files.
+    pub file_bytes: u64,
+    /// Bytes of weights one generated token reads; 0 when unsupported.
+    pub bytes_per_token: u64,
+    /// Tensors by type, e.g. "61 F32, 16 Q4_K, 166 Q5_0, 14 Q6_K, 15 Q8_0"; NUL-terminated,
+    /// truncated to fit.
+    pub tensor_types: [c_char; 192],
+}
+
+/// Copies `text` into `dst` NUL-terminated, cut at a character boundary to fit.
+fn copy_text<const N: usize>(dst: &mut [c_char; N], text: &str) {
+    let mut end = text.len().min(N - 1);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    for (d, &b) in dst.iter_mut().zip(&text.as_bytes()[..end]) {
+        *d = b as c_char;
+    }
+    dst[end] = 0;
+}
+
+/// Describes the model at `path` (a GGUF file or a Hugging Face folder) and whether Ember runs
+/// it, without loading it: it reads the metadata, the norm vectors and the tokenizer, never a
+/// weight matrix, and keeps nothing mapped. A file Ember cannot use is described (with
+/// `supported` 0 and the `reason`) and the call returns `EMBER_OK`; errors are for arguments
+/// and unreadable paths. `*out` (of `info_size` bytes, normally `sizeof(ember_model_info)`)
+/// is written only on success. Use the `EMBER_MODEL_PROBE(path, &info)` macro.
+///
+/// # Safety
+/// `path` must be a NUL-terminated string; `out` NULL or valid for writing `info_size`
+/// bytes.
+#[no_mangle]
+pub unsafe extern "C" fn ember_model_probe(
+    path: *const c_char,
+    info_size: usize,
+    out: *mut ember_model_info,
+) -> ember_status {
+    run(|| {
+        // SAFETY: the caller's contract.
+        let path = unsafe { c_text(path, "path") }?;
+        if out.is_null() {
+            return Err(Error::InvalidArgument("out is NULL".into()));
+        }
+        if info_size < std::mem::size_of::<u32>() {
+            return Err(Error::InvalidArgument(format!(
+                "info_size {info_size} is too small"
+            )));
+        }
+        let info = Model::probe(path)?;
+        let mut c = ember_model_info {
+            struct_size: 0,
+            supported: info.unsupported.is_none().into(),
+            has_tokenizer: info.has_tokenizer.into(),
+            has_chat_template: info.has_chat_template.into(),
+            architecture: [0; 32],
+            reason: [0; 256],
+            n_ctx_train: info.n_ctx_train.unwrap_or(0) as u64,
+            n_layers: info.n_layers.unwrap_or(0) as u64,
+            n_vocab: info.n_vocab.unwrap_or(0) as u64,
+            n_params: info.n_params,
+            file_bytes: info.file_bytes,
+            bytes_per_token: info.bytes_per_token.unwrap_or(0) as u64,
+            tensor_types: [0; 192],
+        };
+        copy_text(&mut c.architecture, &info.architecture);
+        copy_text(&mut c.reason, info.unsupported.as_deref().unwrap_or(""));
+        let types: Vec<String> = info
+            .tensor_types
+            .iter()
+            .map(|(dtype, n)| format!("{n} {dtype}"))
+            .collect();
+        copy_text(&mut c.tensor_types, &types.join(", "));
+        // SAFETY: `out` holds `info_size` writable bytes (caller's contract).
+        unsafe { write_params(info_size, out, c) }
+    })
+}
+
 /// Releases a model (NULL is ignored). Sessions made from it keep it alive until they are
 /// freed too, so the order of the frees does not matter.
 ///

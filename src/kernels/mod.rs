@@ -308,6 +308,37 @@ pub fn matmul_in_out_isa(
     }
 }
 
+/// Writes elements `start..start + out.len()` as f32 into `out`. For quantized types
+/// `start` and `out.len()` must be multiples of the block length.
+pub fn to_f32(elements: Elements<'_>, start: usize, out: &mut [f32]) {
+    let range = start..start + out.len();
+    match elements {
+        Elements::F32(e) => out.copy_from_slice(&e[range]),
+        Elements::F16(e) => out
+            .iter_mut()
+            .zip(&e[range])
+            .for_each(|(o, v)| *o = v.to_f32()),
+        Elements::BF16(e) => out
+            .iter_mut()
+            .zip(&e[range])
+            .for_each(|(o, v)| *o = v.to_f32()),
+        Elements::Quantized(dtype, bytes) => {
+            let (block, block_bytes) = (dtype.block_len(), dtype.block_bytes());
+            assert!(start % block == 0 && out.len() % block == 0);
+            let first = start / block * block_bytes;
+            let bytes = &bytes[first..first + out.len() / block * block_bytes];
+            quant::dequantize(dtype, bytes, out);
+        }
+    }
+}
+
+/// Every element of a tensor, as f32.
+pub fn to_f32_vec(tensor: &Tensor) -> Vec<f32> {
+    let mut out = vec![0.0; tensor.len()];
+    to_f32(tensor.elements(), 0, &mut out);
+    out
+}
+
 /// Dot product of two f32 vectors.
 #[inline]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {

@@ -353,12 +353,12 @@ impl Model {
         // Embeddings (plus learned positions for GPT-2).
         for (t, &token) in tokens.iter().enumerate() {
             let row = &mut s.x[t * h..(t + 1) * h];
-            self.embed.elements().to_f32(token as usize * h, row);
+            kernels::to_f32(self.embed.elements(), token as usize * h, row);
             if c.embedding_scale != 1.0 {
                 row.iter_mut().for_each(|v| *v *= c.embedding_scale);
             }
             if let Some(positions) = &self.positions {
-                positions.elements().to_f32((pos0 + t) * h, &mut s.xn[..h]);
+                kernels::to_f32(positions.elements(), (pos0 + t) * h, &mut s.xn[..h]);
                 for (a, b) in row.iter_mut().zip(&s.xn[..h]) {
                     *a += b;
                 }

@@ -30,7 +30,7 @@ impl Projection {
     pub(crate) fn linear(weight: Tensor, bias: Option<Tensor>) -> Projection {
         Projection {
             weight: ProjectionWeight::Linear(weight),
-            bias: bias.map(|b| b.to_f32_vec()),
+            bias: bias.map(|b| crate::kernels::to_f32_vec(&b)),
         }
     }
 

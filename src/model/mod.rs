@@ -4,7 +4,8 @@
 //! - `names.rs`: tensor names of both formats, mapped to roles;
 //! - `layers.rs`: projections, norms, feed-forward networks and blocks;
 //! - `arch/`: one file per architecture family (what it changes relative to Llama);
-//! - `forward.rs`: the forward pass, reading features rather than family names.
+//! - `forward.rs`: the forward pass, reading features rather than family names;
+//! - `probe.rs`: describing a model file without loading it.
 //!
 //! A [`Model`] is immutable once loaded and is shared between threads and sessions (`Arc`).
 
@@ -13,6 +14,7 @@ pub(crate) mod config;
 mod forward;
 pub(crate) mod layers;
 pub(crate) mod names;
+mod probe;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -32,6 +34,7 @@ pub use config::{
     Activation, Architecture, LayerKind, Llama3RopeScaling, ModelConfig, Rope, RopeScaling,
 };
 pub(crate) use forward::{ForwardScratch, KvCache, LogitsWanted, Workspace};
+pub use probe::ModelInfo;
 
 /// A loaded, immutable language model.
 #[derive(Debug)]
@@ -359,7 +362,7 @@ fn quantized_q8_0(w: &Tensor) -> Result<Option<Tensor>> {
     let mut row = vec![0.0; cols];
     let elements = w.elements();
     for r in 0..rows {
-        elements.to_f32(r * cols, &mut row);
+        kernels::to_f32(elements, r * cols, &mut row);
         kernels::quant::quantize_q8_0(&row, &mut bytes);
     }
     let storage = std::sync::Arc::new(crate::tensor::Storage::owned(&bytes)?);

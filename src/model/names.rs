@@ -345,6 +345,20 @@ impl Weights {
             })
     }
 
+    /// Removes a required tensor, checking its shape, and returns its values as f32 (norms,
+    /// biases, RoPE factors).
+    pub(crate) fn take_f32(
+        &mut self,
+        role: Role,
+        layer: Option<usize>,
+        part: Part,
+        shape: &[usize],
+    ) -> Result<Vec<f32>> {
+        Ok(crate::kernels::to_f32_vec(
+            &self.take(role, layer, part, shape)?,
+        ))
+    }
+
     /// Fails if tensors remain that the model did not use.
     pub(crate) fn finish(self) -> Result<()> {
         let mut left: Vec<&String> = self

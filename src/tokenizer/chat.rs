@@ -217,31 +217,58 @@ impl ChatTemplate {
         bos_token: &str,
         eos_token: &str,
     ) -> Result<String> {
+        let messages = serde_json::to_value(messages)
+            .map_err(|e| Error::Internal(format!("chat messages: {e}")))?;
+        let no_variables = serde_json::Map::new();
+        self.render_json(
+            &messages,
+            &no_variables,
+            add_generation_prompt,
+            bos_token,
+            eos_token,
+        )
+    }
+
+    /// Renders a conversation given as JSON, as transformers'
+    /// `apply_chat_template(messages, tools=..., **variables)` does: each message an object with
+    /// `role`, `content` (text, or a list of typed parts) and whatever else the template reads
+    /// (`tool_calls`, `name`, ...); `variables` the template's other inputs (`tools`,
+    /// `enable_thinking`, `date_string`, ...). `tools` and `documents` are none unless given.
+    pub fn render_json(
+        &self,
+        messages: &serde_json::Value,
+        variables: &serde_json::Map<String, serde_json::Value>,
+        add_generation_prompt: bool,
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template("chat")
             .map_err(|e| Error::Internal(format!("chat template missing: {e}")))?;
-        let input: usize = messages
-            .iter()
-            .map(|m| m.role.len() + m.content.len())
-            .sum::<usize>()
+        let json_len = |v: &serde_json::Value| serde_json::to_string(v).map_or(0, |s| s.len());
+        let input: usize = json_len(messages)
+            + variables.values().map(json_len).sum::<usize>()
             + bos_token.len()
             + eos_token.len();
         let mut out = CappedWriter {
             text: Vec::new(),
             cap: input.saturating_mul(4).saturating_add(OUTPUT_ALLOWANCE),
         };
+        let mut context: std::collections::BTreeMap<&str, Value> =
+            [("tools", Value::from(())), ("documents", Value::from(()))]
+                .into_iter()
+                .collect();
+        for (name, value) in variables {
+            context.insert(name, Value::from_serialize(value));
+        }
+        context.insert("messages", Value::from_serialize(messages));
+        context.insert("add_generation_prompt", Value::from(add_generation_prompt));
+        context.insert("bos_token", Value::from(bos_token));
+        context.insert("eos_token", Value::from(eos_token));
         let origin = &self.origin;
         template
-            .render_captured_to(
-                minijinja::context! {
-                    messages => messages,
-                    add_generation_prompt => add_generation_prompt,
-                    bos_token => bos_token,
-                    eos_token => eos_token,
-                },
-                &mut out,
-            )
+            .render_captured_to(Value::from_serialize(&context), &mut out)
             .map(drop)
             .map_err(|e| {
                 let detail = match e.kind() {

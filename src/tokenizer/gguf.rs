@@ -60,8 +60,16 @@ const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 /// The `Split` regex of Qwen2's tokenizer.json (one digit at a time).
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// The `Split` regex of the o200k tokenizer.json files (GPT-4o, Phi-4-mini): words keep their
+/// case runs together, contractions attach, numbers in threes.
+const O200K_REGEX: &str = concat!(
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?",
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+);
+
 /// The pre-tokenizer names Ember supports for byte-level BPE, for error messages.
-const KNOWN_PRE: &str = "gpt-2, smollm, qwen2, llama-bpe";
+const KNOWN_PRE: &str = "gpt-2, smollm, refact, qwen2, llama-bpe, smaug-bpe, gpt-4o";
 
 /// GGUF token types (`tokenizer.ggml.token_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,8 +330,9 @@ fn byte_level_pre(name: Option<&str>) -> Result<BytePre> {
     Ok(match name {
         // GPT-2: its regex, built into ByteLevel.
         Some("gpt-2" | "gpt2") => plain(byte_level(true)),
-        // SmolLM / SmolLM2: every digit on its own, then GPT-2's byte-level regex.
-        Some("smollm") => plain(json!({
+        // SmolLM / SmolLM2, Granite 3 ("refact", StarCoder's): every digit on its own, then
+        // GPT-2's byte-level regex.
+        Some("smollm" | "refact") => plain(json!({
             "type": "Sequence",
             "pretokenizers": [
                 {"type": "Digits", "individual_digits": true},
@@ -341,6 +350,10 @@ fn byte_level_pre(name: Option<&str>) -> Result<BytePre> {
             default_add_bos: true,
             ..plain(split_then_byte_level(LLAMA3_REGEX))
         },
+        // SmolLM3 (Smaug's name for Llama 3's regex, with the merges applied as usual).
+        Some("smaug-bpe") => plain(split_then_byte_level(LLAMA3_REGEX)),
+        // Phi-4-mini: the o200k regex.
+        Some("gpt-4o") => plain(split_then_byte_level(O200K_REGEX)),
         Some(other) => {
             return Err(Error::Unsupported(format!(
                 "GGUF pre-tokenizer {other:?} ({PRE}) is not supported; Ember knows {KNOWN_PRE}"

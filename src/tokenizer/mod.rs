@@ -186,8 +186,8 @@ fn check_tokenizer_json(json: &Value) -> Result<()> {
 }
 
 impl Tokenizer {
-    /// Loads `tokenizer.json` from a Hugging Face folder, with `tokenizer_config.json` and
-    /// `generation_config.json` when present. Returns `Ok(None)` when there is no
+    /// Loads `tokenizer.json` from a Hugging Face folder, with `tokenizer_config.json`,
+    /// `chat_template.jinja` and `generation_config.json` when present. Returns `Ok(None)` when there is no
     /// `tokenizer.json`.
     pub fn from_hf_folder(dir: &Path) -> Result<Option<Tokenizer>> {
         let path = dir.join("tokenizer.json");
@@ -202,6 +202,15 @@ impl Tokenizer {
             "the chat template of {}",
             dir.join("tokenizer_config.json").display()
         );
+        // transformers 5 saves the template in its own file, which takes precedence.
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            let bytes = crate::loader::read_bounded(&jinja, chat::MAX_TEMPLATE_BYTES as u64)?;
+            let text = String::from_utf8(bytes)
+                .map_err(|_| Error::format(format!("{} is not UTF-8", jinja.display())))?;
+            settings.chat_template = Some(text);
+            settings.chat_template_origin = jinja.display().to_string();
+        }
         Tokenizer::from_json_bytes(&json, settings).map(Some)
     }
 

@@ -1,12 +1,14 @@
 /* Tests of every function of the C API, including the error paths.
  * Usage: test_api FIXTURE_MODEL_DIR SCRATCH_DIR
  * Built by tests/c_api.rs with -std=c11 -Wall -Wextra -Werror against include/ember.h. */
+#define _GNU_SOURCE /* memmem */
 #define _POSIX_C_SOURCE 200809L
 #include "ember.h"
 
 #include <dirent.h>
 #include <pthread.h>
 #include <sched.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -138,6 +140,56 @@ static void test_load_errors(void) {
   CHECK(system(cmd) == 0);
   CHECK_STATUS(ember_model_load(path, NULL, &m), EMBER_ERR_BAD_FORMAT);
   CHECK(strstr(ember_last_error(), "gate_proj") != NULL);
+}
+
+static void test_probe(void) {
+  ember_model_info info;
+  CHECK_STATUS(EMBER_MODEL_PROBE(model_dir, &info), EMBER_OK);
+  CHECK(info.supported && info.has_tokenizer && info.has_chat_template);
+  CHECK(strcmp(info.architecture, "LlamaForCausalLM") == 0 && info.reason[0] == 0);
+  CHECK(info.n_layers == 2 && info.n_vocab == 320 && info.n_ctx_train == 128);
+  CHECK(info.n_params > 0 && info.file_bytes > info.n_params * 4);
+  CHECK(strstr(info.tensor_types, "F32") != NULL && info.bytes_per_token > 0);
+
+  char path[4096];
+  snprintf(path, sizeof path, "%s/../gguf/llama.Q4_1.gguf", model_dir);
+  CHECK_STATUS(EMBER_MODEL_PROBE(path, &info), EMBER_OK);
+  CHECK(info.supported && strcmp(info.architecture, "llama") == 0);
+  CHECK(strstr(info.tensor_types, "Q4_1") != NULL);
+
+  /* The folder test_load_errors left: a config that disagrees with the weights. */
+  snprintf(path, sizeof path, "%s/corrupt", scratch_dir);
+  CHECK_STATUS(EMBER_MODEL_PROBE(path, &info), EMBER_OK);
+  CHECK(!info.supported && strstr(info.reason, "gate_proj") != NULL);
+
+  /* A GGUF file of an architecture Ember does not run: described, with the reason. */
+  size_t len;
+  snprintf(path, sizeof path, "%s/../gguf/llama.F32.gguf", model_dir);
+  char *bytes = read_file(path, &len);
+  char *arch = memmem(bytes, len, "general.architecture", 20);
+  CHECK(arch != NULL && memcmp(arch + 20 + 4 + 8, "llama", 5) == 0);
+  memcpy(arch + 20 + 4 + 8, "mamba", 5);
+  snprintf(path, sizeof path, "%s/mamba.gguf", scratch_dir);
+  write_file(path, bytes, len);
+  free(bytes);
+  CHECK_STATUS(EMBER_MODEL_PROBE(path, &info), EMBER_OK);
+  CHECK(!info.supported && strcmp(info.architecture, "mamba") == 0);
+  CHECK(strstr(info.reason, "mamba") != NULL && info.n_params > 0);
+
+  /* An older, smaller struct: only its fields are written. */
+  ember_model_info small;
+  memset(&small, 'X', sizeof small);
+  CHECK_STATUS(ember_model_probe(model_dir, offsetof(ember_model_info, reason), &small), EMBER_OK);
+  CHECK(small.supported && small.struct_size == offsetof(ember_model_info, reason));
+  CHECK(small.reason[0] == 'X' && small.n_layers != 2);
+
+  ember_model_info untouched;
+  untouched.n_layers = 77;
+  CHECK_STATUS(EMBER_MODEL_PROBE("/nonexistent/model", &untouched), EMBER_ERR_IO);
+  CHECK(untouched.n_layers == 77);
+  CHECK_STATUS(EMBER_MODEL_PROBE(NULL, &info), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_model_probe(model_dir, sizeof info, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_model_probe(model_dir, 2, &info), EMBER_ERR_INVALID_ARGUMENT);
 }
 
 static void test_model(void) {
@@ -901,6 +953,7 @@ int main(int argc, char **argv) {
   scratch_dir = argv[2];
   test_version();
   test_load_errors();
+  test_probe();
   test_model();
   test_gguf_and_quantization();
   test_tokenize();

@@ -115,6 +115,11 @@ static void test_load_errors() {
   auto no_tokenizer = ember::Model::try_load(llama_dir, params);
   CHECK(no_tokenizer.ok());
   if (no_tokenizer.ok()) CHECK(no_tokenizer->try_tokenize("hi").status() == ember::Status::unsupported);
+  // A probe describes a file without loading it.
+  auto info = ember::try_probe(llama_dir);
+  CHECK(info.ok() && info->supported && info->reason.empty() && info->n_layers == 2);
+  CHECK(info.ok() && info->architecture == "LlamaForCausalLM" && info->has_chat_template);
+  CHECK(ember::try_probe("/nonexistent/model").status() == ember::Status::io);
 }
 
 static void test_model(const ember::Model &model) {

@@ -310,6 +310,56 @@ def set_log_callback(callback: Optional[Callable[[LogLevel, str], None]]) -> Non
 # ---- model ----
 
 
+class ModelInfo:
+    """What ``probe()`` says about a model file (see ``ember_model_info`` in ember.h)."""
+
+    __slots__ = ("architecture", "supported", "reason", "has_tokenizer", "has_chat_template",
+                 "n_ctx_train", "n_layers", "n_vocab", "n_params", "file_bytes",
+                 "bytes_per_token", "tensor_types")
+
+    def __init__(self, info: "_ffi.ember_model_info") -> None:
+        #: The architecture as the file names it (even when Ember does not run it).
+        self.architecture: str = info.architecture.decode(errors="replace")
+        #: True when Ember can load and run the file.
+        self.supported: bool = bool(info.supported)
+        #: Why the file is not supported ("" when it is).
+        self.reason: str = info.reason.decode(errors="replace")
+        #: True when the file has a tokenizer Ember can build.
+        self.has_tokenizer: bool = bool(info.has_tokenizer)
+        #: True when the tokenizer has a chat template.
+        self.has_chat_template: bool = bool(info.has_chat_template)
+        #: The trained context length (0 when unknown).
+        self.n_ctx_train: int = int(info.n_ctx_train)
+        #: Transformer blocks (0 when unknown).
+        self.n_layers: int = int(info.n_layers)
+        #: Vocabulary size (0 when unknown).
+        self.n_vocab: int = int(info.n_vocab)
+        #: Number of weights.
+        self.n_params: int = int(info.n_params)
+        #: Bytes of the model's files.
+        self.file_bytes: int = int(info.file_bytes)
+        #: Bytes of weights one generated token reads (0 when unsupported).
+        self.bytes_per_token: int = int(info.bytes_per_token)
+        #: Tensor counts by type, e.g. ``{"F32": 61, "Q4_K": 16}``.
+        self.tensor_types: dict = {}
+        for item in info.tensor_types.decode().split(", "):
+            if item:
+                count, dtype = item.split(" ", 1)
+                self.tensor_types[dtype] = int(count)
+
+    def __repr__(self) -> str:
+        state = "supported" if self.supported else f"unsupported: {self.reason}"
+        return f"<ember.ModelInfo {self.architecture} ({state})>"
+
+
+def probe(path: PathLike) -> ModelInfo:
+    """Describes the model file at ``path`` (a GGUF file or a Hugging Face folder) and says
+    whether Ember runs it, without loading it. Raises only when the path cannot be read."""
+    info = _ffi.ember_model_info()
+    _lib.ember_model_probe(_cstr(os.fsencode(path), "the path"), ctypes.sizeof(info), byref(info))
+    return ModelInfo(info)
+
+
 class Model(_Owned):
     """A loaded model: a GGUF file or a Hugging Face folder (``config.json``, safetensors
     weights, ``tokenizer.json``), memory-mapped. Immutable and shared: any number of sessions and
@@ -387,7 +437,9 @@ class Model(_Owned):
 
     @property
     def architecture(self) -> str:
-        """The architecture's name: ``"llama"``, ``"qwen2"`` or ``"gpt2"``."""
+        """The architecture's name (GGUF's ``general.architecture``): ``"llama"``, ``"qwen2"``,
+        ``"qwen3"``, ``"gemma2"``, ``"gemma3"``, ``"phi3"``, ``"smollm3"``, ``"granite"`` or
+        ``"gpt2"``."""
         with self._use() as h:
             return _lib.ember_model_architecture(h).decode()
 

@@ -106,6 +106,26 @@ class ember_model_params(Structure):
     ]
 
 
+class ember_model_info(Structure):
+    """What ``ember_model_probe`` says about a model file."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("supported", c_uint32),
+        ("has_tokenizer", c_uint32),
+        ("has_chat_template", c_uint32),
+        ("architecture", ctypes.c_char * 32),
+        ("reason", ctypes.c_char * 256),
+        ("n_ctx_train", c_uint64),
+        ("n_layers", c_uint64),
+        ("n_vocab", c_uint64),
+        ("n_params", c_uint64),
+        ("file_bytes", c_uint64),
+        ("bytes_per_token", c_uint64),
+        ("tensor_types", ctypes.c_char * 192),
+    ]
+
+
 class ember_sampler_params(Structure):
     """Options of ``ember_sampler_new``."""
 
@@ -141,6 +161,7 @@ STRUCTS: Dict[str, type] = {
         ember_generate_params,
         ember_chat_message,
         ember_model_params,
+        ember_model_info,
         ember_sampler_params,
         ember_session_params,
     )
@@ -196,6 +217,7 @@ SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
     "ember_model_load": (
         ember_status, [c_char_p, POINTER(ember_model_params), POINTER(_model_p)]),
     "ember_model_free": (None, [_model_p]),
+    "ember_model_probe": (ember_status, [c_char_p, c_size_t, POINTER(ember_model_info)]),
     "ember_model_n_vocab": (c_size_t, [_model_p]),
     "ember_model_n_ctx_train": (c_size_t, [_model_p]),
     "ember_model_token_bos": (c_int32, [_model_p]),

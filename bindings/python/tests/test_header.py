@@ -32,6 +32,10 @@ SCALARS = {
 
 def ctype_of(declaration: str, result: bool = False):
     """The ctypes types a C type may be declared as (a set: char pointers have two forms)."""
+    array = re.search(r"\[(\d+)\]$", declaration)
+    if array:  # a fixed-size array field: `char name[32]`
+        (element,) = ctype_of(declaration[: array.start()].strip())
+        return {element * int(array.group(1))}
     text = declaration.replace("*", " * ")
     depth = text.count("*")
     words = [w for w in text.replace("*", " ").split() if w not in ("const", "struct")]
@@ -62,9 +66,9 @@ def ctype_of(declaration: str, result: bool = False):
 
 
 def split_declaration(declaration: str):
-    """(type, name) of `const char *text_ptr`."""
-    m = re.match(r"(.*?)(\w+)\s*$", declaration.strip(), re.S)
-    return m.group(1).strip(), m.group(2)
+    """(type, name) of `const char *text_ptr`; arrays keep their size: `char [32]`."""
+    m = re.match(r"(.*?)(\w+)\s*(\[\d+\])?\s*$", declaration.strip(), re.S)
+    return (m.group(1).strip() + " " + (m.group(3) or "")).strip(), m.group(2)
 
 
 def header_functions():

@@ -120,6 +120,22 @@ def test_corrupt_model_is_a_format_error(tmp_path):
     assert info.value.status == ember.Status.BAD_FORMAT and info.value.message
 
 
+def test_probe_describes_a_file_without_loading_it(tmp_path):
+    info = ember.probe(LLAMA)
+    assert info.supported and info.reason == "" and info.architecture == "LlamaForCausalLM"
+    assert (info.n_layers, info.n_vocab, info.n_ctx_train) == (2, 320, 128)
+    assert info.has_tokenizer and info.has_chat_template and info.tensor_types["F32"] > 0
+    assert info.n_params > 0 and info.bytes_per_token > 0 and "supported" in repr(info)
+    shutil.copy(LLAMA / "model.safetensors", tmp_path)
+    config = (LLAMA / "config.json").read_text().replace("LlamaForCausalLM", "MambaForCausalLM")
+    (tmp_path / "config.json").write_text(config.replace('"llama"', '"mamba"'))
+    info = ember.probe(tmp_path)
+    assert not info.supported and info.architecture == "MambaForCausalLM"
+    assert "Mamba" in info.reason and info.n_params > 0
+    with pytest.raises(ember.IoError):
+        ember.probe("/nonexistent/model")
+
+
 def test_model_without_tokenizer():
     with ember.Model(LLAMA, load_tokenizer=False) as model:
         assert model.n_vocab == 320

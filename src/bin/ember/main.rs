@@ -155,16 +155,43 @@ fn load(path: &str, args: &Args) -> Result<(Arc<Model>, f64), String> {
 
 fn info(args: &[String]) -> Result<(), String> {
     let args = Args::parse(args, &["q8_0"]);
+    // What the file is, before loading it.
+    let probe = Model::probe(args.model()?).map_err(|e| e.to_string())?;
+    let mix: Vec<String> = probe
+        .tensor_types
+        .iter()
+        .map(|(dtype, n)| format!("{n} {dtype}"))
+        .collect();
+    out!("file              {}", probe.architecture);
+    out!(
+        "size              {:.1} MiB, {:.1}M weights",
+        probe.file_bytes as f64 / (1 << 20) as f64,
+        probe.n_params as f64 / 1e6
+    );
+    out!("tensor types      {}", mix.join(", "));
+    if let Some(reason) = probe.unsupported {
+        out!("supported         no");
+        return Err(reason);
+    }
+    out!("supported         yes");
     let (model, _) = load(args.model()?, &args)?;
     let c = model.config();
     out!("architecture      {}", c.architecture.name());
     out!("weights           {}", model.dtype_summary());
-    let mix: Vec<String> = model
-        .tensor_type_counts()
+    let sliding: Vec<String> = c
+        .layers
         .iter()
-        .map(|(dtype, n)| format!("{n} {dtype}"))
+        .filter_map(|l| l.sliding_window)
+        .map(|w| w.to_string())
         .collect();
-    out!("tensor types      {}", mix.join(", "));
+    if !sliding.is_empty() {
+        out!(
+            "sliding window    {} of {} layers, window {}",
+            sliding.len(),
+            c.n_layers,
+            sliding[0]
+        );
+    }
     out!("vocabulary        {}", c.vocab_size);
     out!("layers            {}", c.n_layers);
     out!(

@@ -113,7 +113,7 @@ fn build(c: &mut ModelConfig, w: &mut Weights, format: Format) -> Result<Parts> 
     let take = |w: &mut Weights, role: Role, i: usize, n_in: usize, n_out: usize| {
         let shape = if conv1d { [n_in, n_out] } else { [n_out, n_in] };
         let weight = w.take(role, Some(i), Part::Weight, &shape)?;
-        let bias = w.take(role, Some(i), Part::Bias, &[n_out])?.to_f32_vec();
+        let bias = w.take_f32(role, Some(i), Part::Bias, &[n_out])?;
         Ok::<_, Error>((weight, bias))
     };
     // Output features `cols` of a (possibly fused) projection.

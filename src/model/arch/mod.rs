@@ -507,7 +507,7 @@ pub(crate) fn gguf_llama_like(
 pub(crate) fn gguf_rope_freqs(weights: &mut Weights, config: &mut ModelConfig) -> Result<()> {
     let n = config.rope.dims / 2;
     if let Some(t) = weights.take_optional(Role::RopeFreqs, None, Part::Weight, &[n])? {
-        config.rope.scaling = RopeScaling::Factors(t.to_f32_vec());
+        config.rope.scaling = RopeScaling::Factors(crate::kernels::to_f32_vec(&t));
     }
     Ok(())
 }
@@ -595,15 +595,12 @@ impl Builder<'_> {
         width: usize,
         with_bias: bool,
     ) -> Result<Norm> {
-        let mut weight = self
-            .w
-            .take(role, layer, Part::Weight, &[width])?
-            .to_f32_vec();
+        let mut weight = self.w.take_f32(role, layer, Part::Weight, &[width])?;
         if self.norm_plus_one {
             weight.iter_mut().for_each(|v| *v += 1.0);
         }
         let bias = if with_bias {
-            Some(self.w.take(role, layer, Part::Bias, &[width])?.to_f32_vec())
+            Some(self.w.take_f32(role, layer, Part::Bias, &[width])?)
         } else {
             None
         };
@@ -648,11 +645,7 @@ impl Builder<'_> {
             .w
             .take(role, Some(layer), Part::Weight, &[total, n_in])?;
         let bias = if with_bias {
-            Some(
-                self.w
-                    .take(role, Some(layer), Part::Bias, &[total])?
-                    .to_f32_vec(),
-            )
+            Some(self.w.take_f32(role, Some(layer), Part::Bias, &[total])?)
         } else {
             None
         };

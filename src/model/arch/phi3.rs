@@ -71,8 +71,8 @@ fn gguf_config(meta: &GgufMetadata, w: &mut Weights) -> Result<ModelConfig> {
     let short = w.take_optional(Role::RopeFactorsShort, None, Part::Weight, &[half])?;
     if let (Some(long), Some(short)) = (long, short) {
         c.rope.scaling = RopeScaling::LongRope {
-            short: short.to_f32_vec(),
-            long: long.to_f32_vec(),
+            short: crate::kernels::to_f32_vec(&short),
+            long: crate::kernels::to_f32_vec(&long),
             original_max: k
                 .usize("rope.scaling.original_context_length")?
                 .unwrap_or(c.max_position_embeddings),
