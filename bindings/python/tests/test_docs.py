@@ -166,7 +166,7 @@ def test_c_blocks_compile_and_run(tmp_path):
         includes = [x for x in code.splitlines() if x.startswith("#include")]
         body = [x for x in code.splitlines() if not x.startswith("#include")]
         source = "\n".join(includes) + "\n" + C_PRELUDE + "int main(void) {\n" + \
-            "\n".join(body) + "\n  return 0;\n}\n"
+            "  (void)print_piece;\n" + "\n".join(body) + "\n  return 0;\n}\n"
         (tmp_path / "doc.c").write_text(source)
         built = subprocess.run(["cc", "-std=c11", "-Wall", "-Wextra", "-Werror", "-o",
                                 str(tmp_path / "doc"), str(tmp_path / "doc.c"), *library_flags()],

@@ -74,10 +74,12 @@ fn bench_tokens(n: usize, vocab: usize) -> Vec<u32> {
 pub fn bench(args: &[String]) -> Result<(), String> {
     let args = Args::parse(args, &["json", "bandwidth", "q8_0"]);
     let path = args.model()?.to_string();
-    let (pp, tg, reps) = (
+    let (pp, tg, reps, depth) = (
         args.number("pp", 512)?,
         args.number("tg", 128)?,
         args.number("reps", 3)?.max(1),
+        // Generation is timed after this many tokens of context (llama-bench's -d).
+        args.number("depth", 0)?,
     );
     let threads: Vec<usize> = args
         .get("threads")
@@ -102,11 +104,11 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         Err(_) => f64::NAN,
     };
     let rss_tokenizer = resident_mib();
-    let tokens = bench_tokens(pp.max(1), model.n_vocab());
+    let tokens = bench_tokens(pp.max(depth).max(1), model.n_vocab());
     let mut rows = Vec::new();
     for &n_threads in &threads {
         let options = SessionOptions {
-            n_ctx: (pp + tg).max(1),
+            n_ctx: (pp.max(depth) + tg).max(1),
             n_threads,
             ubatch: 512,
         };
@@ -126,6 +128,9 @@ pub fn bench(args: &[String]) -> Result<(), String> {
             }
             if tg > 0 {
                 session.reset();
+                if depth > 0 {
+                    session.step(&tokens[..depth]).map_err(|e| e.to_string())?;
+                }
                 let mut next = tokens[0];
                 let start = Instant::now();
                 for _ in 0..tg {
@@ -184,7 +189,12 @@ pub fn bench(args: &[String]) -> Result<(), String> {
         );
         out!("resident     {rss_before:.1} MiB before load, {rss_loaded:.1} MiB after load, {rss_after:.1} MiB after the runs");
         out!("weights/tok  {:.1} MiB", bytes / (1 << 20) as f64);
-        out!("threads  pp{pp} tok/s  tg{tg} tok/s  read GB/s  tg limit tok/s");
+        let at = if depth > 0 {
+            format!("@{depth}")
+        } else {
+            String::new()
+        };
+        out!("threads  pp{pp} tok/s  tg{tg}{at} tok/s  read GB/s  tg limit tok/s");
         for (t, p, g, b) in rows {
             out!(
                 "{t:>7}  {p:>11.1}  {g:>10.1}  {b:>9.1}  {:>14.1}",

@@ -4,8 +4,8 @@
 //! - `ember chat MODEL [--system TEXT]`: an interactive conversation with the chat template.
 //! - `ember convert MODEL.gguf OUT_DIR [--dtype f32|f16|bf16]`: writes a Hugging Face folder.
 //! - `ember info MODEL`: architecture, sizes, weight dtype, special tokens.
-//! - `ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--reps 3] [--json] [--bandwidth]`:
-//!   load time, resident memory, prompt-processing and generation speed, and (with
+//! - `ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--depth 0] [--reps 3] [--json]
+//!   [--bandwidth]`: load time, resident memory, prompt-processing and generation speed, and (with
 //!   `--bandwidth`) the memory read bandwidth and the generation speed it allows.
 //!
 //! - `ember tokenize MODEL (TEXT | --file FILE) [--bench]`: token ids of a text with the
@@ -42,7 +42,8 @@ const USAGE: &str = "usage:
   ember chat MODEL [--system TEXT] [options]
   ember convert MODEL.gguf OUT_DIR [--dtype f32|f16|bf16]
   ember info MODEL
-  ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--reps 3] [--json] [--bandwidth]
+  ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--depth 0] [--reps 3] [--json]
+              [--bandwidth]
   ember tokenize MODEL (TEXT | --file FILE) [--bench] [--add-special] [--parse-special]
 MODEL is a GGUF file or a Hugging Face model folder; --q8_0 (run, chat, bench, info,
 tokenize) quantizes F32/F16/BF16 weights to Q8_0 at load. Options of run and chat:";

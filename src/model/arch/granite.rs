@@ -5,13 +5,13 @@
 use serde_json::Value;
 
 use super::{
-    build_llama_like, get_f32, gguf_llama_like, gguf_rope_freqs, hf_llama_like, no_attention_bias,
-    Family, Format, GgufKeys, Parts, LLAMA_IGNORED, LLAMA_NAMES,
+    build_llama, get_f32, gguf_llama_like, gguf_rope_freqs, hf_llama_like, no_attention_bias,
+    Family, GgufKeys, LLAMA_HF_NAMES,
 };
 use crate::error::Result;
 use crate::loader::gguf::GgufMetadata;
 use crate::model::config::{Architecture, ModelConfig};
-use crate::model::names::{HfNames, Weights};
+use crate::model::names::Weights;
 
 /// Granite.
 pub(crate) const FAMILY: Family = Family {
@@ -19,15 +19,10 @@ pub(crate) const FAMILY: Family = Family {
     hf_classes: &["GraniteForCausalLM"],
     hf_model_types: &["granite"],
     gguf_name: "granite",
-    hf_names: &HfNames {
-        layer_prefix: "model.layers.{}.",
-        names: LLAMA_NAMES,
-        optional_prefix: None,
-        ignored_suffixes: LLAMA_IGNORED,
-    },
+    hf_names: &LLAMA_HF_NAMES,
     hf_config,
     gguf_config,
-    build,
+    build: build_llama,
 };
 
 fn hf_config(json: &Value) -> Result<ModelConfig> {
@@ -56,8 +51,4 @@ fn gguf_config(meta: &GgufMetadata, w: &mut Weights) -> Result<ModelConfig> {
     c.logit_scale = nonzero(k.f32("logit_scale")?).unwrap_or(1.0);
     gguf_rope_freqs(w, &mut c)?;
     Ok(c)
-}
-
-fn build(c: &mut ModelConfig, w: &mut Weights, _format: Format) -> Result<Parts> {
-    build_llama_like(c, w, false)
 }

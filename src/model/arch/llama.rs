@@ -8,13 +8,13 @@
 use serde_json::Value;
 
 use super::{
-    build_llama_like, gguf_llama_like, gguf_rope_freqs, hf_layer_kinds, hf_llama_like,
-    no_attention_bias, Family, Format, Parts, LLAMA_IGNORED, LLAMA_NAMES,
+    build_llama, gguf_llama_like, gguf_rope_freqs, hf_layer_kinds, hf_llama_like,
+    no_attention_bias, Family, LLAMA_HF_NAMES,
 };
 use crate::error::Result;
 use crate::loader::gguf::GgufMetadata;
 use crate::model::config::{Architecture, ModelConfig};
-use crate::model::names::{HfNames, Weights};
+use crate::model::names::Weights;
 
 /// Llama.
 pub(crate) const FAMILY: Family = Family {
@@ -22,15 +22,10 @@ pub(crate) const FAMILY: Family = Family {
     hf_classes: &["LlamaForCausalLM", "MistralForCausalLM"],
     hf_model_types: &["llama", "mistral"],
     gguf_name: "llama",
-    hf_names: &HfNames {
-        layer_prefix: "model.layers.{}.",
-        names: LLAMA_NAMES,
-        optional_prefix: None,
-        ignored_suffixes: LLAMA_IGNORED,
-    },
+    hf_names: &LLAMA_HF_NAMES,
     hf_config,
     gguf_config,
-    build,
+    build: build_llama,
 };
 
 fn hf_config(json: &Value) -> Result<ModelConfig> {
@@ -46,8 +41,4 @@ fn gguf_config(meta: &GgufMetadata, w: &mut Weights) -> Result<ModelConfig> {
     c.rope_interleaved = true;
     gguf_rope_freqs(w, &mut c)?;
     Ok(c)
-}
-
-fn build(c: &mut ModelConfig, w: &mut Weights, _format: Format) -> Result<Parts> {
-    build_llama_like(c, w, false)
 }

@@ -802,3 +802,16 @@ pub(crate) const LLAMA_NAMES: &[(Role, &str)] = &[
 
 /// Buffers Llama-like exporters sometimes save.
 pub(crate) const LLAMA_IGNORED: &[&str] = &["rotary_emb.inv_freq"];
+
+/// How Llama-like checkpoints name their tensors (`model.layers.N.`, [`LLAMA_NAMES`]).
+pub(crate) const LLAMA_HF_NAMES: HfNames = HfNames {
+    layer_prefix: "model.layers.{}.",
+    names: LLAMA_NAMES,
+    optional_prefix: None,
+    ignored_suffixes: LLAMA_IGNORED,
+};
+
+/// The builder of families whose weights are Llama's, whatever the format.
+pub(crate) fn build_llama(c: &mut ModelConfig, w: &mut Weights, _format: Format) -> Result<Parts> {
+    build_llama_like(c, w, false)
+}

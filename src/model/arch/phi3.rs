@@ -12,8 +12,8 @@
 use serde_json::Value;
 
 use super::{
-    build_llama_like, get_usize, gguf_llama_like, hf_layer_kinds, hf_llama_like, Family, Format,
-    GgufKeys, Parts, LLAMA_IGNORED,
+    build_llama, get_usize, gguf_llama_like, hf_layer_kinds, hf_llama_like, Family, GgufKeys,
+    LLAMA_IGNORED,
 };
 use crate::error::Result;
 use crate::loader::gguf::GgufMetadata;
@@ -44,7 +44,7 @@ pub(crate) const FAMILY: Family = Family {
     },
     hf_config,
     gguf_config,
-    build,
+    build: build_llama,
 };
 
 fn hf_config(json: &Value) -> Result<ModelConfig> {
@@ -80,8 +80,4 @@ fn gguf_config(meta: &GgufMetadata, w: &mut Weights) -> Result<ModelConfig> {
         };
     }
     Ok(c)
-}
-
-fn build(c: &mut ModelConfig, w: &mut Weights, _format: Format) -> Result<Parts> {
-    build_llama_like(c, w, false)
 }

@@ -7,13 +7,13 @@
 use serde_json::Value;
 
 use super::{
-    build_llama_like, get_usize, gguf_llama_like, hf_layer_kinds, hf_llama_like,
-    hf_optional_window, Family, Format, Parts, LLAMA_IGNORED, LLAMA_NAMES,
+    build_llama, get_usize, gguf_llama_like, hf_layer_kinds, hf_llama_like, hf_optional_window,
+    Family, LLAMA_HF_NAMES,
 };
 use crate::error::Result;
 use crate::loader::gguf::GgufMetadata;
 use crate::model::config::{Architecture, ModelConfig};
-use crate::model::names::{HfNames, Weights};
+use crate::model::names::Weights;
 
 /// Qwen2.
 pub(crate) const FAMILY: Family = Family {
@@ -21,15 +21,10 @@ pub(crate) const FAMILY: Family = Family {
     hf_classes: &["Qwen2ForCausalLM"],
     hf_model_types: &["qwen2"],
     gguf_name: "qwen2",
-    hf_names: &HfNames {
-        layer_prefix: "model.layers.{}.",
-        names: LLAMA_NAMES,
-        optional_prefix: None,
-        ignored_suffixes: LLAMA_IGNORED,
-    },
+    hf_names: &LLAMA_HF_NAMES,
     hf_config,
     gguf_config,
-    build,
+    build: build_llama,
 };
 
 /// The layers of a Qwen config: `layer_types`, else sliding from `max_window_layers` on when
@@ -51,8 +46,4 @@ fn gguf_config(meta: &GgufMetadata, w: &mut Weights) -> Result<ModelConfig> {
     let mut c = gguf_llama_like(meta, w, Architecture::Qwen2)?;
     c.qkv_bias = true;
     Ok(c)
-}
-
-fn build(c: &mut ModelConfig, w: &mut Weights, _format: Format) -> Result<Parts> {
-    build_llama_like(c, w, false)
 }

@@ -6,13 +6,13 @@
 use serde_json::Value;
 
 use super::{
-    build_llama_like, get_usize, gguf_llama_like, hf_layer_kinds, hf_llama_like,
-    hf_optional_window, no_attention_bias, Family, Format, Parts, LLAMA_IGNORED, LLAMA_NAMES,
+    build_llama, get_usize, gguf_llama_like, hf_layer_kinds, hf_llama_like, hf_optional_window,
+    no_attention_bias, Family, LLAMA_HF_NAMES,
 };
 use crate::error::{Error, Result};
 use crate::loader::gguf::GgufMetadata;
 use crate::model::config::{Architecture, ModelConfig};
-use crate::model::names::{HfNames, Weights};
+use crate::model::names::Weights;
 
 /// SmolLM3.
 pub(crate) const FAMILY: Family = Family {
@@ -20,15 +20,10 @@ pub(crate) const FAMILY: Family = Family {
     hf_classes: &["SmolLM3ForCausalLM"],
     hf_model_types: &["smollm3"],
     gguf_name: "smollm3",
-    hf_names: &HfNames {
-        layer_prefix: "model.layers.{}.",
-        names: LLAMA_NAMES,
-        optional_prefix: None,
-        ignored_suffixes: LLAMA_IGNORED,
-    },
+    hf_names: &LLAMA_HF_NAMES,
     hf_config,
     gguf_config,
-    build,
+    build: build_llama,
 };
 
 /// The default NoPE rule: no RoPE on layers `interval - 1`, `2 * interval - 1`, ...
@@ -76,8 +71,4 @@ fn gguf_config(meta: &GgufMetadata, w: &mut Weights) -> Result<ModelConfig> {
         layer.rope = rope_by_default(i, 4);
     }
     Ok(c)
-}
-
-fn build(c: &mut ModelConfig, w: &mut Weights, _format: Format) -> Result<Parts> {
-    build_llama_like(c, w, false)
 }
