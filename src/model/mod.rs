@@ -213,15 +213,14 @@ impl Model {
     /// Builds the family's blocks from the weights, checking that every tensor was used.
     fn assemble(
         family: &Family,
-        mut config: ModelConfig,
+        config: ModelConfig,
         mut weights: Weights,
         format: Format,
     ) -> Result<Model> {
         config.validate()?;
         let type_counts = weights.type_counts().clone();
-        let parts = (family.build)(&mut config, &mut weights, format)?;
+        let parts = (family.build)(&config, &mut weights, format)?;
         weights.finish()?;
-        config.validate()?;
         Ok(Model {
             config,
             embed: parts.embed,

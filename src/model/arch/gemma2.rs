@@ -1,5 +1,5 @@
 //! Gemma 2: Llama with
-//! - embeddings multiplied by √hidden (Hugging Face rounds the factor to the weights' type);
+//! - embeddings multiplied by √hidden;
 //! - RMSNorm by `(1 + w)` (checkpoints store `w` zero-centred; GGUF files store `1 + w`);
 //! - sandwich norms: a norm after attention and after the feed-forward network, before each
 //!   residual add;
@@ -19,7 +19,6 @@ use crate::error::{Error, Result};
 use crate::loader::gguf::GgufMetadata;
 use crate::model::config::{Activation, Architecture, ModelConfig};
 use crate::model::names::{HfNames, Role, Weights};
-use crate::tensor::DType;
 
 /// Gemma 2.
 pub(crate) const FAMILY: Family = Family {
@@ -119,17 +118,11 @@ fn gguf_config(meta: &GgufMetadata, w: &mut Weights) -> Result<ModelConfig> {
     Ok(c)
 }
 
-/// Gemma's weights: Llama's block with zero-centred norms in Hugging Face checkpoints, whose
-/// embedding scale transformers rounds to the embeddings' type.
-pub(crate) fn build_gemma(c: &mut ModelConfig, w: &mut Weights, format: Format) -> Result<Parts> {
-    let hf = format == Format::HuggingFace;
-    let parts = build_llama_like(c, w, hf)?;
-    if hf {
-        c.embedding_scale = match parts.embed.dtype() {
-            DType::BF16 => half::bf16::from_f32(c.embedding_scale).to_f32(),
-            DType::F16 => half::f16::from_f32(c.embedding_scale).to_f32(),
-            _ => c.embedding_scale,
-        };
-    }
-    Ok(parts)
+/// Gemma's weights: Llama's block, with zero-centred norms in Hugging Face checkpoints.
+///
+/// The embedding scale is √hidden in f32 from either format, as llama.cpp and transformers in
+/// f32 compute it; transformers running in BF16 rounds it to BF16 (Gemma 3 1B: 34.0 for
+/// √1152 = 33.94).
+pub(crate) fn build_gemma(c: &ModelConfig, w: &mut Weights, format: Format) -> Result<Parts> {
+    build_llama_like(c, w, format == Format::HuggingFace)
 }

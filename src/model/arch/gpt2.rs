@@ -106,7 +106,7 @@ fn gguf_config(meta: &GgufMetadata, w: &mut Weights) -> Result<ModelConfig> {
     Ok(c)
 }
 
-fn build(c: &mut ModelConfig, w: &mut Weights, format: Format) -> Result<Parts> {
+fn build(c: &ModelConfig, w: &mut Weights, format: Format) -> Result<Parts> {
     let (h, inter) = (c.hidden_size, c.intermediate_size);
     let conv1d = format == Format::HuggingFace;
     // A projection's weight and bias, in the file's layout.

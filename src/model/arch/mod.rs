@@ -58,9 +58,8 @@ pub(crate) struct Family {
     /// The configuration from GGUF metadata and the file's tensors (it takes those that
     /// are configuration, such as RoPE factors).
     pub(crate) gguf_config: fn(&GgufMetadata, &mut Weights) -> Result<ModelConfig>,
-    /// Builds the weights (and adjusts what depends on them, such as a scale rounded to the
-    /// weights' precision).
-    pub(crate) build: fn(&mut ModelConfig, &mut Weights, Format) -> Result<Parts>,
+    /// Builds the weights.
+    pub(crate) build: fn(&ModelConfig, &mut Weights, Format) -> Result<Parts>,
 }
 
 /// Every family Ember runs.
@@ -812,6 +811,6 @@ pub(crate) const LLAMA_HF_NAMES: HfNames = HfNames {
 };
 
 /// The builder of families whose weights are Llama's, whatever the format.
-pub(crate) fn build_llama(c: &mut ModelConfig, w: &mut Weights, _format: Format) -> Result<Parts> {
+pub(crate) fn build_llama(c: &ModelConfig, w: &mut Weights, _format: Format) -> Result<Parts> {
     build_llama_like(c, w, false)
 }
