@@ -301,6 +301,63 @@ typedef struct ember_session_params {
 } ember_session_params;
 
 /**
+ * Tokens and time of a session's work (`ember_session_perf`). Times in milliseconds.
+ */
+typedef struct ember_perf {
+  /**
+   * Bytes of this struct the library wrote.
+   */
+  uint32_t struct_size;
+  /**
+   * Last call (a step, or a whole generation): prompt tokens computed (a generation's
+   * prompt, or a step of more than one token).
+   */
+  uint64_t last_prompt_tokens;
+  /**
+   * Last call: milliseconds computing them.
+   */
+  double last_prompt_ms;
+  /**
+   * Last call: tokens generated (sampled by a generation, or stepped one at a time).
+   */
+  uint64_t last_generated_tokens;
+  /**
+   * Last call: milliseconds generating them (forward passes and sampling).
+   */
+  double last_generation_ms;
+  /**
+   * Since the session was created: prompt tokens.
+   */
+  uint64_t total_prompt_tokens;
+  /**
+   * Since the session was created: prompt milliseconds.
+   */
+  double total_prompt_ms;
+  /**
+   * Since the session was created: generated tokens.
+   */
+  uint64_t total_generated_tokens;
+  /**
+   * Since the session was created: generation milliseconds.
+   */
+  double total_generation_ms;
+} ember_perf;
+
+/**
+ * A bias on one token's logit (`ember_sampler_params.logit_bias`).
+ */
+typedef struct ember_logit_bias {
+  /**
+   * The token.
+   */
+  int32_t token;
+  /**
+   * Added to its logit; `-INFINITY` bans it.
+   */
+  float bias;
+} ember_logit_bias;
+
+/**
  * Options for `ember_sampler_new`. Fill with `ember_sampler_params_default` first; the
  * defaults are greedy decoding without penalties.
  */
@@ -345,6 +402,17 @@ typedef struct ember_sampler_params {
    * Seed: the same seed gives the same tokens. Default 0x5eed.
    */
   uint64_t seed;
+  /**
+   * `n_logit_bias` values added to token logits before anything else (a bias of
+   * `-INFINITY` bans a token); copied by `ember_sampler_new`, so the array need only live
+   * during that call. NULL with 0 (the default): none. A token outside the vocabulary makes
+   * `ember_sample` fail with `EMBER_ERR_INVALID_ARGUMENT`.
+   */
+  const struct ember_logit_bias *logit_bias;
+  /**
+   * Number of entries of `logit_bias` (at most 2^20).
+   */
+  size_t n_logit_bias;
 } ember_sampler_params;
 
 /**
@@ -456,6 +524,40 @@ enum ember_status ember_model_params_default(size_t struct_size, struct ember_mo
 enum ember_status ember_model_load(const char *path,
                                    const struct ember_model_params *params,
                                    struct ember_model **out);
+
+/**
+ * Loads a model from the `len` bytes of a GGUF file at `data`, used in place: nothing is
+ * copied (tensors not aligned for their type aside, so `data` should be 32-byte aligned, as
+ * GGUF aligns tensors relative to the file's start). The caller keeps the bytes alive and
+ * unchanged until the model and every session over it are freed. `params` as
+ * `ember_model_load`.
+ *
+ * # Safety
+ * `data` valid for reading `len` bytes for the model's lifetime; `params` NULL or a params
+ * struct; `out` valid for writing a pointer.
+ */
+enum ember_status ember_model_load_from_memory(const void *data,
+                                               size_t len,
+                                               const struct ember_model_params *params,
+                                               struct ember_model **out);
+
+/**
+ * Loads a GGUF model stored inside a larger file: `len` bytes (0: to the end of the file)
+ * from `offset` of the open file descriptor `fd` (an Android APK asset from
+ * `AAsset_openFileDescriptor`, an archive entry), memory-mapped. The descriptor is
+ * duplicated: the caller may close `fd` when this returns; the file must stay unchanged while
+ * the model lives. POSIX systems only (`EMBER_ERR_UNSUPPORTED` elsewhere). `params` as
+ * `ember_model_load`.
+ *
+ * # Safety
+ * `fd` an open file descriptor the caller owns; `params` NULL or a params struct; `out` valid
+ * for writing a pointer.
+ */
+enum ember_status ember_model_load_fd(int32_t fd,
+                                      uint64_t offset,
+                                      uint64_t len,
+                                      const struct ember_model_params *params,
+                                      struct ember_model **out);
 
 /**
  * Describes the model at `path` (a GGUF file or a Hugging Face folder) and whether Ember runs
@@ -677,6 +779,109 @@ enum ember_status ember_session_params_default(size_t struct_size,
 enum ember_status ember_session_new(const struct ember_model *model,
                                     const struct ember_session_params *params,
                                     struct ember_session **out);
+
+/**
+ * Writes to `*bytes` the memory a session of `model` with `params` (NULL: defaults) would
+ * allocate: its KV cache, the buffers of one micro-batch and its token history, not counting
+ * the model's weights; computed without allocating. Invalid params fail as in
+ * `ember_session_new`.
+ *
+ * # Safety
+ * `model` a live model; `params` NULL or a params struct; `bytes` valid for writing.
+ */
+enum ember_status ember_session_memory_estimate(const struct ember_model *model,
+                                                const struct ember_session_params *params,
+                                                size_t *bytes);
+
+/**
+ * Creates a session holding `src`'s tokens and KV cache, without recomputing them: one
+ * shared prompt (an NPC's system prompt), many continuations. `params` (NULL: `src`'s
+ * context length, threads and batch size) as in `ember_session_new`; its context must hold
+ * `src`'s tokens (`EMBER_ERR_CONTEXT_FULL`). `src` is only read, and must not be in use by
+ * another thread (`EMBER_ERR_BUSY`).
+ *
+ * # Safety
+ * `src` a live session; `params` NULL or a params struct; `out` valid for writing a pointer.
+ */
+enum ember_status ember_session_fork(struct ember_session *src,
+                                     const struct ember_session_params *params,
+                                     struct ember_session **out);
+
+/**
+ * Replaces what `dst` holds by the first `n_tokens` tokens of `src` (a session of the same
+ * model, not `dst`) and their KV rows, without recomputing them. On error `dst` is unchanged.
+ *
+ * # Safety
+ * `dst` and `src` live sessions.
+ */
+enum ember_status ember_session_copy_prefix(struct ember_session *dst,
+                                            struct ember_session *src,
+                                            size_t n_tokens);
+
+/**
+ * Writes to `*bytes` the size of the session's saved state (`ember_session_state_save`) as
+ * the session is now: a header, its tokens, the last logits and the KV rows of the tokens it
+ * holds (not of the whole context).
+ *
+ * # Safety
+ * `session` a live session; `bytes` valid for writing.
+ */
+enum ember_status ember_session_state_size(struct ember_session *session, size_t *bytes);
+
+/**
+ * Saves what the session holds (tokens, KV rows, last logits, the model's fingerprint; a
+ * versioned little-endian format with a checksum) into `buf[0..cap]`, writing its length to
+ * `*n_out`. If `cap` is too small nothing is written to `buf`, `*n_out` is the size needed
+ * and the status is `EMBER_ERR_BUFFER_TOO_SMALL`. The bytes can be stored in a save file and
+ * loaded into any session of the same model.
+ *
+ * # Safety
+ * `session` a live session; `buf` valid for writing `cap` bytes; `n_out` valid for writing.
+ */
+enum ember_status ember_session_state_save(struct ember_session *session,
+                                           uint8_t *buf,
+                                           size_t cap,
+                                           size_t *n_out);
+
+/**
+ * Replaces what the session holds by a state saved with `ember_session_state_save` from the
+ * same model (any thread count or context length that holds its tokens). Every check comes
+ * first: bytes from another model (`EMBER_ERR_INVALID_ARGUMENT`), too many tokens for the
+ * context (`EMBER_ERR_CONTEXT_FULL`), truncated or corrupted bytes (`EMBER_ERR_BAD_FORMAT`),
+ * or a newer format (`EMBER_ERR_UNSUPPORTED`) leave the session exactly as it was. Continuing
+ * after a load gives the same logits, bit for bit, as continuing the saved session.
+ *
+ * # Safety
+ * `session` a live session; `buf` valid for reading `len` bytes during the call.
+ */
+enum ember_status ember_session_state_load(struct ember_session *session,
+                                           const uint8_t *buf,
+                                           size_t len);
+
+/**
+ * Copies the logits of the last token the session holds into `logits[0..cap]`
+ * (`ember_model_n_vocab` floats): for sampling the first token after
+ * `ember_session_fork`, `ember_session_copy_prefix` or `ember_session_state_load`, or
+ * again after a step. Fails with `EMBER_ERR_INVALID_ARGUMENT` when they are not at hand (no
+ * token computed yet, the last token pending, the session rewound, or `ember_step_all`
+ * last): step to get them. A too-small `cap` is `EMBER_ERR_BUFFER_TOO_SMALL`.
+ *
+ * # Safety
+ * `session` a live session; `logits` valid for writing `cap` floats.
+ */
+enum ember_status ember_session_logits(struct ember_session *session, float *logits, size_t cap);
+
+/**
+ * Writes the session's counts and times into `*perf` (of `perf_size` bytes: call it through
+ * `EMBER_SESSION_PERF(session, &perf)`, which passes `sizeof perf`; the fields that fit in
+ * both structs are written, and their size in `struct_size`).
+ *
+ * # Safety
+ * `session` a live session; `perf` valid for writing `perf_size` bytes.
+ */
+enum ember_status ember_session_perf(struct ember_session *session,
+                                     size_t perf_size,
+                                     struct ember_perf *perf);
 
 /**
  * Frees a session (NULL is ignored) and its worker threads, which have exited when this
@@ -910,6 +1115,8 @@ enum ember_status ember_chat(struct ember_session *session,
 
 /** Describes the model file at `path` in `*info`: `EMBER_MODEL_PROBE(path, &info);` */
 #define EMBER_MODEL_PROBE(path, info) ember_model_probe((path), sizeof *(info), (info))
+/** Reads a session's counts and times into `*perf`: `EMBER_SESSION_PERF(session, &perf);` */
+#define EMBER_SESSION_PERF(session, perf) ember_session_perf((session), sizeof *(perf), (perf))
 /** Fills an ember_model_params with the defaults: `EMBER_MODEL_PARAMS_DEFAULT(&p);` */
 #define EMBER_MODEL_PARAMS_DEFAULT(p) ember_model_params_default(sizeof *(p), (p))
 /** Fills an ember_session_params with the defaults. */

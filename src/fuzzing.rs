@@ -204,6 +204,63 @@ impl Cursor<'_> {
     }
 }
 
+/// A saved session state loaded into a session of the tiny Llama fixture. The first byte of
+/// the input may fix up the rest so that the fuzzer gets past the outer checks: bit 0 writes
+/// the model's fingerprint, bit 1 recomputes the checksum. Whatever the bytes, a failed load
+/// leaves the session as it was, and a successful one leaves it usable (it steps, and saves
+/// a state that loads again).
+pub fn session_state(data: &[u8]) {
+    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
+    let model = MODEL.get_or_init(|| {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama");
+        Arc::new(Model::load(path).expect("the fuzz fixture must load"))
+    });
+    let Some(bytes) = fixed_session_state(model, data) else {
+        return;
+    };
+    let options = SessionOptions {
+        n_ctx: 32,
+        n_threads: 1,
+        ubatch: 8,
+    };
+    let mut session = Session::new(model.clone(), &options).expect("a session");
+    session.step(&[1, 2, 3]).expect("a step");
+    match session.load_state(&bytes) {
+        Ok(()) => {
+            let saved = session.save_state_to_vec().expect("a loaded state saves");
+            if session.position() < session.n_ctx() {
+                session.step(&[4]).expect("a loaded session steps");
+            }
+            session.load_state(&saved).expect("a saved state loads");
+        }
+        Err(_) => {
+            assert_eq!(
+                session.tokens(),
+                &[1, 2, 3],
+                "a failed load changed the session"
+            );
+            session.step(&[4]).expect("the session is still usable");
+        }
+    }
+}
+
+/// The state [`session_state`] loads for `data`: its first byte says what to fix up in the
+/// rest (bit 0: the fingerprint of `model`, bit 1: the checksum). `None` for empty input.
+pub fn fixed_session_state(model: &Model, data: &[u8]) -> Option<Vec<u8>> {
+    let (&fix, rest) = data.split_first()?;
+    let mut bytes = rest.to_vec();
+    if fix & 1 == 1 && bytes.len() >= 24 {
+        bytes[16..24].copy_from_slice(&model.fingerprint().to_le_bytes());
+    }
+    if fix & 2 == 2 && bytes.len() >= 8 {
+        let body = bytes.len() - 8;
+        let mut hash = crate::checksum::Hash64::default();
+        hash.update(&bytes[..body]);
+        bytes[body..].copy_from_slice(&hash.finish().to_le_bytes());
+    }
+    Some(bytes)
+}
+
 /// The tiny Llama fixture, loaded once through the C API.
 fn fixture_model() -> *mut ember_model {
     struct Handle(*mut ember_model);
@@ -269,7 +326,7 @@ pub fn c_api(data: &[u8]) {
         for _ in 0..48 {
             let Some(op) = c.byte() else { break };
             let before = ember_session_position(session);
-            match op % 18 {
+            match op % 20 {
                 0 => {
                     let t = c.text();
                     let cap = c.small(64);
@@ -347,7 +404,7 @@ pub fn c_api(data: &[u8]) {
                     let mut calls = 0u32;
                     let mut reason = ember_stop_reason::EMBER_STOP_REASON_END_TOKEN;
                     let mut n_tokens = usize::MAX;
-                    let status = if op % 18 == 6 {
+                    let status = if op % 20 == 6 {
                         let prompt = c.text();
                         ember_generate(
                             session,
@@ -504,6 +561,55 @@ pub fn c_api(data: &[u8]) {
                 16 => {
                     assert!(ember_session_position(session) <= ember_session_n_ctx(session));
                 }
+                18 => {
+                    // Save into a buffer of some capacity, damage it maybe, load it back.
+                    let mut size = 0usize;
+                    assert_eq!(
+                        ember_session_state_size(session, &mut size),
+                        ember_status::EMBER_OK
+                    );
+                    let cap = if c.flag() { size } else { c.small(size + 1) };
+                    let mut state = vec![0u8; cap];
+                    let mut written = 0usize;
+                    let saved =
+                        ember_session_state_save(session, state.as_mut_ptr(), cap, &mut written);
+                    if saved == ember_status::EMBER_OK {
+                        let len = if c.flag() {
+                            written
+                        } else {
+                            c.small(written + 1)
+                        };
+                        if let (Some(at), true) = (c.byte(), len > 0) {
+                            state[at as usize % len] ^= c.byte().unwrap_or(1);
+                        }
+                        let status = ember_session_state_load(session, state.as_ptr(), len);
+                        if status != ember_status::EMBER_OK {
+                            assert_eq!(ember_session_position(session), before);
+                        }
+                    } else {
+                        assert_eq!(saved, ember_status::EMBER_ERR_BUFFER_TOO_SMALL);
+                        assert_eq!(written, size);
+                    }
+                }
+                19 => {
+                    // Fork, continue the fork, copy part of it back.
+                    let mut fork = std::ptr::null_mut();
+                    if ember_session_fork(session, std::ptr::null(), &mut fork)
+                        == ember_status::EMBER_OK
+                    {
+                        assert_eq!(ember_session_position(fork), before);
+                        let tokens = c.tokens(4);
+                        let _ =
+                            ember_step(fork, tokens.as_ptr(), tokens.len(), logits.as_mut_ptr());
+                        let n = c.small(ember_session_position(fork) + 2);
+                        let status = ember_session_copy_prefix(session, fork, n);
+                        if status != ember_status::EMBER_OK {
+                            assert_eq!(ember_session_position(session), before);
+                        }
+                        let _ = ember_session_logits(session, logits.as_mut_ptr(), 320);
+                        ember_session_free(fork);
+                    }
+                }
                 _ => {
                     let mut params = std::mem::zeroed::<ember_sampler_params>();
                     ember_sampler_params_default(
@@ -519,6 +625,14 @@ pub fn c_api(data: &[u8]) {
                     params.min_p = c.small(10) as f32 / 10.0;
                     params.repetition_penalty = 1.0 + c.small(4) as f32 / 4.0;
                     params.seed = c.byte().unwrap_or(0) as u64;
+                    let bias = [ember_logit_bias {
+                        token: c.small(330) as i32 - 2,
+                        bias: c.small(4) as f32 - 2.0,
+                    }];
+                    if c.flag() {
+                        params.logit_bias = bias.as_ptr();
+                        params.n_logit_bias = 1;
+                    }
                     let mut fresh = std::ptr::null_mut();
                     if ember_sampler_new(&params, &mut fresh) == ember_status::EMBER_OK {
                         ember_sampler_free(sampler);

@@ -3,8 +3,9 @@
 
 use crate::error::{Error, Result};
 use crate::sampler::Sampler;
-use crate::session::Session;
+use crate::session::{PerfCounts, Session};
 use crate::tokenizer::{ChatMessage, StreamDecoder};
+use std::time::Instant;
 
 /// When generation stops.
 #[derive(Debug, Clone, Default)]
@@ -117,9 +118,20 @@ pub fn generate(
         n_tokens: 0,
         reason: StopReason::Cancelled,
     };
+    let n_prompt = (prompt.len() + session.n_pending()) as u64;
+    let started = Instant::now();
     let mut logits = match session.step(prompt) {
         Err(Error::Cancelled) => return Ok(cancelled),
         other => other?,
+    };
+    let prompt_seconds = started.elapsed().as_secs_f64();
+    let generating = Instant::now();
+    // Records the call's work however the loop ends.
+    let perf = |n_tokens: usize| PerfCounts {
+        prompt_tokens: n_prompt,
+        prompt_seconds,
+        generated_tokens: n_tokens as u64,
+        generation_seconds: generating.elapsed().as_secs_f64(),
     };
     for &t in prompt {
         sampler.accept(t);
@@ -146,6 +158,7 @@ pub fn generate(
             if !text.is_empty() {
                 on_text(&text);
             }
+            session.record_perf(perf(n_tokens));
             return Ok(Generation {
                 n_tokens,
                 reason: StopReason::StopString,
@@ -174,6 +187,7 @@ pub fn generate(
             on_text(&rest);
         }
     }
+    session.record_perf(perf(n_tokens));
     Ok(Generation { n_tokens, reason })
 }
 

@@ -26,6 +26,7 @@
 //! # Ok::<(), ember::Error>(())
 //! ```
 
+mod checksum;
 pub mod convert;
 pub mod defaults;
 pub mod error;
@@ -47,7 +48,7 @@ pub use generate::{chat, generate, GenerateOptions, Generation, StopReason};
 pub use model::{Architecture, ModelConfig};
 pub use model::{LoadOptions, Model, ModelInfo};
 pub use sampler::{Sampler, SamplerOptions};
-pub use session::{CancelHandle, Session, SessionOptions};
+pub use session::{CancelHandle, Perf, PerfCounts, Session, SessionOptions};
 pub use threading::ThreadPool;
 pub use tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
 

@@ -26,6 +26,9 @@ pub struct SamplerOptions {
     pub penalty_window: usize,
     /// Seed of the random generator.
     pub seed: u64,
+    /// Added to the logits of these tokens before anything else (`-inf` bans a token);
+    /// a token outside the vocabulary is an error when sampling.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplerOptions {
@@ -40,6 +43,7 @@ impl Default for SamplerOptions {
             frequency_penalty: 0.0,
             penalty_window: 64,
             seed: 0x5eed,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -66,9 +70,24 @@ impl SamplerOptions {
         if self.penalty_window > 1 << 20 {
             return bad("penalty_window is too large");
         }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return bad("more than 2^20 logit biases");
+        }
+        if let Some((t, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| b.is_nan() || *b == f32::INFINITY)
+        {
+            return bad(&format!(
+                "logit bias {b} of token {t} (must be finite, or -inf to ban)"
+            ));
+        }
         Ok(())
     }
 }
+
+/// Most logit biases a sampler takes (more than any vocabulary).
+pub const MAX_LOGIT_BIAS: usize = 1 << 20;
 
 /// The index of the largest logit (the first one on ties); NaN never wins. 0 for an empty
 /// slice.
@@ -166,9 +185,13 @@ impl Sampler {
     }
 
     fn choose(&mut self, logits: &[f32]) -> Result<u32> {
-        let o = self.options.clone();
         let penalise = self.penalties_active();
-        let c = &mut self.candidates;
+        let Sampler {
+            options: o,
+            rng,
+            recent,
+            candidates: c,
+        } = self;
         c.clear();
         c.extend(
             logits
@@ -176,9 +199,20 @@ impl Sampler {
                 .enumerate()
                 .map(|(i, &l)| (if l.is_nan() { f32::NEG_INFINITY } else { l }, i as u32)),
         );
+        for &(t, bias) in &o.logit_bias {
+            match c.get_mut(t as usize) {
+                Some((l, _)) => *l += bias,
+                None => {
+                    return Err(Error::InvalidArgument(format!(
+                        "sampler: logit bias for token {t}, outside the vocabulary (0..{})",
+                        c.len()
+                    )))
+                }
+            }
+        }
         if penalise {
-            let mut counts: Vec<(u32, u32)> = Vec::with_capacity(self.recent.len());
-            for &t in &self.recent {
+            let mut counts: Vec<(u32, u32)> = Vec::with_capacity(recent.len());
+            for &t in recent.iter() {
                 match counts.iter_mut().find(|(tok, _)| *tok == t) {
                     Some((_, n)) => *n += 1,
                     None => counts.push((t, 1)),
@@ -253,7 +287,7 @@ impl Sampler {
         }
         c.truncate(cut);
         let total: f64 = c.iter().map(|(p, _)| *p as f64).sum();
-        let mut target = self.rng.next_f64() * total;
+        let mut target = rng.next_f64() * total;
         for &(p, t) in c.iter() {
             target -= p as f64;
             if target < 0.0 {
@@ -270,6 +304,33 @@ mod tests {
 
     fn sampler(options: SamplerOptions) -> Sampler {
         Sampler::new(options).unwrap()
+    }
+
+    #[test]
+    fn logit_bias_shifts_and_bans_tokens() {
+        let logits = [1.0, 3.0, 2.0, 0.5];
+        let with = |bias: Vec<(u32, f32)>, temperature: f32| {
+            Sampler::new(SamplerOptions {
+                logit_bias: bias,
+                temperature,
+                ..Default::default()
+            })
+        };
+        let mut s = with(vec![(1, f32::NEG_INFINITY)], 0.0).unwrap();
+        assert_eq!(s.sample(&logits).unwrap(), 2, "the best token is banned");
+        let mut s = with(vec![(3, 10.0)], 0.0).unwrap();
+        assert_eq!(s.sample(&logits).unwrap(), 3);
+        // Banned tokens are never drawn at any temperature.
+        let mut s = with(vec![(1, f32::NEG_INFINITY), (2, f32::NEG_INFINITY)], 2.0).unwrap();
+        for _ in 0..200 {
+            assert!(matches!(s.sample(&logits).unwrap(), 0 | 3));
+        }
+        let mut s = with(vec![(4, 1.0)], 0.0).unwrap();
+        assert!(s.sample(&logits).is_err(), "token outside the vocabulary");
+        assert!(with(vec![(0, f32::NAN)], 0.0).is_err());
+        assert!(with(vec![(0, f32::INFINITY)], 0.0).is_err());
+        let all_banned = (0..4).map(|t| (t, f32::NEG_INFINITY)).collect();
+        assert!(with(all_banned, 1.0).unwrap().sample(&logits).is_err());
     }
 
     #[test]

@@ -149,11 +149,15 @@ impl DType {
     }
 }
 
-/// Bytes that tensors borrow from: a read-only file mapping or an owned, 8-byte aligned buffer.
+/// Bytes that tensors borrow from: a read-only file mapping, an owned, 8-byte aligned buffer,
+/// or bytes the host owns.
 #[derive(Debug)]
 pub enum Storage {
     /// A memory-mapped file.
     Mapped(Mmap),
+    /// Bytes the host keeps alive and unchanged while the model lives: the `'static` is the
+    /// host's promise, made to [`crate::Model::load_gguf_unowned`].
+    Borrowed(&'static [u8]),
     /// Bytes held in memory (used when a file's tensor is not aligned for in-place use).
     Owned {
         /// Backing words; `u64` guarantees 8-byte alignment.
@@ -187,6 +191,7 @@ impl Storage {
     pub fn bytes(&self) -> &[u8] {
         match self {
             Storage::Mapped(map) => map,
+            Storage::Borrowed(bytes) => bytes,
             Storage::Owned { words, len } => {
                 // SAFETY: `words` holds at least `len` initialised bytes (see `owned`); the
                 // returned slice borrows `self`, so it cannot outlive the buffer.

@@ -7,13 +7,14 @@ use std::path::Path;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 6] = [
+const TARGETS: [(&str, Target); 7] = [
     ("gguf", ember::fuzzing::gguf),
     ("gguf_tokenizer", ember::fuzzing::gguf_tokenizer),
     ("safetensors", ember::fuzzing::safetensors),
     ("tokenizer", ember::fuzzing::tokenizer),
     ("chat_template", ember::fuzzing::chat_template),
     ("c_api", ember::fuzzing::c_api),
+    ("session_state", ember::fuzzing::session_state),
 ];
 
 fn root() -> &'static Path {
@@ -43,7 +44,7 @@ fn every_input_a_campaign_found_is_handled() {
 fn every_target_handles_its_seeds() {
     let fixtures = root().join("tests/fixtures");
     let read = |p: &str| std::fs::read(fixtures.join(p)).unwrap();
-    let seeds: [(&str, Vec<u8>); 6] = [
+    let seeds: [(&str, Vec<u8>); 7] = [
         ("gguf", read("gguf/llama.Q4_0.gguf")),
         ("gguf_tokenizer", read("gguf/gpt2.F32.gguf")),
         (
@@ -65,6 +66,7 @@ fn every_target_handles_its_seeds() {
             ]),
         ),
         ("c_api", (0..=255u8).step_by(3).collect()),
+        ("session_state", session_state_seed()),
     ];
     for ((name, target), (seed_name, seed)) in TARGETS.iter().zip(seeds) {
         assert_eq!(*name, seed_name);
@@ -72,6 +74,51 @@ fn every_target_handles_its_seeds() {
         target(&seed[..seed.len() / 2]);
         target(&[]);
     }
+}
+
+/// A valid state of the llama fixture (2 layers, kv width 32, 320 tokens) holding 3 tokens,
+/// 2 of them computed (all-zero rows), with a zero fingerprint and checksum for the target's
+/// first byte (3) to fix: what `scripts/fuzz` writes as the seed.
+fn session_state_seed() -> Vec<u8> {
+    let mut s = vec![3u8];
+    s.extend(b"EMBERSES");
+    for v in [1u32, 0] {
+        s.extend(v.to_le_bytes());
+    }
+    s.extend(0u64.to_le_bytes());
+    for v in [2u32, 32, 320] {
+        s.extend(v.to_le_bytes());
+    }
+    s.extend(3u64.to_le_bytes());
+    s.extend(2u64.to_le_bytes());
+    s.extend(0u32.to_le_bytes());
+    for t in [1u32, 5, 9] {
+        s.extend(t.to_le_bytes());
+    }
+    s.extend(vec![0u8; 2 * 2 * 2 * 32 * 4]);
+    s.extend(0u64.to_le_bytes());
+    s
+}
+
+#[test]
+fn the_session_state_seed_loads_once_fixed_up() {
+    let model =
+        std::sync::Arc::new(ember::Model::load(root().join("tests/fixtures/llama")).unwrap());
+    let mut s = ember::Session::new(model.clone(), &Default::default()).unwrap();
+    let seed = session_state_seed();
+    assert!(
+        s.load_state(&seed[1..]).is_err(),
+        "fingerprint and checksum are zero"
+    );
+    let fixed = ember::fuzzing::fixed_session_state(&model, &seed).unwrap();
+    s.load_state(&fixed).unwrap();
+    assert_eq!((s.tokens(), s.n_pending()), (&[1u32, 5, 9][..], 1));
+    let script = std::fs::read_to_string(root().join("scripts/fuzz")).unwrap();
+    assert!(
+        script
+            .contains(r#"struct.pack("<8sIIQIIIQQI", b"EMBERSES", 1, 0, 0, 2, 32, 320, 3, 2, 0)"#),
+        "scripts/fuzz seeds the target with this state"
+    );
 }
 
 #[test]

@@ -386,6 +386,26 @@ class Model : public detail::Handle<ember_model, ember_model_free> {
     return Model(handle);
   }
 
+  /// Loads a GGUF file from `len` bytes at `data`, used in place: the bytes must stay alive
+  /// and unchanged until the model and its sessions are gone.
+  static Result<Model> try_load_from_memory(const void *data, size_t len,
+                                            const ModelParams &params = ModelParams()) {
+    ember_model *handle = nullptr;
+    ember_status st = ember_model_load_from_memory(data, len, &params, &handle);
+    if (st != EMBER_OK) return detail::failure(st);
+    return Model(handle);
+  }
+
+  /// Loads a GGUF file stored at `offset` (`len` bytes, 0: to the end) of the open file `fd`
+  /// (an APK asset); `fd` may be closed afterwards. POSIX only.
+  static Result<Model> try_load_fd(int32_t fd, uint64_t offset, uint64_t len = 0,
+                                   const ModelParams &params = ModelParams()) {
+    ember_model *handle = nullptr;
+    ember_status st = ember_model_load_fd(fd, offset, len, &params, &handle);
+    if (st != EMBER_OK) return detail::failure(st);
+    return Model(handle);
+  }
+
 #if EMBER_HPP_EXCEPTIONS
   /// Loads a model; throws ember::Error on failure.
   explicit Model(std::string_view path, const ModelParams &params = ModelParams())
@@ -410,6 +430,13 @@ class Model : public detail::Handle<ember_model, ember_model_free> {
   std::string_view architecture() const noexcept { return ember_model_architecture(get()); }
   /// True if the tokenizer has a chat template.
   bool has_chat_template() const noexcept { return ember_model_has_chat_template(get()); }
+  /// Bytes a session with `params` would allocate (KV cache, buffers, token history).
+  Result<size_t> try_session_memory(const ember_session_params &params) const {
+    size_t bytes = 0;
+    ember_status st = ember_session_memory_estimate(get(), &params, &bytes);
+    if (st != EMBER_OK) return detail::failure(st);
+    return bytes;
+  }
 
   /// Token ids of `text` (add_special: BOS/EOS as the tokenizer adds them; parse_special:
   /// recognise special tokens written in the text).
@@ -659,8 +686,52 @@ class Session : public detail::Handle<ember_session, ember_session_free> {
     out.resize(n);
     return out;
   }
-  /// The logits of the last token of the last successful step (n_vocab floats).
+  /// The logits of the last token of the last successful step, fork or state load
+  /// (n_vocab floats).
   const std::vector<float> &logits() const noexcept { return logits_; }
+
+  /// A new session holding this one's tokens and KV cache without computing them again (one
+  /// shared prompt, many characters); with no params, this session's context, threads and
+  /// batch size.
+  Result<Session> try_fork() const { return fork_with(nullptr); }
+  /// try_fork with the new session's own params (its context must hold the tokens).
+  Result<Session> try_fork(const SessionParams &params) const { return fork_with(&params); }
+  /// Replaces what this session holds by the first `n_tokens` tokens of `src` (same model).
+  Result<void> try_copy_prefix(const Session &src, size_t n_tokens) {
+    ember_status st = ember_session_copy_prefix(get(), src.get(), n_tokens);
+    if (st == EMBER_OK) refresh_logits();
+    return detail::check(st);
+  }
+  /// The session's state (tokens, KV rows, last logits, model fingerprint) as bytes for a
+  /// save file.
+  Result<std::vector<uint8_t>> try_save_state() const {
+    size_t size = 0;
+    if (ember_status st = ember_session_state_size(get(), &size); st != EMBER_OK)
+      return detail::failure(st);
+    std::vector<uint8_t> out(size);
+    ember_status st = ember_session_state_save(get(), out.data(), out.size(), &size);
+    if (st != EMBER_OK) return detail::failure(st);
+    out.resize(size);
+    return out;
+  }
+  /// Replaces what the session holds by a saved state of the same model; on failure
+  /// (another model, corrupted bytes, too small a context) the session is unchanged.
+  Result<void> try_load_state(const uint8_t *data, size_t len) {
+    ember_status st = ember_session_state_load(get(), data, len);
+    if (st == EMBER_OK) refresh_logits();
+    return detail::check(st);
+  }
+  /// try_load_state from a vector.
+  Result<void> try_load_state(const std::vector<uint8_t> &data) {
+    return try_load_state(data.data(), data.size());
+  }
+  /// Prompt and generated tokens and milliseconds: the last call and in total.
+  Result<ember_perf> try_perf() const {
+    ember_perf perf{};
+    ember_status st = EMBER_SESSION_PERF(get(), &perf);
+    if (st != EMBER_OK) return detail::failure(st);
+    return perf;
+  }
 
   /// Appends `n` tokens; their last one's logits are then in logits(). On failure the
   /// session is unchanged.
@@ -742,6 +813,18 @@ class Session : public detail::Handle<ember_session, ember_session_free> {
   void reset() { try_reset().value(); }
   /// try_tokens, throwing ember::Error on failure.
   std::vector<int32_t> tokens() const { return try_tokens().value(); }
+  /// try_fork, throwing ember::Error on failure.
+  Session fork() const { return try_fork().value(); }
+  /// try_fork with params, throwing ember::Error on failure.
+  Session fork(const SessionParams &params) const { return try_fork(params).value(); }
+  /// try_copy_prefix, throwing ember::Error on failure.
+  void copy_prefix(const Session &src, size_t n_tokens) { try_copy_prefix(src, n_tokens).value(); }
+  /// try_save_state, throwing ember::Error on failure.
+  std::vector<uint8_t> save_state() const { return try_save_state().value(); }
+  /// try_load_state, throwing ember::Error on failure.
+  void load_state(const std::vector<uint8_t> &data) { try_load_state(data).value(); }
+  /// try_perf, throwing ember::Error on failure.
+  ember_perf perf() const { return try_perf().value(); }
   /// try_generate, throwing ember::Error on failure.
   template <class F>
   Generation generate(std::string_view prompt, Sampler &sampler, const GenerateOptions &options,
@@ -758,6 +841,20 @@ class Session : public detail::Handle<ember_session, ember_session_free> {
 
  private:
   Session(ember_session *handle, size_t n_vocab) : Handle(handle), logits_(n_vocab) {}
+
+  Result<Session> fork_with(const ember_session_params *params) const {
+    ember_session *handle = nullptr;
+    ember_status st = ember_session_fork(get(), params, &handle);
+    if (st != EMBER_OK) return detail::failure(st);
+    Session forked(handle, logits_.size());
+    forked.refresh_logits();
+    return forked;
+  }
+
+  /// Copies the library's current logits, when it has them (after a fork or a load).
+  void refresh_logits() noexcept {
+    (void)ember_session_logits(get(), logits_.data(), logits_.size());
+  }
 
   static Result<Generation> finish(ember_status st, ember_stop_reason reason, size_t n) {
     // A cancelled generation still reports what it delivered.

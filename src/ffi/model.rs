@@ -81,26 +81,136 @@ pub unsafe extern "C" fn ember_model_load(
             return Err(Error::InvalidArgument("out is NULL".into()));
         }
         let start = std::time::Instant::now();
-        let options = crate::LoadOptions {
-            load_tokenizer: params.load_tokenizer != 0,
-            quantize_q8_0: params.quantize_q8_0 != 0,
-        };
-        let model = Model::load_with(path, &options)?;
-        log(
-            super::ember_log_level::EMBER_LOG_LEVEL_INFO,
-            &format!(
-                "loaded {path} ({}, {}) in {:.1} ms",
-                model.config().architecture.name(),
-                model.weight_dtype(),
-                start.elapsed().as_secs_f64() * 1e3
-            ),
-        );
-        let handle = Box::into_raw(Box::new(ember_model {
-            model: Arc::new(model),
-        }));
+        let model = Model::load_with(path, &load_options(&params))?;
         // SAFETY: out checked non-NULL above.
-        unsafe { out.write(handle) };
+        unsafe { publish_model(model, path, start, out) };
         Ok(())
+    })
+}
+
+fn load_options(params: &ember_model_params) -> crate::LoadOptions {
+    crate::LoadOptions {
+        load_tokenizer: params.load_tokenizer != 0,
+        quantize_q8_0: params.quantize_q8_0 != 0,
+    }
+}
+
+/// Logs a loaded model and hands it to the caller.
+///
+/// # Safety
+/// `out` must be non-NULL and valid for writing a pointer.
+unsafe fn publish_model(
+    model: Model,
+    what: &str,
+    start: std::time::Instant,
+    out: *mut *mut ember_model,
+) {
+    log(
+        super::ember_log_level::EMBER_LOG_LEVEL_INFO,
+        &format!(
+            "loaded {what} ({}, {}) in {:.1} ms",
+            model.config().architecture.name(),
+            model.weight_dtype(),
+            start.elapsed().as_secs_f64() * 1e3
+        ),
+    );
+    let handle = Box::into_raw(Box::new(ember_model {
+        model: Arc::new(model),
+    }));
+    // SAFETY: the caller's contract.
+    unsafe { out.write(handle) };
+}
+
+/// Loads a model from the `len` bytes of a GGUF file at `data`, used in place: nothing is
+/// copied (tensors not aligned for their type aside, so `data` should be 32-byte aligned, as
+/// GGUF aligns tensors relative to the file's start). The caller keeps the bytes alive and
+/// unchanged until the model and every session over it are freed. `params` as
+/// `ember_model_load`.
+///
+/// # Safety
+/// `data` valid for reading `len` bytes for the model's lifetime; `params` NULL or a params
+/// struct; `out` valid for writing a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn ember_model_load_from_memory(
+    data: *const std::ffi::c_void,
+    len: usize,
+    params: *const ember_model_params,
+    out: *mut *mut ember_model,
+) -> ember_status {
+    run(|| {
+        // SAFETY: the caller's contract for each pointer.
+        let (bytes, params) = unsafe {
+            (
+                super::slice(data.cast::<u8>(), len, "data")?,
+                read_params(params, MODEL_PARAMS_DEFAULT, "params")?,
+            )
+        };
+        if out.is_null() {
+            return Err(Error::InvalidArgument("out is NULL".into()));
+        }
+        let start = std::time::Instant::now();
+        // SAFETY: the caller keeps the bytes alive for the model's lifetime (contract above).
+        let model =
+            unsafe { Model::load_gguf_unowned(bytes, "GGUF in memory", &load_options(&params)) }?;
+        // SAFETY: out checked non-NULL above.
+        unsafe { publish_model(model, "a GGUF file in memory", start, out) };
+        Ok(())
+    })
+}
+
+/// Loads a GGUF model stored inside a larger file: `len` bytes (0: to the end of the file)
+/// from `offset` of the open file descriptor `fd` (an Android APK asset from
+/// `AAsset_openFileDescriptor`, an archive entry), memory-mapped. The descriptor is
+/// duplicated: the caller may close `fd` when this returns; the file must stay unchanged while
+/// the model lives. POSIX systems only (`EMBER_ERR_UNSUPPORTED` elsewhere). `params` as
+/// `ember_model_load`.
+///
+/// # Safety
+/// `fd` an open file descriptor the caller owns; `params` NULL or a params struct; `out` valid
+/// for writing a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn ember_model_load_fd(
+    fd: i32,
+    offset: u64,
+    len: u64,
+    params: *const ember_model_params,
+    out: *mut *mut ember_model,
+) -> ember_status {
+    run(|| {
+        // SAFETY: the caller's contract.
+        let params = unsafe { read_params(params, MODEL_PARAMS_DEFAULT, "params") }?;
+        if out.is_null() {
+            return Err(Error::InvalidArgument("out is NULL".into()));
+        }
+        if fd < 0 {
+            return Err(Error::InvalidArgument(format!(
+                "fd {fd} is not a descriptor"
+            )));
+        }
+        let start = std::time::Instant::now();
+        #[cfg(unix)]
+        {
+            use std::os::fd::BorrowedFd;
+            // SAFETY: the caller promises fd is open for the duration of this call; it is
+            // only duplicated here.
+            let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+            let file = std::fs::File::from(
+                borrowed
+                    .try_clone_to_owned()
+                    .map_err(|e| Error::io(std::path::Path::new(&format!("fd {fd}")), e))?,
+            );
+            let model = Model::load_gguf_in_file(&file, offset, len, &load_options(&params))?;
+            // SAFETY: out checked non-NULL above.
+            unsafe { publish_model(model, &format!("fd {fd} at offset {offset}"), start, out) };
+            Ok(())
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (offset, len, params, start);
+            Err(Error::Unsupported(
+                "ember_model_load_fd needs a POSIX system".into(),
+            ))
+        }
     })
 }
 

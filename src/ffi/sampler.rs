@@ -36,6 +36,23 @@ pub struct ember_sampler_params {
     pub penalty_window: u32,
     /// Seed: the same seed gives the same tokens. Default 0x5eed.
     pub seed: u64,
+    /// `n_logit_bias` values added to token logits before anything else (a bias of
+    /// `-INFINITY` bans a token); copied by `ember_sampler_new`, so the array need only live
+    /// during that call. NULL with 0 (the default): none. A token outside the vocabulary makes
+    /// `ember_sample` fail with `EMBER_ERR_INVALID_ARGUMENT`.
+    pub logit_bias: *const ember_logit_bias,
+    /// Number of entries of `logit_bias` (at most 2^20).
+    pub n_logit_bias: usize,
+}
+
+/// A bias on one token's logit (`ember_sampler_params.logit_bias`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ember_logit_bias {
+    /// The token.
+    pub token: i32,
+    /// Added to its logit; `-INFINITY` bans it.
+    pub bias: f32,
 }
 
 fn defaults() -> ember_sampler_params {
@@ -51,6 +68,8 @@ fn defaults() -> ember_sampler_params {
         frequency_penalty: o.frequency_penalty,
         penalty_window: o.penalty_window as u32,
         seed: o.seed,
+        logit_bias: std::ptr::null(),
+        n_logit_bias: 0,
     }
 }
 
@@ -81,7 +100,24 @@ pub unsafe extern "C" fn ember_sampler_new(
     run(|| {
         // SAFETY: caller's contract.
         let p = unsafe { read_params(params, defaults(), "params") }?;
+        if p.n_logit_bias > crate::sampler::MAX_LOGIT_BIAS {
+            return Err(Error::InvalidArgument(format!(
+                "params.n_logit_bias {} is above 2^20",
+                p.n_logit_bias
+            )));
+        }
+        // SAFETY: the caller's contract: logit_bias holds n_logit_bias entries.
+        let biases = unsafe { slice(p.logit_bias, p.n_logit_bias, "params.logit_bias") }?;
+        let logit_bias = biases
+            .iter()
+            .map(|b| {
+                u32::try_from(b.token).map(|t| (t, b.bias)).map_err(|_| {
+                    Error::InvalidArgument(format!("logit bias for negative token {}", b.token))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let sampler = Sampler::new(SamplerOptions {
+            logit_bias,
             temperature: p.temperature,
             top_k: p.top_k as usize,
             top_p: p.top_p,

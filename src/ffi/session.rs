@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use super::{
-    borrow, ember_model, ember_status, read_params, run, run_value, slice, token_ids, write_params,
-    Exclusive,
+    borrow, ember_model, ember_status, read_params, run, run_value, slice, token_ids, write_out,
+    write_params, Exclusive,
 };
 use crate::error::{Error, Result};
 use crate::session::{CancelHandle, Session, SessionOptions, SessionShared};
@@ -92,20 +92,296 @@ pub unsafe extern "C" fn ember_session_new(
         if out.is_null() {
             return Err(Error::InvalidArgument("out is NULL".into()));
         }
-        let options = SessionOptions {
-            n_ctx: params.n_ctx as usize,
-            n_threads: crate::defaults::threads(params.n_threads as usize),
-            ubatch: params.n_ubatch as usize,
-        };
-        let session = Session::new(model.model.clone(), &options)?;
-        let handle = Box::new(ember_session {
-            cancel: session.cancel_handle(),
-            shared: session.shared().clone(),
-            session: Exclusive::new(session, "session"),
-        });
+        let session = Session::new(model.model.clone(), &session_options(&params))?;
         // SAFETY: out checked non-NULL.
-        unsafe { out.write(Box::into_raw(handle)) };
+        unsafe { out.write(session_handle(session)) };
         Ok(())
+    })
+}
+
+fn session_options(params: &ember_session_params) -> SessionOptions {
+    SessionOptions {
+        n_ctx: params.n_ctx as usize,
+        n_threads: crate::defaults::threads(params.n_threads as usize),
+        ubatch: params.n_ubatch as usize,
+    }
+}
+
+/// A C handle owning `session`.
+fn session_handle(session: Session) -> *mut ember_session {
+    Box::into_raw(Box::new(ember_session {
+        cancel: session.cancel_handle(),
+        shared: session.shared().clone(),
+        session: Exclusive::new(session, "session"),
+    }))
+}
+
+/// Writes to `*bytes` the memory a session of `model` with `params` (NULL: defaults) would
+/// allocate: its KV cache, the buffers of one micro-batch and its token history, not counting
+/// the model's weights; computed without allocating. Invalid params fail as in
+/// `ember_session_new`.
+///
+/// # Safety
+/// `model` a live model; `params` NULL or a params struct; `bytes` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn ember_session_memory_estimate(
+    model: *const ember_model,
+    params: *const ember_session_params,
+    bytes: *mut usize,
+) -> ember_status {
+    run(|| {
+        // SAFETY: caller's contract.
+        let (model, params) = unsafe {
+            (
+                borrow(model, "model")?,
+                read_params(params, SESSION_PARAMS_DEFAULT, "params")?,
+            )
+        };
+        let estimate = Session::memory_estimate(&model.model, &session_options(&params))?;
+        // SAFETY: caller's contract.
+        unsafe { write_out(bytes, estimate, "bytes") }
+    })
+}
+
+/// Creates a session holding `src`'s tokens and KV cache, without recomputing them: one
+/// shared prompt (an NPC's system prompt), many continuations. `params` (NULL: `src`'s
+/// context length, threads and batch size) as in `ember_session_new`; its context must hold
+/// `src`'s tokens (`EMBER_ERR_CONTEXT_FULL`). `src` is only read, and must not be in use by
+/// another thread (`EMBER_ERR_BUSY`).
+///
+/// # Safety
+/// `src` a live session; `params` NULL or a params struct; `out` valid for writing a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn ember_session_fork(
+    src: *mut ember_session,
+    params: *const ember_session_params,
+    out: *mut *mut ember_session,
+) -> ember_status {
+    run(|| {
+        if out.is_null() {
+            return Err(Error::InvalidArgument("out is NULL".into()));
+        }
+        // SAFETY: caller's contract.
+        let fork = unsafe {
+            with_session(src, |s| {
+                let options = if params.is_null() {
+                    SessionOptions {
+                        n_ctx: s.n_ctx(),
+                        n_threads: s.n_threads(),
+                        ubatch: s.ubatch(),
+                    }
+                } else {
+                    session_options(&read_params(params, SESSION_PARAMS_DEFAULT, "params")?)
+                };
+                s.fork(&options)
+            })
+        }?;
+        // SAFETY: out checked non-NULL.
+        unsafe { out.write(session_handle(fork)) };
+        Ok(())
+    })
+}
+
+/// Replaces what `dst` holds by the first `n_tokens` tokens of `src` (a session of the same
+/// model, not `dst`) and their KV rows, without recomputing them. On error `dst` is unchanged.
+///
+/// # Safety
+/// `dst` and `src` live sessions.
+#[no_mangle]
+pub unsafe extern "C" fn ember_session_copy_prefix(
+    dst: *mut ember_session,
+    src: *mut ember_session,
+    n_tokens: usize,
+) -> ember_status {
+    run(|| {
+        if std::ptr::eq(dst, src) {
+            return Err(Error::InvalidArgument(
+                "dst and src are the same session".into(),
+            ));
+        }
+        // SAFETY: caller's contract; the two sessions are distinct (checked above), so the
+        // two exclusive borrows cannot alias.
+        unsafe { with_session(src, |s| with_session(dst, |d| d.copy_prefix(s, n_tokens))) }
+    })
+}
+
+/// Writes to `*bytes` the size of the session's saved state (`ember_session_state_save`) as
+/// the session is now: a header, its tokens, the last logits and the KV rows of the tokens it
+/// holds (not of the whole context).
+///
+/// # Safety
+/// `session` a live session; `bytes` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn ember_session_state_size(
+    session: *mut ember_session,
+    bytes: *mut usize,
+) -> ember_status {
+    run(|| {
+        // SAFETY: caller's contract.
+        let size = unsafe { with_session(session, |s| Ok(s.state_size())) }?;
+        // SAFETY: caller's contract.
+        unsafe { write_out(bytes, size, "bytes") }
+    })
+}
+
+/// Saves what the session holds (tokens, KV rows, last logits, the model's fingerprint; a
+/// versioned little-endian format with a checksum) into `buf[0..cap]`, writing its length to
+/// `*n_out`. If `cap` is too small nothing is written to `buf`, `*n_out` is the size needed
+/// and the status is `EMBER_ERR_BUFFER_TOO_SMALL`. The bytes can be stored in a save file and
+/// loaded into any session of the same model.
+///
+/// # Safety
+/// `session` a live session; `buf` valid for writing `cap` bytes; `n_out` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn ember_session_state_save(
+    session: *mut ember_session,
+    buf: *mut u8,
+    cap: usize,
+    n_out: *mut usize,
+) -> ember_status {
+    run(|| {
+        if n_out.is_null() {
+            return Err(Error::InvalidArgument("n_out is NULL".into()));
+        }
+        // SAFETY: caller's contract.
+        unsafe {
+            with_session(session, |s| {
+                let needed = s.state_size();
+                if cap < needed {
+                    // SAFETY: n_out checked non-NULL.
+                    n_out.write(needed);
+                    return Err(Error::BufferTooSmall { needed });
+                }
+                if buf.is_null() {
+                    return Err(Error::InvalidArgument("buf is NULL".into()));
+                }
+                // SAFETY: buf holds cap >= needed writable bytes (caller's contract).
+                let out = std::slice::from_raw_parts_mut(buf, needed);
+                let n = s.save_state(out)?;
+                n_out.write(n);
+                Ok(())
+            })
+        }
+    })
+}
+
+/// Replaces what the session holds by a state saved with `ember_session_state_save` from the
+/// same model (any thread count or context length that holds its tokens). Every check comes
+/// first: bytes from another model (`EMBER_ERR_INVALID_ARGUMENT`), too many tokens for the
+/// context (`EMBER_ERR_CONTEXT_FULL`), truncated or corrupted bytes (`EMBER_ERR_BAD_FORMAT`),
+/// or a newer format (`EMBER_ERR_UNSUPPORTED`) leave the session exactly as it was. Continuing
+/// after a load gives the same logits, bit for bit, as continuing the saved session.
+///
+/// # Safety
+/// `session` a live session; `buf` valid for reading `len` bytes during the call.
+#[no_mangle]
+pub unsafe extern "C" fn ember_session_state_load(
+    session: *mut ember_session,
+    buf: *const u8,
+    len: usize,
+) -> ember_status {
+    run(|| {
+        // SAFETY: caller's contract.
+        let bytes = unsafe { slice(buf, len, "buf") }?;
+        // SAFETY: caller's contract.
+        unsafe { with_session(session, |s| s.load_state(bytes)) }
+    })
+}
+
+/// Copies the logits of the last token the session holds into `logits[0..cap]`
+/// (`ember_model_n_vocab` floats): for sampling the first token after
+/// `ember_session_fork`, `ember_session_copy_prefix` or `ember_session_state_load`, or
+/// again after a step. Fails with `EMBER_ERR_INVALID_ARGUMENT` when they are not at hand (no
+/// token computed yet, the last token pending, the session rewound, or `ember_step_all`
+/// last): step to get them. A too-small `cap` is `EMBER_ERR_BUFFER_TOO_SMALL`.
+///
+/// # Safety
+/// `session` a live session; `logits` valid for writing `cap` floats.
+#[no_mangle]
+pub unsafe extern "C" fn ember_session_logits(
+    session: *mut ember_session,
+    logits: *mut f32,
+    cap: usize,
+) -> ember_status {
+    run(|| {
+        // SAFETY: caller's contract.
+        unsafe {
+            with_session(session, |s| {
+                let needed = s.model().n_vocab();
+                if cap < needed {
+                    return Err(Error::BufferTooSmall { needed });
+                }
+                if logits.is_null() {
+                    return Err(Error::InvalidArgument("logits is NULL".into()));
+                }
+                let current = s.current_logits().ok_or_else(|| {
+                    Error::InvalidArgument(
+                        "the session's last token has no logits at hand; step to compute them"
+                            .into(),
+                    )
+                })?;
+                // SAFETY: logits holds cap >= n_vocab floats (caller's contract).
+                std::ptr::copy_nonoverlapping(current.as_ptr(), logits, needed);
+                Ok(())
+            })
+        }
+    })
+}
+
+/// Tokens and time of a session's work (`ember_session_perf`). Times in milliseconds.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ember_perf {
+    /// Bytes of this struct the library wrote.
+    pub struct_size: u32,
+    /// Last call (a step, or a whole generation): prompt tokens computed (a generation's
+    /// prompt, or a step of more than one token).
+    pub last_prompt_tokens: u64,
+    /// Last call: milliseconds computing them.
+    pub last_prompt_ms: f64,
+    /// Last call: tokens generated (sampled by a generation, or stepped one at a time).
+    pub last_generated_tokens: u64,
+    /// Last call: milliseconds generating them (forward passes and sampling).
+    pub last_generation_ms: f64,
+    /// Since the session was created: prompt tokens.
+    pub total_prompt_tokens: u64,
+    /// Since the session was created: prompt milliseconds.
+    pub total_prompt_ms: f64,
+    /// Since the session was created: generated tokens.
+    pub total_generated_tokens: u64,
+    /// Since the session was created: generation milliseconds.
+    pub total_generation_ms: f64,
+}
+
+/// Writes the session's counts and times into `*perf` (of `perf_size` bytes: call it through
+/// `EMBER_SESSION_PERF(session, &perf)`, which passes `sizeof perf`; the fields that fit in
+/// both structs are written, and their size in `struct_size`).
+///
+/// # Safety
+/// `session` a live session; `perf` valid for writing `perf_size` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn ember_session_perf(
+    session: *mut ember_session,
+    perf_size: usize,
+    perf: *mut ember_perf,
+) -> ember_status {
+    run(|| {
+        // SAFETY: caller's contract.
+        let p = unsafe { with_session(session, |s| Ok(s.perf())) }?;
+        let ms = |s: f64| s * 1e3;
+        let out = ember_perf {
+            struct_size: std::mem::size_of::<ember_perf>() as u32,
+            last_prompt_tokens: p.last.prompt_tokens,
+            last_prompt_ms: ms(p.last.prompt_seconds),
+            last_generated_tokens: p.last.generated_tokens,
+            last_generation_ms: ms(p.last.generation_seconds),
+            total_prompt_tokens: p.total.prompt_tokens,
+            total_prompt_ms: ms(p.total.prompt_seconds),
+            total_generated_tokens: p.total.generated_tokens,
+            total_generation_ms: ms(p.total.generation_seconds),
+        };
+        // SAFETY: caller's contract.
+        unsafe { write_params(perf_size, perf, out) }
     })
 }
 

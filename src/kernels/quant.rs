@@ -85,6 +85,18 @@ impl QuantActs {
         Ok(acts)
     }
 
+    /// Bytes [`QuantActs::with_capacity`] allocates for `n_blocks` blocks.
+    pub fn bytes_for(n_blocks: usize) -> usize {
+        n_blocks * (std::mem::size_of::<ActBlock>() + 3 * std::mem::size_of::<f32>())
+    }
+
+    /// Bytes of memory the buffers hold.
+    pub fn heap_bytes(&self) -> usize {
+        self.blocks.capacity() * std::mem::size_of::<ActBlock>()
+            + (self.scales.capacity() + self.sums_lo.capacity() + self.sums_hi.capacity())
+                * std::mem::size_of::<f32>()
+    }
+
     /// Makes room for `n` blocks (without allocating when there is).
     fn grow(&mut self, n: usize) {
         if self.blocks.len() < n {

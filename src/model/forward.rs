@@ -21,6 +21,7 @@ pub(crate) struct KvCache {
     values: Vec<f32>,
     n_ctx: usize,
     kv_dim: usize,
+    n_layers: usize,
 }
 
 impl KvCache {
@@ -37,12 +38,57 @@ impl KvCache {
             values: try_zeroed_f32(len, "KV cache values")?,
             n_ctx,
             kv_dim,
+            n_layers: config.n_layers,
         })
     }
 
     /// Positions the cache can hold.
     pub(crate) fn n_ctx(&self) -> usize {
         self.n_ctx
+    }
+
+    /// Number of layers.
+    pub(crate) fn n_layers(&self) -> usize {
+        self.n_layers
+    }
+
+    /// Bytes of memory the cache holds.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        (self.keys.capacity() + self.values.capacity()) * std::mem::size_of::<f32>()
+    }
+
+    /// Bytes [`KvCache::new`] allocates for `n_ctx` positions (`None` on overflow).
+    pub(crate) fn bytes_for(config: &ModelConfig, n_ctx: usize) -> Option<usize> {
+        config
+            .n_layers
+            .checked_mul(n_ctx)?
+            .checked_mul(config.kv_dim())?
+            .checked_mul(2 * std::mem::size_of::<f32>())
+    }
+
+    /// The keys and values of positions `0..n` of `layer`, `[n, kv_dim]` each.
+    pub(crate) fn prefix(&self, layer: usize, n: usize) -> (&[f32], &[f32]) {
+        let start = layer * self.n_ctx * self.kv_dim;
+        let range = start..start + n * self.kv_dim;
+        (&self.keys[range.clone()], &self.values[range])
+    }
+
+    /// The keys and values of positions `0..n` of `layer`, for writing.
+    pub(crate) fn prefix_mut(&mut self, layer: usize, n: usize) -> (&mut [f32], &mut [f32]) {
+        let start = layer * self.n_ctx * self.kv_dim;
+        let range = start..start + n * self.kv_dim;
+        (&mut self.keys[range.clone()], &mut self.values[range])
+    }
+
+    /// Copies the keys and values of positions `0..n` from `src` (a cache of the same model;
+    /// `n` fits both).
+    pub(crate) fn copy_prefix_from(&mut self, src: &KvCache, n: usize) {
+        for layer in 0..self.n_layers() {
+            let (k, v) = src.prefix(layer, n);
+            let (dk, dv) = self.prefix_mut(layer, n);
+            dk.copy_from_slice(k);
+            dv.copy_from_slice(v);
+        }
     }
 
     fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
@@ -95,19 +141,10 @@ impl ForwardScratch {
         let (h, inter) = (config.hidden_size, config.intermediate_size);
         let buf = |n: usize, what: &str| try_zeroed_f32(ubatch * n, what);
         let mut ropes = Vec::new();
-        if config.layers.iter().any(|l| l.rope) {
-            ropes.push(RopeTable::new(&config.rope, n_ctx)?);
-            if let Some(local) = &config.rope_local {
-                ropes.push(RopeTable::new(local, n_ctx)?);
-            }
+        for rope in scratch_ropes(config) {
+            ropes.push(RopeTable::new(rope, n_ctx)?);
         }
-        let widest = h.max(inter).max(config.q_dim());
-        let n_act = if quantized {
-            ubatch * widest.div_ceil(BLOCK)
-        } else {
-            0
-        };
-        let act = QuantActs::with_capacity(n_act)?;
+        let act = QuantActs::with_capacity(act_blocks(config, ubatch, quantized))?;
         Ok(ForwardScratch {
             ubatch,
             act,
@@ -124,6 +161,75 @@ impl ForwardScratch {
             ropes,
             logits: try_zeroed_f32(config.vocab_size, "logits")?,
         })
+    }
+
+    /// Tokens per micro-batch.
+    pub(crate) fn ubatch(&self) -> usize {
+        self.ubatch
+    }
+
+    /// Bytes [`ForwardScratch::new`] allocates with the same arguments.
+    pub(crate) fn bytes_for(
+        config: &ModelConfig,
+        n_ctx: usize,
+        ubatch: usize,
+        n_threads: usize,
+        quantized: bool,
+    ) -> usize {
+        let (h, inter) = (config.hidden_size, config.intermediate_size);
+        let per_token = 3 * h + 2 * config.q_dim() + 2 * config.kv_dim() + 2 * inter;
+        let rope: usize = scratch_ropes(config)
+            .map(|r| 2 * n_ctx * (r.dims / 2))
+            .sum();
+        let floats = ubatch * per_token + n_threads.max(1) * n_ctx + rope + config.vocab_size;
+        floats * std::mem::size_of::<f32>()
+            + QuantActs::bytes_for(act_blocks(config, ubatch, quantized))
+    }
+
+    /// Bytes of memory the buffers hold.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        let vecs = [
+            &self.x,
+            &self.xn,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.att,
+            &self.out,
+            &self.ff_a,
+            &self.ff_b,
+            &self.scores,
+            &self.logits,
+        ];
+        let floats: usize = vecs.iter().map(|v| v.capacity()).sum::<usize>()
+            + self
+                .ropes
+                .iter()
+                .map(|r| r.cos.capacity() + r.sin.capacity())
+                .sum::<usize>();
+        floats * std::mem::size_of::<f32>() + self.act.heap_bytes()
+    }
+}
+
+/// The RoPEs a session needs tables for: the model's and its local one, if any layer rotates.
+fn scratch_ropes(config: &ModelConfig) -> impl Iterator<Item = &Rope> {
+    let rotates = config.layers.iter().any(|l| l.rope);
+    std::iter::once(&config.rope)
+        .chain(config.rope_local.as_ref())
+        .filter(move |_| rotates)
+}
+
+/// Quantized-activation blocks for a micro-batch: `[ubatch, max(hidden, intermediate,
+/// q_dim) / 32]`, none when no weight is quantized.
+fn act_blocks(config: &ModelConfig, ubatch: usize, quantized: bool) -> usize {
+    let widest = config
+        .hidden_size
+        .max(config.intermediate_size)
+        .max(config.q_dim());
+    if quantized {
+        ubatch * widest.div_ceil(BLOCK)
+    } else {
+        0
     }
 }
 

@@ -144,6 +144,16 @@ impl Block {
         [&self.q, &self.k, &self.v, &self.o].into_iter().chain(ffn)
     }
 
+    /// Every norm of the block.
+    pub(crate) fn norms(&self) -> impl Iterator<Item = &Norm> {
+        [&self.attn_norm, &self.ffn_norm]
+            .into_iter()
+            .chain(self.q_norm.as_ref())
+            .chain(self.k_norm.as_ref())
+            .chain(self.post_attn_norm.as_ref())
+            .chain(self.post_ffn_norm.as_ref())
+    }
+
     /// Every projection of the block, for replacing their weights.
     pub(crate) fn projections_mut(&mut self) -> Vec<&mut Projection> {
         let Block {

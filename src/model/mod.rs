@@ -48,6 +48,8 @@ pub struct Model {
     pub(crate) tokenizer: LazyTokenizer,
     /// How many of the file's tensors have each element type.
     pub(crate) type_counts: BTreeMap<&'static str, usize>,
+    /// [`Model::fingerprint`], computed on first use.
+    pub(crate) fingerprint: std::sync::OnceLock<u64>,
 }
 
 /// How a model is loaded.
@@ -167,6 +169,65 @@ impl Model {
         Model::from_gguf_storage(storage, name, options)
     }
 
+    /// Loads a model from the bytes of a GGUF file, used in place (not copied; `name` names it
+    /// in errors). Tensors whose bytes are not aligned for their type are copied, so `bytes`
+    /// should start at an address aligned to 32 bytes, as GGUF aligns its tensors.
+    ///
+    /// # Safety
+    /// The bytes must stay alive and unchanged for as long as the model (and any session
+    /// over it) lives.
+    pub unsafe fn load_gguf_unowned(
+        bytes: &[u8],
+        name: &str,
+        options: &LoadOptions,
+    ) -> Result<Model> {
+        // SAFETY: the caller promises the bytes outlive the model, the only user of this
+        // reference (every tensor holds the storage, and the model holds the tensors).
+        let bytes: &'static [u8] =
+            unsafe { std::slice::from_raw_parts(bytes.as_ptr(), bytes.len()) };
+        let storage = std::sync::Arc::new(crate::tensor::Storage::Borrowed(bytes));
+        Model::from_gguf_storage(storage, name, options)
+    }
+
+    /// Loads a model from a GGUF file that is part of a larger file: `len` bytes (0: to the
+    /// end) from `offset` of the open file `file` (an Android APK asset, an archive entry),
+    /// memory-mapped. The file must stay unchanged while the model lives; the caller's handle
+    /// may be closed once this returns.
+    pub fn load_gguf_in_file(
+        file: &std::fs::File,
+        offset: u64,
+        len: u64,
+        options: &LoadOptions,
+    ) -> Result<Model> {
+        let name = format!("GGUF at offset {offset} of an open file");
+        let io = |e| Error::io(Path::new(&name), e);
+        let size = file.metadata().map_err(io)?.len();
+        let len = if len == 0 {
+            size.saturating_sub(offset)
+        } else {
+            len
+        };
+        if offset.checked_add(len).map_or(true, |end| end > size) || len == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "{len} bytes at offset {offset} do not fit in the file's {size} bytes"
+            )));
+        }
+        let len = usize::try_from(len)
+            .map_err(|_| Error::InvalidArgument(format!("length {len} is too large")))?;
+        // SAFETY: the mapping is read-only and lies within the file (checked above); like
+        // every memory-mapped reader, Ember assumes the file is not truncated or rewritten
+        // while the model is loaded, a documented requirement of this function.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(len)
+                .map(file)
+        }
+        .map_err(io)?;
+        let storage = std::sync::Arc::new(crate::tensor::Storage::Mapped(map));
+        Model::from_gguf_storage(storage, &name, options)
+    }
+
     /// Loads a model from GGUF bytes held by `storage`.
     fn from_gguf_storage(
         storage: std::sync::Arc<crate::tensor::Storage>,
@@ -230,6 +291,7 @@ impl Model {
             lm_head: parts.lm_head,
             tokenizer: LazyTokenizer::default(),
             type_counts,
+            fingerprint: std::sync::OnceLock::new(),
         })
     }
 
@@ -331,6 +393,66 @@ impl Model {
             bytes += b.projections().map(Projection::weight_bytes).sum::<usize>();
         }
         bytes
+    }
+
+    /// A 64-bit fingerprint of the model as loaded: architecture, shapes, every weight's type
+    /// and shape, a sample of each matrix's bytes and all norm weights. Saved session states
+    /// carry it, so a state is only loaded into the model that made it (the same file, or one
+    /// with identical weights, loaded with the same options).
+    pub fn fingerprint(&self) -> u64 {
+        *self.fingerprint.get_or_init(|| {
+            let mut h = crate::checksum::Hash64::default();
+            let c = &self.config;
+            h.update(format!("{:?}", c.architecture).as_bytes());
+            for n in [
+                c.vocab_size,
+                c.hidden_size,
+                c.intermediate_size,
+                c.n_layers,
+                c.n_heads,
+                c.n_kv_heads,
+                c.head_dim,
+            ] {
+                h.update_u64(n as u64);
+            }
+            fn tensor(h: &mut crate::checksum::Hash64, t: &Tensor) {
+                h.update(t.dtype().name().as_bytes());
+                for &d in t.shape() {
+                    h.update_u64(d as u64);
+                }
+                // The first and last 256 bytes: two pages at most, whatever the size.
+                let bytes = t.bytes();
+                h.update(&bytes[..bytes.len().min(256)]);
+                h.update(&bytes[bytes.len().saturating_sub(256)..]);
+            }
+            fn floats(h: &mut crate::checksum::Hash64, v: &[f32]) {
+                for x in v {
+                    h.update(&x.to_le_bytes());
+                }
+            }
+            tensor(&mut h, &self.embed);
+            if let Some(p) = &self.positions {
+                tensor(&mut h, p);
+            }
+            for b in &self.blocks {
+                for p in b.projections() {
+                    match &p.weight {
+                        ProjectionWeight::Linear(w) => tensor(&mut h, w),
+                        ProjectionWeight::InOut { weight, cols } => {
+                            tensor(&mut h, weight);
+                            h.update_u64(cols.start as u64);
+                        }
+                    }
+                }
+                for norm in b.norms() {
+                    floats(&mut h, &norm.weight);
+                    floats(&mut h, norm.bias.as_deref().unwrap_or(&[]));
+                }
+            }
+            tensor(&mut h, &self.lm_head);
+            floats(&mut h, &self.final_norm.weight);
+            h.finish()
+        })
     }
 
     /// True when some product runs on quantized weights (the session then needs a buffer

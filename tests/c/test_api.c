@@ -6,6 +6,7 @@
 #include "ember.h"
 
 #include <dirent.h>
+#include <math.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stddef.h>
@@ -386,6 +387,151 @@ static void test_session(void) {
   ember_session_free(NULL);
 }
 
+static void test_state_and_fork(void) {
+  size_t vocab = ember_model_n_vocab(model);
+  float *a = malloc(vocab * sizeof *a), *b = malloc(vocab * sizeof *b);
+  int32_t prompt[6] = {1, 20, 30, 40, 50, 60};
+  ember_session *s = new_session(64, 1);
+  CHECK_STATUS(ember_step(s, prompt, 6, NULL), EMBER_OK);
+
+  /* Save: size, too small a buffer, then the bytes. */
+  size_t size = 0, n = 0;
+  CHECK_STATUS(ember_session_state_size(s, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_state_size(NULL, &size), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_state_size(s, &size), EMBER_OK);
+  unsigned char *state = malloc(size);
+  CHECK_STATUS(ember_session_state_save(s, state, size - 1, &n), EMBER_ERR_BUFFER_TOO_SMALL);
+  CHECK(n == size);
+  CHECK_STATUS(ember_session_state_save(s, NULL, size, &n), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_state_save(s, state, size, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  n = 0;
+  CHECK_STATUS(ember_session_state_save(s, state, size, &n), EMBER_OK);
+  CHECK(n == size && memcmp(state, "EMBERSES", 8) == 0);
+
+  /* Load into a session of another size and thread count; continue bitwise. */
+  ember_session *r = new_session(32, 2);
+  int32_t other[2] = {7, 8};
+  CHECK_STATUS(ember_step(r, other, 2, NULL), EMBER_OK);
+  CHECK_STATUS(ember_session_state_load(r, state, size - 1), EMBER_ERR_BAD_FORMAT);
+  CHECK_STATUS(ember_session_state_load(r, NULL, size), EMBER_ERR_INVALID_ARGUMENT);
+  state[size / 2] ^= 1;
+  CHECK_STATUS(ember_session_state_load(r, state, size), EMBER_ERR_BAD_FORMAT);
+  state[size / 2] ^= 1;
+  CHECK(ember_session_position(r) == 2);
+  ember_session *tiny = new_session(4, 1);
+  CHECK_STATUS(ember_session_state_load(tiny, state, size), EMBER_ERR_CONTEXT_FULL);
+  ember_session_free(tiny);
+  CHECK_STATUS(ember_session_state_load(r, state, size), EMBER_OK);
+  CHECK(ember_session_position(r) == 6);
+  CHECK_STATUS(ember_session_logits(r, a, vocab - 1), EMBER_ERR_BUFFER_TOO_SMALL);
+  CHECK_STATUS(ember_session_logits(r, NULL, vocab), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_logits(r, a, vocab), EMBER_OK);
+  CHECK_STATUS(ember_session_logits(s, b, vocab), EMBER_OK);
+  CHECK(memcmp(a, b, vocab * sizeof *a) == 0);
+  int32_t next = (int32_t)argmax(a, vocab);
+  CHECK_STATUS(ember_step(r, &next, 1, a), EMBER_OK);
+  CHECK_STATUS(ember_step(s, &next, 1, b), EMBER_OK);
+  CHECK(memcmp(a, b, vocab * sizeof *a) == 0);
+  /* A state of another model is refused. */
+  char path[4096];
+  snprintf(path, sizeof path, "%s/../gguf/llama.Q4_0.gguf", model_dir);
+  ember_model *q4 = NULL;
+  CHECK_STATUS(ember_model_load(path, NULL, &q4), EMBER_OK);
+  ember_session *q = NULL;
+  CHECK_STATUS(ember_session_new(q4, NULL, &q), EMBER_OK);
+  CHECK_STATUS(ember_session_state_load(q, state, size), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(ember_last_error(), "another model") != NULL);
+  CHECK_STATUS(ember_session_copy_prefix(q, s, 2), EMBER_ERR_INVALID_ARGUMENT);
+
+  /* Fork and copy_prefix. */
+  ember_session *f = NULL;
+  CHECK_STATUS(ember_session_fork(NULL, NULL, &f), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_fork(s, NULL, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  ember_session_params p;
+  CHECK_STATUS(EMBER_SESSION_PARAMS_DEFAULT(&p), EMBER_OK);
+  p.n_ctx = 4;
+  CHECK_STATUS(ember_session_fork(s, &p, &f), EMBER_ERR_CONTEXT_FULL);
+  CHECK_STATUS(ember_session_fork(s, NULL, &f), EMBER_OK);
+  CHECK(ember_session_position(f) == 7 && ember_session_n_ctx(f) == 64);
+  CHECK_STATUS(ember_session_logits(f, a, vocab), EMBER_OK);
+  CHECK_STATUS(ember_session_copy_prefix(f, f, 1), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_copy_prefix(f, s, 8), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_copy_prefix(f, NULL, 1), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_copy_prefix(f, s, 3), EMBER_OK);
+  CHECK(ember_session_position(f) == 3);
+  CHECK_STATUS(ember_session_logits(f, a, vocab), EMBER_ERR_INVALID_ARGUMENT);
+
+  /* Perf, in an old caller's smaller struct too. */
+  ember_perf perf;
+  CHECK_STATUS(EMBER_SESSION_PERF(s, &perf), EMBER_OK);
+  CHECK(perf.struct_size == sizeof perf && perf.total_prompt_tokens == 6);
+  CHECK(perf.total_generated_tokens == 1 && perf.last_generated_tokens == 1);
+  CHECK(perf.total_prompt_ms > 0);
+  struct { uint32_t struct_size; uint64_t last_prompt_tokens; } small;
+  memset(&small, 0, sizeof small);
+  CHECK_STATUS(ember_session_perf(s, sizeof small, (ember_perf *)&small), EMBER_OK);
+  CHECK(small.struct_size == sizeof small && small.last_prompt_tokens == 0);
+  CHECK_STATUS(ember_session_perf(s, 2, &perf), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_perf(s, sizeof perf, NULL), EMBER_ERR_INVALID_ARGUMENT);
+
+  /* Memory estimate. */
+  size_t bytes16 = 0, bytes64 = 0;
+  p.n_ctx = 16;
+  CHECK_STATUS(ember_session_memory_estimate(model, &p, &bytes16), EMBER_OK);
+  p.n_ctx = 64;
+  CHECK_STATUS(ember_session_memory_estimate(model, &p, &bytes64), EMBER_OK);
+  CHECK(bytes16 > 0 && bytes64 > bytes16);
+  p.n_ctx = 100000;
+  CHECK_STATUS(ember_session_memory_estimate(model, &p, &bytes16), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_memory_estimate(NULL, NULL, &bytes16), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_memory_estimate(model, NULL, NULL), EMBER_ERR_INVALID_ARGUMENT);
+
+  /* A GGUF from memory and from inside a larger file. */
+  size_t len = 0;
+  unsigned char *file = read_file(path, &len);
+  ember_model *m = NULL;
+  CHECK_STATUS(ember_model_load_from_memory(NULL, len, NULL, &m), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_model_load_from_memory(file, len, NULL, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_model_load_from_memory(file, len / 2, NULL, &m), EMBER_ERR_BAD_FORMAT);
+  CHECK_STATUS(ember_model_load_from_memory(file, len, NULL, &m), EMBER_OK);
+  ember_session *ms = NULL;
+  CHECK_STATUS(ember_session_new(m, NULL, &ms), EMBER_OK);
+  CHECK_STATUS(ember_step(ms, prompt, 3, a), EMBER_OK);
+  CHECK_STATUS(ember_step(q, prompt, 3, b), EMBER_OK);
+  CHECK(memcmp(a, b, vocab * sizeof *a) == 0);
+  ember_session_free(ms);
+  ember_model_free(m);
+  char packed[4096];
+  snprintf(packed, sizeof packed, "%s/packed.bin", scratch_dir);
+  unsigned char *joined = malloc(len + 100);
+  memset(joined, 'x', 100);
+  memcpy(joined + 100, file, len);
+  write_file(packed, joined, len + 100);
+  FILE *fp = fopen(packed, "rb");
+  int fd = fileno(fp);
+  CHECK_STATUS(ember_model_load_fd(-1, 0, 0, NULL, &m), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_model_load_fd(fd, 100, len + 1, NULL, &m), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_model_load_fd(fd, 100, 0, NULL, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_model_load_fd(fd, 100, 0, NULL, &m), EMBER_OK);
+  fclose(fp); /* the model keeps its own mapping */
+  CHECK_STATUS(ember_session_new(m, NULL, &ms), EMBER_OK);
+  CHECK_STATUS(ember_step(ms, prompt, 3, a), EMBER_OK);
+  CHECK(memcmp(a, b, vocab * sizeof *a) == 0);
+  ember_session_free(ms);
+  ember_model_free(m);
+  free(joined);
+  free(file);
+
+  ember_session_free(f);
+  ember_session_free(q);
+  ember_model_free(q4);
+  ember_session_free(r);
+  ember_session_free(s);
+  free(state);
+  free(a);
+  free(b);
+}
+
 static void test_sampler(void) {
   ember_sampler_params p;
   CHECK_STATUS(EMBER_SAMPLER_PARAMS_DEFAULT(&p), EMBER_OK);
@@ -417,6 +563,32 @@ static void test_sampler(void) {
   CHECK(memcmp(first, second, sizeof first) == 0);
   ember_sampler_free(s);
   ember_sampler_free(NULL);
+
+  /* Logit bias: ban the best token, boost another; bad entries are errors. */
+  ember_sampler_params b;
+  CHECK_STATUS(EMBER_SAMPLER_PARAMS_DEFAULT(&b), EMBER_OK);
+  CHECK(b.logit_bias == NULL && b.n_logit_bias == 0);
+  ember_logit_bias biases[2] = {{1, -INFINITY}, {4, 1.95f}};
+  b.logit_bias = biases;
+  b.n_logit_bias = 1;
+  CHECK_STATUS(ember_sampler_new(&b, &s), EMBER_OK);
+  CHECK_STATUS(ember_sample(s, logits, 5, &t), EMBER_OK);
+  CHECK(t == 3);
+  ember_sampler_free(s);
+  b.n_logit_bias = 2;
+  CHECK_STATUS(ember_sampler_new(&b, &s), EMBER_OK);
+  biases[1].bias = 0; /* copied at creation: later changes do not matter */
+  CHECK_STATUS(ember_sample(s, logits, 5, &t), EMBER_OK);
+  CHECK(t == 4);
+  CHECK_STATUS(ember_sample(s, logits, 4, &t), EMBER_ERR_INVALID_ARGUMENT); /* token 4 */
+  ember_sampler_free(s);
+  biases[0].token = -3;
+  CHECK_STATUS(ember_sampler_new(&b, &s), EMBER_ERR_INVALID_ARGUMENT);
+  biases[0].token = 1;
+  biases[0].bias = NAN;
+  CHECK_STATUS(ember_sampler_new(&b, &s), EMBER_ERR_INVALID_ARGUMENT);
+  b.logit_bias = NULL;
+  CHECK_STATUS(ember_sampler_new(&b, &s), EMBER_ERR_INVALID_ARGUMENT);
 }
 
 static void test_generate(void) {
@@ -958,6 +1130,7 @@ int main(int argc, char **argv) {
   test_gguf_and_quantization();
   test_tokenize();
   test_session();
+  test_state_and_fork();
   test_sampler();
   test_generate();
   test_detokenizer();

@@ -487,6 +487,44 @@ static void test_exceptions(const ember::Model &model) {
 }
 #endif
 
+static void test_state_and_fork(const ember::Model &model) {
+  ember::Session base = new_session(model, 64, 1);
+  std::vector<int32_t> system = {1, 40, 41, 42, 43, 44};
+  CHECK(base.try_step(system).ok());
+  auto forked = base.try_fork();
+  CHECK(forked.ok());
+  if (!forked.ok()) return;
+  CHECK(forked->logits() == base.logits());
+  auto held = forked->try_tokens();
+  CHECK(held.ok() && *held == system);
+  ember::Session fresh = new_session(model, 64, 1);
+  std::vector<int32_t> longer = system;
+  longer.push_back(50);
+  CHECK(fresh.try_step(longer).ok());
+  CHECK(forked->try_step(std::vector<int32_t>{50}).ok());
+  CHECK(forked->logits() == fresh.logits());
+
+  auto saved = base.try_save_state();
+  CHECK(saved.ok() && saved->size() > 8);
+  ember::Session restored = new_session(model, 32, 2);
+  CHECK(restored.try_load_state(*saved).ok());
+  CHECK(restored.logits() == base.logits());
+  std::vector<uint8_t> truncated(saved->begin(), saved->end() - 1);
+  CHECK(restored.try_load_state(truncated).status() == ember::Status::bad_format);
+  CHECK(restored.position() == system.size());
+
+  ember::Session copy = new_session(model, 64, 1);
+  CHECK(copy.try_copy_prefix(base, 3).ok() && copy.position() == 3);
+  CHECK(copy.try_copy_prefix(base, 99).status() == ember::Status::invalid_argument);
+
+  auto perf = base.try_perf();
+  CHECK(perf.ok() && perf->total_prompt_tokens == system.size() && perf->struct_size == sizeof(ember_perf));
+  ember::SessionParams params;
+  params.n_ctx = 64;
+  auto bytes = model.try_session_memory(params);
+  CHECK(bytes.ok() && *bytes > 0);
+}
+
 int main(int argc, char **argv) {
   if (argc != 3) {
     std::fprintf(stderr, "usage: %s LLAMA_FIXTURE_DIR GPT2_FIXTURE_DIR\n", argv[0]);
@@ -505,6 +543,7 @@ int main(int argc, char **argv) {
   const ember::Model &model = *loaded;
   test_model(model);
   test_session(model);
+  test_state_and_fork(model);
   test_sampler();
   test_detokenizer(model);
   test_generate(model);

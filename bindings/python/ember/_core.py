@@ -17,6 +17,7 @@ from ctypes import byref, c_char_p, c_float, c_int, c_int32, c_size_t
 from typing import (
     Any,
     Callable,
+    Dict,
     Iterable,
     Iterator,
     List,
@@ -382,6 +383,12 @@ class Model(_Owned):
         load_tokenizer: bool = True,
         quantize_q8_0: bool = False,
     ) -> None:
+        encoded = _cstr(os.fsencode(path), "the path")
+        self._load(lambda params, handle: _lib.ember_model_load(encoded, params, handle),
+                   os.fspath(path), threads, load_tokenizer, quantize_q8_0)
+
+    def _load(self, load: Callable[[Any, Any], None], path: str, threads: int,
+              load_tokenizer: bool, quantize_q8_0: bool) -> None:
         #: Default thread count of the sessions this model makes.
         self.threads: int = _uint(threads, "threads")
         params = _ffi.ember_model_params()
@@ -389,10 +396,48 @@ class Model(_Owned):
         params.load_tokenizer = int(bool(load_tokenizer))
         params.quantize_q8_0 = int(bool(quantize_q8_0))
         handle = ctypes.POINTER(_ffi.ember_model)()
-        _lib.ember_model_load(_cstr(os.fsencode(path), "the path"), byref(params), byref(handle))
+        load(byref(params), byref(handle))
         super().__init__(handle)
-        #: The folder the model was loaded from.
-        self.path: str = os.fspath(path)
+        #: Where the model was loaded from.
+        self.path: str = path
+
+    @classmethod
+    def from_bytes(cls, data: Union[bytes, bytearray, memoryview], *, threads: int = 0,
+                   load_tokenizer: bool = True, quantize_q8_0: bool = False) -> "Model":
+        """Loads a GGUF model from bytes in memory, used in place (not copied): the model keeps
+        a reference to ``data``, which must not be modified while the model lives."""
+        view = memoryview(data).cast("B")
+        if view.readonly:
+            keep: Any = (ctypes.c_char * len(view)).from_buffer_copy(view)
+        else:
+            keep = (ctypes.c_char * len(view)).from_buffer(view)
+        model = cls.__new__(cls)
+        model._data = keep  # the bytes live as long as the model
+        model._load(lambda params, handle: _lib.ember_model_load_from_memory(
+            ctypes.cast(keep, ctypes.c_void_p), len(view), params, handle),
+            "<memory>", threads, load_tokenizer, quantize_q8_0)
+        return model
+
+    @classmethod
+    def from_fd(cls, fd: int, offset: int = 0, length: int = 0, *, threads: int = 0,
+                load_tokenizer: bool = True, quantize_q8_0: bool = False) -> "Model":
+        """Loads a GGUF model stored inside a larger file: ``length`` bytes (0: to the end)
+        at ``offset`` of the open file descriptor ``fd`` (which may be closed afterwards)."""
+        model = cls.__new__(cls)
+        model._load(lambda params, handle: _lib.ember_model_load_fd(
+            int(fd), _uint(offset, "offset", 64), _uint(length, "length", 64), params, handle),
+            f"<fd {fd} at {offset}>", threads, load_tokenizer, quantize_q8_0)
+        return model
+
+    def session_memory(self, n_ctx: int = 0, threads: Optional[int] = None,
+                       n_ubatch: Optional[int] = None) -> int:
+        """Bytes a ``session()`` with these options would allocate (KV cache, buffers, token
+        history; the weights not included), computed without allocating."""
+        params = _session_params(self, n_ctx, threads, n_ubatch)
+        out = c_size_t()
+        with self._use() as h:
+            _lib.ember_session_memory_estimate(h, byref(params), byref(out))
+        return out.value
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.architecture}, {self.n_vocab} tokens"
@@ -521,6 +566,17 @@ class Model(_Owned):
 # ---- session ----
 
 
+def _session_params(model: Model, n_ctx: int, threads: Optional[int],
+                    n_ubatch: Optional[int]) -> "_ffi.ember_session_params":
+    params = _ffi.ember_session_params()
+    _lib.ember_session_params_default(ctypes.sizeof(params), byref(params))
+    params.n_ctx = _uint(n_ctx, "n_ctx")
+    params.n_threads = _uint(model.threads if threads is None else threads, "threads")
+    if n_ubatch is not None:
+        params.n_ubatch = _uint(n_ubatch, "n_ubatch")
+    return params
+
+
 class Session(_Owned):
     """One sequence's state over a model: the KV cache (allocated here, ``n_ctx`` tokens;
     0 = the model's trained context, at most 2048) and the position. Computes on
@@ -535,15 +591,14 @@ class Session(_Owned):
 
     def __init__(self, model: Model, *, n_ctx: int = 0, threads: Optional[int] = None,
                  n_ubatch: Optional[int] = None) -> None:
-        params = _ffi.ember_session_params()
-        _lib.ember_session_params_default(ctypes.sizeof(params), byref(params))
-        params.n_ctx = _uint(n_ctx, "n_ctx")
-        params.n_threads = _uint(model.threads if threads is None else threads, "threads")
-        if n_ubatch is not None:
-            params.n_ubatch = _uint(n_ubatch, "n_ubatch")
+        params = _session_params(model, n_ctx, threads, n_ubatch)
         handle = ctypes.POINTER(_ffi.ember_session)()
         with model._use() as m:
             _lib.ember_session_new(m, byref(params), byref(handle))
+        self._adopt(model, handle)
+
+    def _adopt(self, model: Model, handle: Any) -> None:
+        with model._use() as m:
             n_vocab = int(_lib.ember_model_n_vocab(m))
         super().__init__(handle)
         #: The model this session runs.
@@ -619,6 +674,68 @@ class Session(_Owned):
         with self._use() as h:
             _lib.ember_step_all(h, tokens, len(tokens), pointer, n)
         return out
+
+    def logits(self) -> Logits:
+        """The logits of the last token the session holds (a view, as ``step`` returns): for
+        sampling right after ``fork``, ``copy_prefix`` or ``load_state``. Raises
+        ``InvalidArgumentError`` when the last token has not been computed (step it)."""
+        with self._use() as h:
+            _lib.ember_session_logits(h, self._logits, self._n_vocab)
+        return self._logits_view
+
+    def save_state(self) -> bytes:
+        """What the session holds (tokens, KV cache rows, last logits) as bytes for a save
+        file: only the tokens held are stored, and a fingerprint of the model. Load them with
+        ``load_state`` into a session of the same model."""
+        size = c_size_t()
+        with self._use() as h:
+            _lib.ember_session_state_size(h, byref(size))
+            buf = (ctypes.c_uint8 * max(size.value, 1))()
+            n = c_size_t()
+            _lib.ember_session_state_save(h, buf, size.value, byref(n))
+        return bytes(memoryview(buf)[: n.value])
+
+    def load_state(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        """Replaces what the session holds by a ``save_state`` of the same model (any thread
+        count; a context that holds its tokens). Bytes of another model, truncated or
+        corrupted raise an error and leave the session as it was. Continuing gives the
+        logits the saved session would have given, bit for bit."""
+        view = memoryview(data).cast("B")
+        buf = (ctypes.c_uint8 * max(len(view), 1)).from_buffer_copy(
+            bytes(view) if len(view) else b"\0")
+        with self._use() as h:
+            _lib.ember_session_state_load(h, buf, len(view))
+
+    def fork(self, *, n_ctx: Optional[int] = None, threads: Optional[int] = None,
+             n_ubatch: Optional[int] = None) -> "Session":
+        """A new session holding this one's tokens and KV cache, without computing them again:
+        one shared prompt, many continuations. With no options it has this session's context
+        length, threads and batch size."""
+        handle = ctypes.POINTER(_ffi.ember_session)()
+        with self._use() as h:
+            if n_ctx is None and threads is None and n_ubatch is None:
+                _lib.ember_session_fork(h, None, byref(handle))
+            else:
+                params = _session_params(self.model, n_ctx or 0, threads, n_ubatch)
+                _lib.ember_session_fork(h, byref(params), byref(handle))
+        forked = Session.__new__(Session)
+        forked._adopt(self.model, handle)
+        return forked
+
+    def copy_prefix(self, src: "Session", n_tokens: int) -> None:
+        """Replaces what this session holds by the first ``n_tokens`` tokens of ``src`` (a
+        session of the same model) and their KV rows, without computing them."""
+        with self._use() as h, src._use() as s:
+            _lib.ember_session_copy_prefix(h, s, _uint(n_tokens, "n_tokens", 64))
+
+    @property
+    def perf(self) -> Dict[str, float]:
+        """Prompt and generated tokens and their milliseconds, for the last call
+        (``last_*``) and since the session was made (``total_*``)."""
+        out = _ffi.ember_perf()
+        with self._use() as h:
+            _lib.ember_session_perf(h, ctypes.sizeof(out), byref(out))
+        return {name: getattr(out, name) for name, _ in _ffi.ember_perf._fields_[1:]}
 
     def rewind(self, n_past: int) -> None:
         """Truncates the session to its first ``n_past`` tokens (undo, regenerate)."""
@@ -710,6 +827,7 @@ class Sampler(_Owned):
     - ``repetition_penalty`` (1 = off), ``presence_penalty``, ``frequency_penalty`` (0 = off)
       over the last ``penalty_window`` tokens (default 64).
     - ``seed``: the same seed gives the same tokens.
+    - ``logit_bias``: ``{token: bias}`` added to those logits first; ``-math.inf`` bans a token.
 
     A sampler is used by one thread at a time (else ``BusyError``).
     """
@@ -722,7 +840,8 @@ class Sampler(_Owned):
                  repetition_penalty: Optional[float] = None,
                  presence_penalty: Optional[float] = None,
                  frequency_penalty: Optional[float] = None,
-                 penalty_window: Optional[int] = None, seed: Optional[int] = None) -> None:
+                 penalty_window: Optional[int] = None, seed: Optional[int] = None,
+                 logit_bias: Optional[Dict[int, float]] = None) -> None:
         params = _ffi.ember_sampler_params()
         _lib.ember_sampler_params_default(ctypes.sizeof(params), byref(params))
         for name, value in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p),
@@ -737,8 +856,14 @@ class Sampler(_Owned):
             params.penalty_window = _uint(penalty_window, "penalty_window")
         if seed is not None:
             params.seed = _uint(seed, "seed", 64)
+        biases = list((logit_bias or {}).items())
+        array_type = _ffi.ember_logit_bias * max(len(biases), 1)
+        bias_array = array_type(*[_ffi.ember_logit_bias(_token(t), float(b)) for t, b in biases])
+        params.logit_bias = ctypes.cast(bias_array, ctypes.POINTER(_ffi.ember_logit_bias))
+        params.n_logit_bias = len(biases)
         handle = ctypes.POINTER(_ffi.ember_sampler)()
         _lib.ember_sampler_new(byref(params), byref(handle))
+        params.logit_bias, params.n_logit_bias = None, 0  # copied by the library
         super().__init__(handle)
         #: The options the sampler was made with (the library's struct).
         self.params: _ffi.ember_sampler_params = params

@@ -27,12 +27,14 @@ from ctypes import (
     c_bool,
     c_char,
     c_char_p,
+    c_double,
     c_float,
     c_int,
     c_int32,
     c_size_t,
     c_uint32,
     c_uint64,
+    c_uint8,
     c_void_p,
 )
 from pathlib import Path
@@ -126,6 +128,28 @@ class ember_model_info(Structure):
     ]
 
 
+class ember_logit_bias(Structure):
+    """A bias on one token's logit."""
+
+    _fields_ = [("token", c_int32), ("bias", c_float)]
+
+
+class ember_perf(Structure):
+    """What ``ember_session_perf`` reports."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("last_prompt_tokens", c_uint64),
+        ("last_prompt_ms", c_double),
+        ("last_generated_tokens", c_uint64),
+        ("last_generation_ms", c_double),
+        ("total_prompt_tokens", c_uint64),
+        ("total_prompt_ms", c_double),
+        ("total_generated_tokens", c_uint64),
+        ("total_generation_ms", c_double),
+    ]
+
+
 class ember_sampler_params(Structure):
     """Options of ``ember_sampler_new``."""
 
@@ -140,6 +164,8 @@ class ember_sampler_params(Structure):
         ("frequency_penalty", c_float),
         ("penalty_window", c_uint32),
         ("seed", c_uint64),
+        ("logit_bias", POINTER(ember_logit_bias)),
+        ("n_logit_bias", c_size_t),
     ]
 
 
@@ -162,8 +188,10 @@ STRUCTS: Dict[str, type] = {
         ember_chat_message,
         ember_model_params,
         ember_model_info,
+        ember_logit_bias,
         ember_sampler_params,
         ember_session_params,
+        ember_perf,
     )
 }
 
@@ -189,6 +217,7 @@ _chars = POINTER(c_char)  # an output text buffer
 _size_p = POINTER(c_size_t)
 _tokens = POINTER(c_int32)
 _floats = POINTER(c_float)
+_bytes = POINTER(c_uint8)
 _enum_p = POINTER(c_int)
 
 SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
@@ -216,6 +245,12 @@ SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
     "ember_model_params_default": (ember_status, [c_size_t, POINTER(ember_model_params)]),
     "ember_model_load": (
         ember_status, [c_char_p, POINTER(ember_model_params), POINTER(_model_p)]),
+    "ember_model_load_from_memory": (
+        ember_status, [c_void_p, c_size_t, POINTER(ember_model_params), POINTER(_model_p)]),
+    "ember_model_load_fd": (
+        ember_status,
+        [c_int32, c_uint64, c_uint64, POINTER(ember_model_params), POINTER(_model_p)],
+    ),
     "ember_model_free": (None, [_model_p]),
     "ember_model_probe": (ember_status, [c_char_p, c_size_t, POINTER(ember_model_info)]),
     "ember_model_n_vocab": (c_size_t, [_model_p]),
@@ -244,6 +279,16 @@ SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
     "ember_session_params_default": (ember_status, [c_size_t, POINTER(ember_session_params)]),
     "ember_session_new": (
         ember_status, [_model_p, POINTER(ember_session_params), POINTER(_session_p)]),
+    "ember_session_memory_estimate": (
+        ember_status, [_model_p, POINTER(ember_session_params), _size_p]),
+    "ember_session_fork": (
+        ember_status, [_session_p, POINTER(ember_session_params), POINTER(_session_p)]),
+    "ember_session_copy_prefix": (ember_status, [_session_p, _session_p, c_size_t]),
+    "ember_session_state_size": (ember_status, [_session_p, _size_p]),
+    "ember_session_state_save": (ember_status, [_session_p, _bytes, c_size_t, _size_p]),
+    "ember_session_state_load": (ember_status, [_session_p, _bytes, c_size_t]),
+    "ember_session_logits": (ember_status, [_session_p, _floats, c_size_t]),
+    "ember_session_perf": (ember_status, [_session_p, c_size_t, POINTER(ember_perf)]),
     "ember_session_free": (None, [_session_p]),
     "ember_session_reset": (ember_status, [_session_p]),
     "ember_session_rewind": (ember_status, [_session_p, c_size_t]),

@@ -26,6 +26,8 @@ SCALARS = {
     "uint64_t": ctypes.c_uint64,
     "size_t": ctypes.c_size_t,
     "float": ctypes.c_float,
+    "double": ctypes.c_double,
+    "uint8_t": ctypes.c_uint8,
     "bool": ctypes.c_bool,
 }
 

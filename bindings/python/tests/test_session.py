@@ -137,3 +137,86 @@ def test_session_options(llama):
     with llama.session(n_ctx=16, threads=2, n_ubatch=3) as session:
         session.step(list(range(10)))
         assert repr(session) == "<ember.Session 10/16 tokens>"
+
+
+def test_saved_state_continues_bitwise_in_another_session(llama):
+    import math
+    s = llama.session(n_ctx=64)
+    s.step(llama.tokenize("Once upon a time"))
+    data = s.save_state()
+    assert isinstance(data, bytes) and data[:8] == b"EMBERSES"
+    expected = [list(s.step(t)) for t in (5, 6, 7)]
+    other = llama.session(n_ctx=32, threads=2)
+    other.load_state(data)
+    assert other.tokens == llama.tokenize("Once upon a time")
+    assert [list(other.step(t)) for t in (5, 6, 7)] == expected
+    # Corrupted and foreign bytes raise and change nothing.
+    before = other.tokens
+    with pytest.raises(ember.BadFormatError):
+        other.load_state(data[:-3])
+    with pytest.raises(ember.BadFormatError):
+        other.load_state(b"")
+    assert other.tokens == before
+    assert not any(math.isnan(x) for x in other.step(1))
+
+
+def test_fork_and_copy_prefix(llama):
+    base = llama.session(n_ctx=64)
+    system = llama.tokenize("You are a guard.")
+    base.step(system)
+    npc = base.fork()
+    assert npc.tokens == system and npc.n_ctx == 64
+    assert list(npc.logits()) == list(base.logits())
+    fresh = llama.session(n_ctx=64)
+    assert list(npc.step([9, 10])) == list(fresh.step(system + [9, 10]))
+    small = base.fork(n_ctx=32, threads=1)
+    assert small.n_ctx == 32
+    other = llama.session(n_ctx=64)
+    other.copy_prefix(base, 3)
+    assert other.tokens == system[:3]
+    with pytest.raises(ember.InvalidArgumentError):
+        other.logits()  # the third token is recomputed by the next step
+    with pytest.raises(ember.InvalidArgumentError):
+        other.copy_prefix(base, len(system) + 1)
+
+
+def test_perf_and_memory_estimate(llama):
+    s = llama.session(n_ctx=64)
+    s.step([1, 2, 3, 4])
+    s.step(5)
+    perf = s.perf
+    assert (perf["last_prompt_tokens"], perf["last_generated_tokens"]) == (0, 1)
+    assert (perf["total_prompt_tokens"], perf["total_generated_tokens"]) == (4, 1)
+    assert perf["total_prompt_ms"] > 0
+    small, large = llama.session_memory(n_ctx=16), llama.session_memory(n_ctx=128)
+    assert 0 < small < large
+
+
+def test_logit_bias_bans_and_boosts(llama):
+    import math
+    s = llama.session(n_ctx=64)
+    logits = list(s.step(llama.tokenize("Hello")))
+    best = max(range(len(logits)), key=logits.__getitem__)
+    assert ember.Sampler().sample(logits) == best
+    assert ember.Sampler(logit_bias={best: -math.inf}).sample(logits) != best
+    assert ember.Sampler(logit_bias={7: 1000.0}).sample(logits) == 7
+    with pytest.raises(ember.InvalidArgumentError):
+        ember.Sampler(logit_bias={len(logits): 1.0}).sample(logits)
+
+
+def test_models_load_from_bytes_and_from_inside_a_file(tmp_path):
+    from conftest import ROOT
+    path = ROOT / "tests" / "fixtures" / "gguf" / "llama.Q4_0.gguf"
+    data = path.read_bytes()
+    with ember.Model(path) as m:
+        expected = list(m.session(n_ctx=16).step([1, 2, 3]))
+    with ember.Model.from_bytes(data) as m:
+        assert list(m.session(n_ctx=16).step([1, 2, 3])) == expected
+    packed = tmp_path / "assets.bin"
+    packed.write_bytes(b"x" * 1000 + data + b"tail")
+    with open(packed, "rb") as f:
+        m = ember.Model.from_fd(f.fileno(), 1000, len(data))
+    assert list(m.session(n_ctx=16).step([1, 2, 3])) == expected
+    m.close()
+    with pytest.raises(ember.UnsupportedError):
+        ember.Model.from_bytes(b"GGUF but not really")  # "version" 1953849888

@@ -5,9 +5,15 @@
 //! computed only by the next step. Generation leaves its last sampled token pending, so the
 //! session holds every token whose text was delivered without paying a forward pass that may
 //! never be needed.
+//!
+//! `state.rs` saves and restores a session's tokens and cache, and copies them between
+//! sessions (fork).
+
+mod state;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::model::{ForwardScratch, KvCache, LogitsWanted, Model, Workspace};
@@ -33,6 +39,39 @@ impl Default for SessionOptions {
             ubatch: crate::defaults::UBATCH,
         }
     }
+}
+
+/// Tokens computed and the time they took, over some span of a session's work.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PerfCounts {
+    /// Prompt tokens computed: a generation's prompt, or the tokens of a step of more than
+    /// one token.
+    pub prompt_tokens: u64,
+    /// Seconds spent computing them.
+    pub prompt_seconds: f64,
+    /// Tokens generated: sampled by a generation, or stepped one at a time by the host.
+    pub generated_tokens: u64,
+    /// Seconds spent generating them (forward passes and sampling).
+    pub generation_seconds: f64,
+}
+
+impl PerfCounts {
+    fn add(&mut self, other: &PerfCounts) {
+        self.prompt_tokens += other.prompt_tokens;
+        self.prompt_seconds += other.prompt_seconds;
+        self.generated_tokens += other.generated_tokens;
+        self.generation_seconds += other.generation_seconds;
+    }
+}
+
+/// What a session has computed: in its last call (a step or a whole generation) and since it
+/// was created.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Perf {
+    /// The most recent call that computed something.
+    pub last: PerfCounts,
+    /// Every call since the session was created (not cleared by reset).
+    pub total: PerfCounts,
 }
 
 /// What a session shares with the threads that watch or cancel it: everything here may be
@@ -96,6 +135,12 @@ impl CancelHandle {
     }
 }
 
+/// Which logits a step produced (what [`LogitsWanted`] asked for, without its buffer).
+enum WantedKind {
+    Last,
+    All,
+}
+
 /// The state of one sequence being generated: a KV cache and a position, over a shared model.
 ///
 /// A session belongs to one thread at a time (it is `Send`, not shared); [`CancelHandle`]
@@ -110,6 +155,10 @@ pub struct Session {
     history: Vec<u32>,
     /// `history[..computed]` have their keys and values in the cache; the rest are pending.
     computed: usize,
+    /// The scratch's logits are those of the last held token (false after a rewind, before
+    /// any step, or after a step that wrote them elsewhere).
+    logits_current: bool,
+    perf: Perf,
     shared: Arc<SessionShared>,
 }
 
@@ -118,7 +167,8 @@ pub struct Session {
 pub(crate) struct CallScope {
     shared: Arc<SessionShared>,
     id: u64,
-    outermost: bool,
+    /// False for the steps inside a generation.
+    pub(crate) outermost: bool,
 }
 
 impl CallScope {
@@ -143,14 +193,9 @@ impl Session {
         Session::with_pool(model, pool, options.n_ctx, options.ubatch)
     }
 
-    /// Creates a session that runs its steps on `pool` (which several sessions may share;
-    /// their steps then take turns).
-    pub fn with_pool(
-        model: Arc<Model>,
-        pool: Arc<ThreadPool>,
-        n_ctx: usize,
-        ubatch: usize,
-    ) -> Result<Session> {
+    /// The context length a session of `model` gets for a requested `n_ctx`, checked, and
+    /// its micro-batch size checked.
+    fn checked_sizes(model: &Model, n_ctx: usize, ubatch: usize) -> Result<(usize, usize)> {
         let max = model.config.max_position_embeddings;
         let n_ctx = crate::defaults::context(n_ctx, max);
         if n_ctx > max {
@@ -164,11 +209,48 @@ impl Session {
                 crate::defaults::MAX_UBATCH
             )));
         }
+        Ok((n_ctx, ubatch.min(n_ctx)))
+    }
+
+    /// Bytes of memory a session of `model` with `options` allocates (its KV cache, the
+    /// buffers of one micro-batch and its token history), computed without allocating; the
+    /// model's weights are not included.
+    pub fn memory_estimate(model: &Model, options: &SessionOptions) -> Result<usize> {
+        let (n_ctx, ubatch) = Session::checked_sizes(model, options.n_ctx, options.ubatch)?;
+        let threads = options.n_threads;
+        let cache = KvCache::bytes_for(&model.config, n_ctx)
+            .ok_or_else(|| Error::OutOfMemory("KV cache size overflows".into()))?;
+        let scratch = ForwardScratch::bytes_for(
+            &model.config,
+            n_ctx,
+            ubatch,
+            threads,
+            model.has_quantized_weights(),
+        );
+        Ok(cache + scratch + n_ctx * std::mem::size_of::<u32>())
+    }
+
+    /// Bytes of memory the session holds (what [`Session::memory_estimate`] predicts).
+    pub fn memory_bytes(&self) -> usize {
+        self.ws.cache.heap_bytes()
+            + self.ws.scratch.heap_bytes()
+            + self.history.capacity() * std::mem::size_of::<u32>()
+    }
+
+    /// Creates a session that runs its steps on `pool` (which several sessions may share;
+    /// their steps then take turns).
+    pub fn with_pool(
+        model: Arc<Model>,
+        pool: Arc<ThreadPool>,
+        n_ctx: usize,
+        ubatch: usize,
+    ) -> Result<Session> {
+        let (n_ctx, ubatch) = Session::checked_sizes(&model, n_ctx, ubatch)?;
         let cache = KvCache::new(&model.config, n_ctx)?;
         let scratch = ForwardScratch::new(
             &model.config,
             n_ctx,
-            ubatch.min(n_ctx),
+            ubatch,
             pool.n_threads(),
             model.has_quantized_weights(),
         )?;
@@ -182,6 +264,8 @@ impl Session {
             ws: Workspace { cache, scratch },
             history,
             computed: 0,
+            logits_current: false,
+            perf: Perf::default(),
             shared: Arc::new(SessionShared {
                 position: AtomicUsize::new(0),
                 n_ctx,
@@ -216,6 +300,11 @@ impl Session {
     /// Context length: the most tokens the session can hold.
     pub fn n_ctx(&self) -> usize {
         self.ws.cache.n_ctx()
+    }
+
+    /// Tokens per micro-batch when processing a prompt.
+    pub fn ubatch(&self) -> usize {
+        self.ws.scratch.ubatch()
     }
 
     /// Threads each step uses.
@@ -258,6 +347,25 @@ impl Session {
         &self.ws.scratch.logits
     }
 
+    /// The logits of the last token the session holds, when they are at hand: after a step
+    /// (not [`Session::step_all`]), a fork or a loaded state of a computed session; `None`
+    /// when the last token is pending or the session was rewound.
+    pub fn current_logits(&self) -> Option<&[f32]> {
+        (self.logits_current && self.computed == self.history.len() && self.computed > 0)
+            .then_some(&self.ws.scratch.logits[..])
+    }
+
+    /// Tokens computed and time taken, by the last call and in total.
+    pub fn perf(&self) -> Perf {
+        self.perf
+    }
+
+    /// Records the work of a call.
+    pub(crate) fn record_perf(&mut self, counts: PerfCounts) {
+        self.perf.last = counts;
+        self.perf.total.add(&counts);
+    }
+
     fn check_tokens(&self, tokens: &[u32]) -> Result<()> {
         let vocab = self.model.n_vocab();
         if let Some((i, &t)) = tokens
@@ -281,6 +389,10 @@ impl Session {
 
     /// Appends `tokens` and computes every pending token; on failure the session is as before.
     fn run(&mut self, tokens: &[u32], wanted: LogitsWanted<'_>) -> Result<()> {
+        let wanted_kind = match wanted {
+            LogitsWanted::Last => WantedKind::Last,
+            LogitsWanted::All { .. } => WantedKind::All,
+        };
         self.check_tokens(tokens)?;
         if self.n_pending() + tokens.len() == 0 {
             return Err(Error::InvalidArgument("no tokens to step".into()));
@@ -289,6 +401,8 @@ impl Session {
         // Capacity for n_ctx tokens was reserved at creation: this never reallocates.
         self.history.extend_from_slice(tokens);
         let call = self.call();
+        let outermost = call.outermost;
+        let started = Instant::now();
         let Session {
             model,
             pool,
@@ -296,6 +410,7 @@ impl Session {
             history,
             computed,
             shared,
+            ..
         } = self;
         let pos0 = *computed;
         let result = pool.install(|par| {
@@ -313,7 +428,27 @@ impl Session {
         });
         drop(call);
         match result {
-            Ok(()) => self.computed = self.history.len(),
+            Ok(()) => {
+                let n = (self.history.len() - self.computed) as u64;
+                self.computed = self.history.len();
+                self.logits_current = matches!(wanted_kind, WantedKind::Last);
+                if outermost {
+                    let seconds = started.elapsed().as_secs_f64();
+                    self.record_perf(if n == 1 {
+                        PerfCounts {
+                            generated_tokens: 1,
+                            generation_seconds: seconds,
+                            ..Default::default()
+                        }
+                    } else {
+                        PerfCounts {
+                            prompt_tokens: n,
+                            prompt_seconds: seconds,
+                            ..Default::default()
+                        }
+                    });
+                }
+            }
             Err(_) => self.history.truncate(before),
         }
         self.shared.set_position(self.history.len());
@@ -357,6 +492,7 @@ impl Session {
     pub fn push_pending(&mut self, token: u32) -> Result<()> {
         self.check_tokens(&[token])?;
         self.history.push(token);
+        self.logits_current = false;
         self.shared.set_position(self.history.len());
         Ok(())
     }
@@ -369,6 +505,9 @@ impl Session {
                 self.position()
             )));
         }
+        if n_past < self.history.len() {
+            self.logits_current = false;
+        }
         self.history.truncate(n_past);
         self.computed = self.computed.min(n_past);
         self.shared.set_position(n_past);
@@ -379,6 +518,7 @@ impl Session {
     pub fn reset(&mut self) {
         self.history.clear();
         self.computed = 0;
+        self.logits_current = false;
         self.shared.set_position(0);
     }
 }

@@ -1,0 +1,371 @@
+//! Saving, restoring and copying what a session holds: its tokens, the keys and values of
+//! the computed ones, and the last token's logits.
+//!
+//! The saved form (all numbers little-endian), version 1:
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 8 | magic `EMBERSES` |
+//! | 4 | format version (1) |
+//! | 4 | cache element type (0: f32) |
+//! | 8 | [`Model::fingerprint`] of the model that made it |
+//! | 4, 4, 4 | layers, numbers per position (`n_kv_heads * head_dim`), vocabulary size |
+//! | 8, 8 | tokens held `n`, tokens computed `c <= n` |
+//! | 4 | 1 if the last token's logits follow, else 0 |
+//! | 4·n | the tokens |
+//! | 4·vocab | the logits (if present) |
+//! | 2 · layers · 4·c·kv_dim | per layer: the keys of positions `0..c`, then their values |
+//! | 8 | checksum of everything before it |
+//!
+//! Only positions `0..c` are stored, never the whole allocated context, so a state's size
+//! grows with what the session holds. When the logits of the last token are not at hand (a
+//! session rewound, or copied partway), that token is stored as pending instead: the next step
+//! recomputes it, with results identical to computing it the first time.
+
+use super::Session;
+use crate::checksum::Hash64;
+use crate::error::{Error, Result};
+use crate::model::Model;
+
+const MAGIC: &[u8; 8] = b"EMBERSES";
+const VERSION: u32 = 1;
+/// Cache element type codes of the format.
+const KV_F32: u32 = 0;
+/// Bytes of the fixed-size header (magic to the logits flag).
+const HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 4 + 4 + 4 + 8 + 8 + 4;
+
+/// What of a session's prefix of `n` tokens can be kept as computed.
+struct Prefix {
+    /// Tokens held.
+    n: usize,
+    /// Tokens whose keys and values are kept.
+    computed: usize,
+    /// The last token's logits are kept too.
+    logits: bool,
+}
+
+impl Session {
+    /// What copying or saving this session's first `n` tokens keeps (`n <= position`).
+    fn prefix(&self, n: usize) -> Prefix {
+        let computed = self.computed.min(n);
+        let logits = computed == n && n == self.position() && self.logits_current && n > 0;
+        // Computed rows whose last logits are missing: recompute that token on the next step.
+        let computed = if computed == n && !logits {
+            n.saturating_sub(1)
+        } else {
+            computed
+        };
+        Prefix {
+            n,
+            computed,
+            logits,
+        }
+    }
+
+    /// Bytes [`Session::save_state`] writes for the session as it is now.
+    pub fn state_size(&self) -> usize {
+        let p = self.prefix(self.position());
+        let config = &self.model.config;
+        HEADER_BYTES
+            + 4 * p.n
+            + if p.logits { 4 * config.vocab_size } else { 0 }
+            + 2 * config.n_layers * 4 * p.computed * config.kv_dim()
+            + 8
+    }
+
+    /// Writes the session's state (format in this module's documentation) to the start of
+    /// `out` and returns its length; `out` must hold [`Session::state_size`] bytes
+    /// ([`Error::BufferTooSmall`] otherwise, with nothing written).
+    pub fn save_state(&self, out: &mut [u8]) -> Result<usize> {
+        let needed = self.state_size();
+        if out.len() < needed {
+            return Err(Error::BufferTooSmall { needed });
+        }
+        let p = self.prefix(self.position());
+        let config = &self.model.config;
+        let mut w = Writer {
+            out: &mut out[..needed],
+            at: 0,
+        };
+        w.bytes(MAGIC);
+        w.u32(VERSION);
+        w.u32(KV_F32);
+        w.u64(self.model.fingerprint());
+        w.u32(config.n_layers as u32);
+        w.u32(config.kv_dim() as u32);
+        w.u32(config.vocab_size as u32);
+        w.u64(p.n as u64);
+        w.u64(p.computed as u64);
+        w.u32(p.logits as u32);
+        for &t in &self.history[..p.n] {
+            w.u32(t);
+        }
+        if p.logits {
+            w.floats(&self.ws.scratch.logits);
+        }
+        for layer in 0..config.n_layers {
+            let (keys, values) = self.ws.cache.prefix(layer, p.computed);
+            w.floats(keys);
+            w.floats(values);
+        }
+        let mut hash = Hash64::default();
+        hash.update(&w.out[..w.at]);
+        w.u64(hash.finish());
+        debug_assert_eq!(w.at, needed);
+        Ok(needed)
+    }
+
+    /// [`Session::save_state`] into a new vector.
+    pub fn save_state_to_vec(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let size = self.state_size();
+        out.try_reserve_exact(size)
+            .map_err(|_| Error::OutOfMemory(format!("session state of {size} bytes")))?;
+        out.resize(size, 0);
+        self.save_state(&mut out)?;
+        Ok(out)
+    }
+
+    /// Replaces what the session holds by a state [`Session::save_state`] wrote, from this
+    /// model (or one with the same fingerprint). Any thread count and any context length that
+    /// holds the tokens will do. Every check is made before anything changes: a state from
+    /// another model, too long for the context, truncated or corrupted is an error that leaves
+    /// the session exactly as it was.
+    pub fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
+        let state = parse(bytes, &self.model, self.n_ctx())?;
+        self.history.clear();
+        let mut r = Reader {
+            bytes: state.tokens,
+            at: 0,
+        };
+        for _ in 0..state.n {
+            self.history.push(r.u32()?);
+        }
+        if let Some(logits) = state.logits {
+            read_floats(logits, &mut self.ws.scratch.logits);
+        }
+        let row = state.computed * self.model.config.kv_dim() * 4;
+        for (layer, kv) in state.kv.chunks_exact(2 * row.max(1)).enumerate() {
+            let (keys, values) = self.ws.cache.prefix_mut(layer, state.computed);
+            read_floats(&kv[..row], keys);
+            read_floats(&kv[row..], values);
+        }
+        self.computed = state.computed;
+        self.logits_current = state.logits.is_some();
+        self.shared.set_position(self.history.len());
+        Ok(())
+    }
+
+    /// A new session over the same model holding this session's tokens and cache, without
+    /// recomputing them: one prompt, many continuations. `options` sets the new session's
+    /// context (which must hold the tokens), threads and micro-batch.
+    pub fn fork(&self, options: &super::SessionOptions) -> Result<Session> {
+        let mut session = Session::new(self.model.clone(), options)?;
+        session.copy_prefix(self, self.position())?;
+        Ok(session)
+    }
+
+    /// Replaces what this session holds by the first `n_tokens` tokens of `src` (a session of
+    /// the same model) and their cache rows, without recomputing them. On error nothing
+    /// changes.
+    pub fn copy_prefix(&mut self, src: &Session, n_tokens: usize) -> Result<()> {
+        if !std::sync::Arc::ptr_eq(&self.model, &src.model)
+            && self.model.fingerprint() != src.model.fingerprint()
+        {
+            return Err(Error::InvalidArgument(
+                "the sessions run different models".into(),
+            ));
+        }
+        if n_tokens > src.position() {
+            return Err(Error::InvalidArgument(format!(
+                "cannot copy {n_tokens} tokens: the source session holds {}",
+                src.position()
+            )));
+        }
+        if n_tokens > self.n_ctx() {
+            return Err(Error::ContextFull {
+                needed: n_tokens,
+                capacity: self.n_ctx(),
+            });
+        }
+        let p = src.prefix(n_tokens);
+        self.history.clear();
+        self.history.extend_from_slice(&src.history[..p.n]);
+        self.ws.cache.copy_prefix_from(&src.ws.cache, p.computed);
+        if p.logits {
+            self.ws
+                .scratch
+                .logits
+                .copy_from_slice(&src.ws.scratch.logits);
+        }
+        self.computed = p.computed;
+        self.logits_current = p.logits;
+        self.shared.set_position(p.n);
+        Ok(())
+    }
+}
+
+/// A checked state, borrowing its parts from the saved bytes.
+struct Parsed<'a> {
+    n: usize,
+    computed: usize,
+    /// `4 * n` bytes.
+    tokens: &'a [u8],
+    logits: Option<&'a [u8]>,
+    /// Per layer, keys then values.
+    kv: &'a [u8],
+}
+
+/// Checks every part of a saved state against `model` and a context of `n_ctx` tokens.
+fn parse<'a>(bytes: &'a [u8], model: &Model, n_ctx: usize) -> Result<Parsed<'a>> {
+    let bad = |what: String| Error::format(format!("session state: {what}"));
+    if bytes.len() < HEADER_BYTES + 8 {
+        return Err(bad(format!(
+            "{} bytes is too short to be a saved session state",
+            bytes.len()
+        )));
+    }
+    let mut r = Reader { bytes, at: 0 };
+    if r.take(8)? != MAGIC {
+        return Err(bad("not a saved Ember session state (wrong magic)".into()));
+    }
+    let version = r.u32()?;
+    if version != VERSION {
+        return Err(Error::Unsupported(format!(
+            "session state: format version {version} (this library reads version {VERSION})"
+        )));
+    }
+    let kv_type = r.u32()?;
+    if kv_type != KV_F32 {
+        return Err(Error::Unsupported(format!(
+            "session state: cache element type {kv_type}"
+        )));
+    }
+    let (body, checksum) = bytes.split_at(bytes.len() - 8);
+    let mut hash = Hash64::default();
+    hash.update(body);
+    if hash.finish().to_le_bytes() != checksum {
+        return Err(bad(
+            "checksum mismatch: the bytes are truncated or corrupted".into(),
+        ));
+    }
+    if r.u64()? != model.fingerprint() {
+        return Err(Error::InvalidArgument(
+            "session state: it was saved from another model (fingerprints differ)".into(),
+        ));
+    }
+    let config = &model.config;
+    let dims = [r.u32()?, r.u32()?, r.u32()?];
+    let expected = [config.n_layers, config.kv_dim(), config.vocab_size].map(|d| d as u32);
+    if dims != expected {
+        return Err(bad(format!(
+            "shapes {dims:?} (layers, kv width, vocabulary) differ from the model's {expected:?}"
+        )));
+    }
+    let (n, computed) = (r.u64()?, r.u64()?);
+    let has_logits = r.u32()?;
+    if computed > n || has_logits > 1 || (has_logits == 1 && (computed != n || n == 0)) {
+        return Err(bad(format!(
+            "inconsistent counts ({n} tokens, {computed} computed, logits flag {has_logits})"
+        )));
+    }
+    if n > n_ctx as u64 {
+        return Err(Error::ContextFull {
+            needed: n as usize,
+            capacity: n_ctx,
+        });
+    }
+    let (n, computed) = (n as usize, computed as usize);
+    let kv_bytes = 2 * config.n_layers * 4 * computed * config.kv_dim();
+    let logit_bytes = has_logits as usize * 4 * config.vocab_size;
+    if body.len() != HEADER_BYTES + 4 * n + logit_bytes + kv_bytes {
+        return Err(bad(format!(
+            "{} bytes where {n} tokens ({computed} computed) take {}",
+            bytes.len(),
+            HEADER_BYTES + 4 * n + logit_bytes + kv_bytes + 8
+        )));
+    }
+    let tokens = r.take(4 * n)?;
+    let vocab = config.vocab_size as u32;
+    if let Some((i, t)) = tokens
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+        .enumerate()
+        .find(|&(_, t)| t >= vocab)
+    {
+        return Err(bad(format!(
+            "token {t} at index {i} is outside the vocabulary"
+        )));
+    }
+    let logits = (has_logits == 1).then(|| r.take(logit_bytes)).transpose()?;
+    let kv = r.take(kv_bytes)?;
+    Ok(Parsed {
+        n,
+        computed,
+        tokens,
+        logits,
+        kv,
+    })
+}
+
+/// Little-endian f32s from bytes (`bytes.len() == 4 * out.len()`).
+fn read_floats(bytes: &[u8], out: &mut [f32]) {
+    for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *o = f32::from_le_bytes(c.try_into().expect("4 bytes"));
+    }
+}
+
+/// Writes little-endian numbers into a buffer sized beforehand.
+struct Writer<'a> {
+    out: &'a mut [u8],
+    at: usize,
+}
+
+impl Writer<'_> {
+    fn bytes(&mut self, b: &[u8]) {
+        self.out[self.at..self.at + b.len()].copy_from_slice(b);
+        self.at += b.len();
+    }
+    fn u32(&mut self, v: u32) {
+        self.bytes(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.bytes(&v.to_le_bytes());
+    }
+    fn floats(&mut self, v: &[f32]) {
+        let out = &mut self.out[self.at..self.at + 4 * v.len()];
+        for (o, x) in out.chunks_exact_mut(4).zip(v) {
+            o.copy_from_slice(&x.to_le_bytes());
+        }
+        self.at += 4 * v.len();
+    }
+}
+
+/// Reads little-endian numbers, failing on truncation.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| Error::format("session state: truncated"))?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+}
