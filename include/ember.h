@@ -145,10 +145,30 @@ typedef enum ember_stop_reason {
 } ember_stop_reason;
 
 /**
+ * Where a background generation is (`ember_generation_poll`, `ember_generation_wait`).
+ */
+typedef enum ember_generation_state {
+  /**
+   * Still generating, or text remains to be polled.
+   */
+  EMBER_GENERATION_RUNNING = 0,
+  /**
+   * It has ended and all its text has been polled: call `ember_generation_finish`.
+   */
+  EMBER_GENERATION_FINISHED = 1,
+} ember_generation_state;
+
+/**
  * An incremental detokenizer: feed tokens one by one, get only complete UTF-8 text. Used by
  * one call at a time (a concurrent call fails with `EMBER_ERR_BUSY`).
  */
 typedef struct ember_detokenizer ember_detokenizer;
+
+/**
+ * A generation running in the background on a session (`ember_generation_start`). Its
+ * functions may be called from any thread; `ember_generation_finish` ends it and frees it.
+ */
+typedef struct ember_generation ember_generation;
 
 /**
  * A loaded model: immutable, shared by any number of sessions on any threads.
@@ -454,6 +474,18 @@ typedef struct ember_generate_params {
    * wrote itself.
    */
   uint32_t parse_special;
+  /**
+   * Non-zero: compute each generated token's log-probability under the model's
+   * distribution (`ember_generation_poll_tokens`; about one pass over the vocabulary per
+   * token). Default 0.
+   */
+  uint32_t logprobs;
+  /**
+   * `ember_generation_start` only: the most pieces of text the generation computes ahead
+   * of `ember_generation_poll`; it pauses while that many wait to be polled (so a host
+   * that stops reading costs no more tokens). 0 (the default): no limit.
+   */
+  uint32_t max_ahead;
 } ember_generate_params;
 
 /**
@@ -462,6 +494,59 @@ typedef struct ember_generate_params {
  * that called `ember_generate`/`ember_chat`; it must not unwind or longjmp out of the call.
  */
 typedef bool (*ember_text_callback)(const char *piece, size_t len, void *user);
+
+/**
+ * What to generate from (`ember_generation_start`): set `struct_size = sizeof` and one of
+ * text, tokens or messages (a zeroed struct with all three empty continues after the tokens
+ * a generation left pending). Read during `ember_generation_start` only.
+ */
+typedef struct ember_generation_prompt {
+  /**
+   * Size of this struct in bytes, as the caller knows it.
+   */
+  uint32_t struct_size;
+  /**
+   * UTF-8 text appended to what the session holds (tokenized as `ember_generate` does,
+   * with `params.add_special` and `params.parse_special`).
+   */
+  const char *text;
+  /**
+   * Bytes of `text`.
+   */
+  size_t text_len;
+  /**
+   * Token ids appended to what the session holds.
+   */
+  const int32_t *tokens;
+  /**
+   * Number of `tokens`.
+   */
+  size_t n_tokens;
+  /**
+   * A whole conversation: the chat template is applied and the assistant's reply
+   * generated, as `ember_chat` does.
+   */
+  const struct ember_chat_message *messages;
+  /**
+   * Number of `messages`.
+   */
+  size_t n_messages;
+} ember_generation_prompt;
+
+/**
+ * One generated token (`ember_generation_poll_tokens`).
+ */
+typedef struct ember_token_info {
+  /**
+   * The token id.
+   */
+  int32_t token;
+  /**
+   * Its log-probability under the model's distribution; NaN unless
+   * `ember_generate_params.logprobs` was set.
+   */
+  float logprob;
+} ember_token_info;
 
 #ifdef __cplusplus
 extern "C" {
@@ -1106,6 +1191,110 @@ enum ember_status ember_chat(struct ember_session *session,
                              void *user,
                              enum ember_stop_reason *out_reason,
                              size_t *out_n_tokens);
+
+/**
+ * Starts generating on `session` with `sampler` from `prompt` (NULL: continue after pending
+ * tokens), with `params` as `ember_generate` takes them (NULL: defaults), on a thread of
+ * its own, and returns at once with a handle in `*out`. Poll text with
+ * `ember_generation_poll` (from the game loop: it never blocks), stop with
+ * `ember_generation_cancel`, and end with `ember_generation_finish`, which frees the handle.
+ *
+ * The prompt is checked and tokenized before this returns (errors are reported here: bad
+ * UTF-8, bad tokens, a template that fails). From then until `ember_generation_finish`, the
+ * session and the sampler belong to the generation: other calls on them get
+ * `EMBER_ERR_BUSY` (the lock-free session functions still work), and neither may be freed.
+ * The session ends as `ember_generate` leaves it.
+ *
+ * # Safety
+ * `session` and `sampler` live handles that outlive the generation handle; `prompt` NULL or
+ * a prompt struct with valid pointers; `params` NULL or a params struct; `out` valid for
+ * writing a pointer.
+ */
+enum ember_status ember_generation_start(struct ember_session *session,
+                                         struct ember_sampler *sampler,
+                                         const struct ember_generation_prompt *prompt,
+                                         const struct ember_generate_params *params,
+                                         struct ember_generation **out);
+
+/**
+ * Copies the text generated since the last poll into `out` (at most `cap - 1` bytes, whole
+ * characters, then a NUL) and writes its length to `*n_out`; what does not fit stays for
+ * the next poll. `*state` (may be NULL) says whether the generation is still running (or has
+ * text left) or has finished. Never blocks on the generation (it takes a lock the worker
+ * holds only to append text), so it can be called every frame. `out` may be NULL with `cap`
+ * 0 to read the state only.
+ *
+ * # Safety
+ * `generation` a live handle; `out` valid for `cap` bytes; `n_out` valid for writing;
+ * `state` NULL or valid for writing.
+ */
+enum ember_status ember_generation_poll(struct ember_generation *generation,
+                                        char *out,
+                                        size_t cap,
+                                        size_t *n_out,
+                                        enum ember_generation_state *state);
+
+/**
+ * Copies the tokens generated since the last call (ids and, with
+ * `ember_generate_params.logprobs`, log-probabilities), oldest first, into `out[0..cap]`
+ * and writes their number to `*n_out`; tokens that do not fit stay for the next call. Never
+ * blocks, like `ember_generation_poll`.
+ *
+ * # Safety
+ * `generation` a live handle; `out` valid for `cap` entries; `n_out` valid for writing.
+ */
+enum ember_status ember_generation_poll_tokens(struct ember_generation *generation,
+                                               struct ember_token_info *out,
+                                               size_t cap,
+                                               size_t *n_out);
+
+/**
+ * Waits until text is ready to poll, the generation has ended, or `timeout_ms`
+ * milliseconds have passed, and writes the state (as `ember_generation_poll` would) to
+ * `*state` (may be NULL). For a worker thread of the host that prefers waiting to polling.
+ *
+ * # Safety
+ * `generation` a live handle; `state` NULL or valid for writing.
+ */
+enum ember_status ember_generation_wait(struct ember_generation *generation,
+                                        uint32_t timeout_ms,
+                                        enum ember_generation_state *state);
+
+/**
+ * Writes how much of the prompt has been computed: `*done` of `*total` tokens (a progress
+ * bar for a long prompt; `done == total` once generation proper has begun). Never blocks.
+ *
+ * # Safety
+ * `generation` a live handle; `done` and `total` valid for writing.
+ */
+enum ember_status ember_generation_progress(const struct ember_generation *generation,
+                                            size_t *done,
+                                            size_t *total);
+
+/**
+ * Asks the generation to stop (from any thread, at any time): it ends with
+ * `EMBER_STOP_REASON_CANCELLED` within about one layer's time, keeping the tokens it
+ * delivered. Poll the rest of its text, then `ember_generation_finish`.
+ *
+ * # Safety
+ * `generation` a live handle.
+ */
+enum ember_status ember_generation_cancel(const struct ember_generation *generation);
+
+/**
+ * Ends a generation: waits for it if it is still running (`ember_generation_cancel` first to
+ * stop it early), writes its stop reason and token count (each output may be NULL), frees
+ * the handle (text not polled is dropped) and gives the session and sampler back. Returns
+ * the generation's status: `EMBER_OK`, `EMBER_ERR_CANCELLED` (with the outputs written, as
+ * `ember_generate` does), or the error that ended it. NULL is `EMBER_ERR_INVALID_ARGUMENT`.
+ *
+ * # Safety
+ * `generation` NULL or a handle from `ember_generation_start`, not yet finished; no other
+ * thread may be using it. Outputs NULL or valid for writing.
+ */
+enum ember_status ember_generation_finish(struct ember_generation *generation,
+                                          enum ember_stop_reason *out_reason,
+                                          size_t *out_n_tokens);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -145,9 +145,24 @@ fn install_quiet_panic_hook() {
     });
 }
 
+/// Panics [`catch_quietly`] has caught in this process: each one is a bug (the fuzz targets
+/// check that none happens).
+pub static CAUGHT_PANICS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 /// Runs `f`, turning a panic into `Err(message)` without printing anything: Ember never
-/// prints, whether the panic is its own bug or one inside a library it calls.
+/// prints, whether the panic is its own bug or one inside a library it calls. Counted in
+/// [`CAUGHT_PANICS`].
 pub(crate) fn catch_quietly<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    let result = catch_dependency_panic(f);
+    if result.is_err() {
+        CAUGHT_PANICS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    result
+}
+
+/// [`catch_quietly`] for a call into a library with a known panic on some input, which the
+/// caller maps to an ordinary error (not counted as a bug of Ember's).
+pub(crate) fn catch_dependency_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
     install_quiet_panic_hook();
     let outer = QUIET.with(|q| q.replace(true));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));

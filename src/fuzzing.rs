@@ -300,6 +300,8 @@ unsafe extern "C" fn on_text(piece: *const c_char, len: usize, user: *mut c_void
 /// position unchanged, outputs are untouched on failure).
 pub fn c_api(data: &[u8]) {
     let model = fixture_model();
+    // The C boundary turns panics into EMBER_ERR_INTERNAL; each one is still a bug.
+    let panics = crate::error::CAUGHT_PANICS.load(std::sync::atomic::Ordering::Relaxed);
     let mut c = Cursor { data };
     let mut session: *mut ember_session = std::ptr::null_mut();
     let mut sampler: *mut ember_sampler = std::ptr::null_mut();
@@ -326,7 +328,7 @@ pub fn c_api(data: &[u8]) {
         for _ in 0..48 {
             let Some(op) = c.byte() else { break };
             let before = ember_session_position(session);
-            match op % 20 {
+            match op % 21 {
                 0 => {
                     let t = c.text();
                     let cap = c.small(64);
@@ -404,7 +406,7 @@ pub fn c_api(data: &[u8]) {
                     let mut calls = 0u32;
                     let mut reason = ember_stop_reason::EMBER_STOP_REASON_END_TOKEN;
                     let mut n_tokens = usize::MAX;
-                    let status = if op % 20 == 6 {
+                    let status = if op % 21 == 6 {
                         let prompt = c.text();
                         ember_generate(
                             session,
@@ -591,6 +593,50 @@ pub fn c_api(data: &[u8]) {
                         assert_eq!(written, size);
                     }
                 }
+                20 => {
+                    // A background generation: polled, maybe cancelled, finished.
+                    let tokens = c.tokens(6);
+                    let mut prompt = std::mem::zeroed::<ember_generation_prompt>();
+                    prompt.struct_size = std::mem::size_of::<ember_generation_prompt>() as u32;
+                    prompt.tokens = tokens.as_ptr();
+                    prompt.n_tokens = tokens.len();
+                    let mut params = std::mem::zeroed::<ember_generate_params>();
+                    ember_generate_params_default(
+                        std::mem::size_of::<ember_generate_params>(),
+                        &mut params,
+                    );
+                    params.max_tokens = c.small(8) as u32;
+                    params.max_ahead = c.small(2) as u32;
+                    params.logprobs = c.flag() as u32;
+                    let mut g = std::ptr::null_mut();
+                    if ember_generation_start(session, sampler, &prompt, &params, &mut g)
+                        == ember_status::EMBER_OK
+                    {
+                        for _ in 0..c.small(4) {
+                            let mut state = ember_generation_state::EMBER_GENERATION_RUNNING;
+                            let cap = c.small(8);
+                            let _ = ember_generation_poll(
+                                g,
+                                text.as_mut_ptr(),
+                                cap,
+                                &mut n,
+                                &mut state,
+                            );
+                            assert!(n < cap.max(1));
+                        }
+                        if c.flag() {
+                            ember_generation_cancel(g);
+                        }
+                        let mut reason = ember_stop_reason::EMBER_STOP_REASON_END_TOKEN;
+                        let mut count = 0usize;
+                        let status = ember_generation_finish(g, &mut reason, &mut count);
+                        if status == ember_status::EMBER_OK {
+                            assert!(ember_session_position(session) >= before + count);
+                        }
+                    } else {
+                        assert_eq!(ember_session_position(session), before);
+                    }
+                }
                 19 => {
                     // Fork, continue the fork, copy part of it back.
                     let mut fork = std::ptr::null_mut();
@@ -645,4 +691,9 @@ pub fn c_api(data: &[u8]) {
         ember_sampler_free(sampler);
         ember_session_free(session);
     }
+    assert_eq!(
+        crate::error::CAUGHT_PANICS.load(std::sync::atomic::Ordering::Relaxed),
+        panics,
+        "a call panicked inside the library"
+    );
 }

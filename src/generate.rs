@@ -1,11 +1,16 @@
-//! Streaming generation: a prompt in, text pieces out through a callback, until a stop
-//! condition. Used by the C API, the CLI and the bindings.
+//! Streaming generation: a prompt in, text pieces out until a stop condition, pulled one
+//! token at a time ([`Generator`]) or pushed through a callback ([`generate`], [`chat`]).
+//! Used by the C API (its callbacks and its background generation handles), the CLI and the
+//! bindings.
+
+use std::sync::Arc;
+use std::time::Instant;
 
 use crate::error::{Error, Result};
+use crate::model::Model;
 use crate::sampler::Sampler;
-use crate::session::{PerfCounts, Session};
+use crate::session::{CallScope, PerfCounts, Session};
 use crate::tokenizer::{ChatMessage, StreamDecoder};
-use std::time::Instant;
 
 /// When generation stops.
 #[derive(Debug, Clone, Default)]
@@ -19,6 +24,11 @@ pub struct GenerateOptions {
     /// [`chat`] only: special tokens written in message contents become control tokens. Off
     /// (the default), they are plain text, so user text cannot inject control tokens.
     pub parse_special: bool,
+    /// Compute each token's log-probability ([`Piece::logprob`]; about one pass over the
+    /// vocabulary per token).
+    pub logprobs: bool,
+    /// With `logprobs`: also the most likely alternatives ([`Piece::top_logprobs`]).
+    pub top_logprobs: usize,
 }
 
 /// Why generation stopped.
@@ -48,46 +58,301 @@ pub struct Generation {
     pub reason: StopReason,
 }
 
-/// Text decoded but not yet handed to the caller because it may begin a stop string.
-struct StopFilter<'a> {
-    stops: &'a [String],
-    pending: String,
+/// Adds decoded `text` to what is `held` back; returns what can be emitted, and whether a
+/// stop string was found (the text before it is then the last to emit, and nothing is held).
+fn hold_back(stops: &[String], held: &mut String, text: &str) -> (String, bool) {
+    held.push_str(text);
+    if let Some(at) = stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| held.find(s.as_str()))
+        .min()
+    {
+        let before = held[..at].to_string();
+        held.clear();
+        return (before, true);
+    }
+    // Hold back the longest end of the text that could still grow into a stop string.
+    let hold = stops
+        .iter()
+        .flat_map(|s| {
+            (1..s.len())
+                .filter(move |&n| s.is_char_boundary(n))
+                .map(move |n| &s[..n])
+        })
+        .filter(|prefix| held.ends_with(prefix))
+        .map(str::len)
+        .max()
+        .unwrap_or(0);
+    let emit_to = held.len() - hold;
+    let out = held[..emit_to].to_string();
+    held.drain(..emit_to);
+    (out, false)
 }
 
-impl StopFilter<'_> {
-    /// Adds text; returns what can be emitted, and whether a stop string was found (the
-    /// text before it is then the last to emit).
-    fn push(&mut self, text: &str) -> (String, bool) {
-        self.pending.push_str(text);
-        if let Some(at) = self
-            .stops
-            .iter()
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| self.pending.find(s.as_str()))
-            .min()
-        {
-            let before = self.pending[..at].to_string();
-            self.pending.clear();
-            return (before, true);
+/// One generated token and the text it completes, as [`Generator::next_piece`] yields them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Piece {
+    /// Text ready for the host: complete UTF-8, stop strings held back until they can be
+    /// ruled out (so it may be empty, or hold the text of earlier tokens too).
+    pub text: String,
+    /// The token sampled; `None` for the last piece of a generation, which delivers the text
+    /// held back when it stopped.
+    pub token: Option<u32>,
+    /// The token's log-probability under the model's distribution (the logits before any
+    /// sampling option); `NaN` unless [`GenerateOptions::logprobs`] asked for it.
+    pub logprob: f32,
+    /// The `top_logprobs` most likely tokens and their log-probabilities, best first.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// A generation as an iterator: the prompt is computed when it is made, then each
+/// [`Generator::next_piece`] samples one token (and computes the one before it). The host
+/// pulls tokens at its own pace and may stop at any time; [`Generator::finish`] then says why
+/// and how many tokens the session holds. [`generate`] and [`chat`] are loops over it.
+///
+/// The session holds every token whose piece was returned: the last one stays pending, so
+/// stopping early costs no forward pass.
+pub struct Generator<'s> {
+    session: &'s mut Session,
+    sampler: &'s mut Sampler,
+    model: Arc<Model>,
+    options: GenerateOptions,
+    /// Marks the generation as one call, for cancellation.
+    call: CallScope,
+    decoder: StreamDecoder,
+    /// Text held back because it may begin a stop string.
+    held: String,
+    n_tokens: usize,
+    /// The last token's piece was returned: the stop conditions that follow a delivered
+    /// token, then its forward pass, come first in the next call.
+    delivered: bool,
+    /// Why it stopped, once it has.
+    reason: Option<StopReason>,
+    /// The held-back text was delivered (or must not be).
+    flushed: bool,
+    n_prompt: u64,
+    prompt_seconds: f64,
+    generating: Instant,
+}
+
+impl<'s> Generator<'s> {
+    /// Appends `prompt` to what the session holds and computes it (an error here leaves the
+    /// session as it was). `prompt` may be empty when the session holds pending tokens. A
+    /// cancellation while the prompt is computed gives a generator that has already stopped
+    /// ([`StopReason::Cancelled`], no tokens).
+    pub fn new(
+        session: &'s mut Session,
+        sampler: &'s mut Sampler,
+        prompt: &[u32],
+        options: &GenerateOptions,
+    ) -> Result<Generator<'s>> {
+        if prompt.is_empty() && session.n_pending() == 0 {
+            return Err(Error::InvalidArgument("the prompt has no tokens".into()));
         }
-        // Hold back the longest end of the text that could still grow into a stop string.
-        let hold = self
-            .stops
-            .iter()
-            .flat_map(|s| {
-                (1..s.len())
-                    .filter(move |&n| s.is_char_boundary(n))
-                    .map(move |n| &s[..n])
-            })
-            .filter(|prefix| self.pending.ends_with(prefix))
-            .map(str::len)
-            .max()
-            .unwrap_or(0);
-        let emit_to = self.pending.len() - hold;
-        let out = self.pending[..emit_to].to_string();
-        self.pending.drain(..emit_to);
-        (out, false)
+        let model = session.model().clone();
+        model.tokenizer()?;
+        let call = session.call();
+        let n_prompt = (prompt.len() + session.n_pending()) as u64;
+        let started = Instant::now();
+        let reason = match session.step(prompt) {
+            Err(Error::Cancelled) => Some(StopReason::Cancelled),
+            Err(e) => return Err(e),
+            Ok(_) => None,
+        };
+        if reason.is_none() {
+            for &t in prompt {
+                sampler.accept(t);
+            }
+        }
+        Ok(Generator {
+            session,
+            sampler,
+            model,
+            options: options.clone(),
+            call,
+            decoder: StreamDecoder::new(),
+            held: String::new(),
+            n_tokens: 0,
+            delivered: false,
+            flushed: reason.is_some(),
+            reason,
+            n_prompt,
+            prompt_seconds: started.elapsed().as_secs_f64(),
+            generating: Instant::now(),
+        })
     }
+
+    /// Applies the model's chat template to the conversation and starts the assistant's
+    /// reply, reusing the tokens of earlier turns the session still holds (see [`chat`]).
+    pub fn chat(
+        session: &'s mut Session,
+        sampler: &'s mut Sampler,
+        messages: &[ChatMessage],
+        options: &GenerateOptions,
+    ) -> Result<Generator<'s>> {
+        let (keep, ids) = chat_tokens(session, messages, options.parse_special)?;
+        session.rewind(keep)?;
+        Generator::new(session, sampler, &ids[keep..], options)
+    }
+
+    /// Tokens generated and held so far.
+    pub fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    /// Why the generation stopped, once it has.
+    pub fn stop_reason(&self) -> Option<StopReason> {
+        self.reason
+    }
+
+    /// The next piece, or `None` when the generation has stopped and everything was
+    /// delivered. Errors (a bad sampler option, a failing step) end the generation; the
+    /// session keeps the tokens delivered before.
+    pub fn next_piece(&mut self) -> Result<Option<Piece>> {
+        if self.reason.is_none() && self.delivered {
+            self.delivered = false;
+            if self.n_tokens == self.options.max_tokens {
+                self.reason = Some(StopReason::MaxTokens);
+            } else if self.call.cancelled() {
+                self.reason = Some(StopReason::Cancelled);
+            } else {
+                match self.session.step(&[]) {
+                    Err(Error::Cancelled) => self.reason = Some(StopReason::Cancelled),
+                    Err(e) => {
+                        self.stop(StopReason::Cancelled);
+                        return Err(e);
+                    }
+                    Ok(_) => {}
+                }
+            }
+        }
+        if self.reason.is_some() {
+            return self.flush();
+        }
+        let tokenizer = self.model.tokenizer()?;
+        let logits = self.session.logits();
+        let token = self.sampler.sample(logits)?;
+        let (logprob, top_logprobs) = if self.options.logprobs {
+            log_probabilities(logits, token, self.options.top_logprobs)
+        } else {
+            (f32::NAN, Vec::new())
+        };
+        if !self.options.ignore_end_tokens && tokenizer.stop_tokens().contains(&token) {
+            self.reason = Some(StopReason::EndToken);
+            return self.flush();
+        }
+        if self.session.position() == self.session.n_ctx() {
+            self.reason = Some(StopReason::ContextFull);
+            return self.flush();
+        }
+        // Held from here on: its text is about to be delivered.
+        self.session.push_pending(token)?;
+        self.n_tokens += 1;
+        self.delivered = true;
+        let (text, stopped) = hold_back(
+            &self.options.stop_strings,
+            &mut self.held,
+            &self.decoder.push(tokenizer, token)?,
+        );
+        if stopped {
+            self.stop(StopReason::StopString);
+        }
+        Ok(Some(Piece {
+            text,
+            token: Some(token),
+            logprob,
+            top_logprobs,
+        }))
+    }
+
+    /// The text held back when the generation stopped, once.
+    fn flush(&mut self) -> Result<Option<Piece>> {
+        if self.flushed {
+            return Ok(None);
+        }
+        self.flushed = true;
+        let tokenizer = self.model.tokenizer()?;
+        let (mut rest, _) = hold_back(
+            &self.options.stop_strings,
+            &mut self.held,
+            &self.decoder.finish(tokenizer)?,
+        );
+        rest.push_str(&self.held);
+        self.held.clear();
+        Ok((!rest.is_empty()).then(|| Piece {
+            text: rest,
+            token: None,
+            logprob: f32::NAN,
+            top_logprobs: Vec::new(),
+        }))
+    }
+
+    /// Stops now for `reason`; the text held back is dropped.
+    pub fn stop(&mut self, reason: StopReason) {
+        if self.reason.is_none() {
+            self.reason = Some(reason);
+        }
+        self.flushed = true;
+    }
+
+    /// Ends the generation (as stopped by the host, [`StopReason::Callback`], if it had not
+    /// stopped by itself) and records its work in the session's [`Session::perf`].
+    pub fn finish(mut self) -> Generation {
+        self.stop(StopReason::Callback);
+        self.session.record_perf(PerfCounts {
+            prompt_tokens: self.n_prompt,
+            prompt_seconds: self.prompt_seconds,
+            generated_tokens: self.n_tokens as u64,
+            generation_seconds: self.generating.elapsed().as_secs_f64(),
+        });
+        Generation {
+            n_tokens: self.n_tokens,
+            reason: self.reason.unwrap_or(StopReason::Callback),
+        }
+    }
+}
+
+/// The tokens of a conversation with the chat template applied, and how many of them the
+/// session already holds and can keep (at least one is stepped again, for fresh logits).
+pub(crate) fn chat_tokens(
+    session: &Session,
+    messages: &[ChatMessage],
+    parse_special: bool,
+) -> Result<(usize, Vec<u32>)> {
+    let ids = session
+        .model()
+        .tokenizer()?
+        .encode_chat(messages, true, parse_special)?;
+    let common = session
+        .tokens()
+        .iter()
+        .zip(&ids)
+        .take_while(|(a, b)| a == b)
+        .count();
+    Ok((common.min(ids.len().saturating_sub(1)), ids))
+}
+
+/// The log-probability of `token` under `softmax(logits)`, and the `top` best tokens'.
+fn log_probabilities(logits: &[f32], token: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    let lp = |l: f32| (l as f64 - log_z) as f32;
+    let mut best: Vec<(u32, f32)> = Vec::new();
+    if top > 0 {
+        let mut order: Vec<u32> = (0..logits.len() as u32).collect();
+        let k = top.min(order.len());
+        let by = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+        order.select_nth_unstable_by(k - 1, by);
+        order.truncate(k);
+        order.sort_by(by);
+        best = order
+            .into_iter()
+            .map(|t| (t, lp(logits[t as usize])))
+            .collect();
+    }
+    (lp(logits[token as usize]), best)
 }
 
 /// Generates from `prompt` (appended to what the session holds) until a stop condition,
@@ -108,87 +373,17 @@ pub fn generate(
     options: &GenerateOptions,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
-    if prompt.is_empty() && session.n_pending() == 0 {
-        return Err(Error::InvalidArgument("the prompt has no tokens".into()));
-    }
-    let model = session.model().clone();
-    let tokenizer = model.tokenizer()?;
-    let call = session.call();
-    let cancelled = Generation {
-        n_tokens: 0,
-        reason: StopReason::Cancelled,
-    };
-    let n_prompt = (prompt.len() + session.n_pending()) as u64;
-    let started = Instant::now();
-    let mut logits = match session.step(prompt) {
-        Err(Error::Cancelled) => return Ok(cancelled),
-        other => other?,
-    };
-    let prompt_seconds = started.elapsed().as_secs_f64();
-    let generating = Instant::now();
-    // Records the call's work however the loop ends.
-    let perf = |n_tokens: usize| PerfCounts {
-        prompt_tokens: n_prompt,
-        prompt_seconds,
-        generated_tokens: n_tokens as u64,
-        generation_seconds: generating.elapsed().as_secs_f64(),
-    };
-    for &t in prompt {
-        sampler.accept(t);
-    }
-    let mut decoder = StreamDecoder::new();
-    let mut filter = StopFilter {
-        stops: &options.stop_strings,
-        pending: String::new(),
-    };
-    let mut n_tokens = 0;
-    let reason = loop {
-        let token = sampler.sample(logits)?;
-        if !options.ignore_end_tokens && tokenizer.stop_tokens().contains(&token) {
-            break StopReason::EndToken;
-        }
-        if session.position() == session.n_ctx() {
-            break StopReason::ContextFull;
-        }
-        // Held from here on: its text is about to be delivered.
-        session.push_pending(token)?;
-        n_tokens += 1;
-        let (text, stopped) = filter.push(&decoder.push(tokenizer, token)?);
-        if stopped {
-            if !text.is_empty() {
-                on_text(&text);
-            }
-            session.record_perf(perf(n_tokens));
-            return Ok(Generation {
-                n_tokens,
-                reason: StopReason::StopString,
-            });
-        }
-        if !text.is_empty() && !on_text(&text) {
-            break StopReason::Callback;
-        }
-        if n_tokens == options.max_tokens {
-            break StopReason::MaxTokens;
-        }
-        if call.cancelled() {
-            break StopReason::Cancelled;
-        }
-        logits = match session.step(&[]) {
-            Err(Error::Cancelled) => break StopReason::Cancelled,
-            other => other?,
-        };
-    };
-    // What was held back: an incomplete character or the start of a stop string that never
-    // completed.
-    if reason != StopReason::Callback {
-        let (mut rest, _) = filter.push(&decoder.finish(tokenizer)?);
-        rest.push_str(&filter.pending);
-        if !rest.is_empty() {
-            on_text(&rest);
+    drive(Generator::new(session, sampler, prompt, options)?, on_text)
+}
+
+/// Hands a generator's text to `on_text` until it stops or `on_text` returns false.
+fn drive(mut g: Generator<'_>, on_text: &mut dyn FnMut(&str) -> bool) -> Result<Generation> {
+    while let Some(piece) = g.next_piece()? {
+        if !piece.text.is_empty() && !on_text(&piece.text) && g.stop_reason().is_none() {
+            g.stop(StopReason::Callback);
         }
     }
-    session.record_perf(perf(n_tokens));
-    Ok(Generation { n_tokens, reason })
+    Ok(g.finish())
 }
 
 /// Applies the model's chat template to the whole conversation and generates the assistant's
@@ -206,48 +401,50 @@ pub fn chat(
     options: &GenerateOptions,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<Generation> {
-    let model = session.model().clone();
-    let ids = model
-        .tokenizer()?
-        .encode_chat(messages, true, options.parse_special)?;
-    let common = session
-        .tokens()
-        .iter()
-        .zip(&ids)
-        .take_while(|(a, b)| a == b)
-        .count();
-    // At least one token is stepped again, to have fresh logits.
-    let keep = common.min(ids.len().saturating_sub(1));
-    session.rewind(keep)?;
-    generate(session, sampler, &ids[keep..], options, on_text)
+    drive(
+        Generator::chat(session, sampler, messages, options)?,
+        on_text,
+    )
 }
 
 #[cfg(test)]
 mod tests {
-    use super::StopFilter;
+    use super::hold_back;
 
     #[test]
     fn stop_strings_are_held_back_then_cut() {
         let stops = vec!["</end>".to_string(), "STOP".to_string()];
-        let mut f = StopFilter {
-            stops: &stops,
-            pending: String::new(),
-        };
-        assert_eq!(f.push("Hello </"), ("Hello ".to_string(), false));
-        assert_eq!(f.push("en"), (String::new(), false));
-        assert_eq!(f.push("d> more"), (String::new(), true));
-        let mut f = StopFilter {
-            stops: &stops,
-            pending: String::new(),
-        };
-        assert_eq!(f.push("ST"), (String::new(), false));
-        assert_eq!(f.push("ART"), ("START".to_string(), false));
-        assert_eq!(f.push("xSTOPy"), ("x".to_string(), true));
-        let none: Vec<String> = Vec::new();
-        let mut f = StopFilter {
-            stops: &none,
-            pending: String::new(),
-        };
-        assert_eq!(f.push("é"), ("é".to_string(), false));
+        let mut held = String::new();
+        assert_eq!(
+            hold_back(&stops, &mut held, "Hello </"),
+            ("Hello ".to_string(), false)
+        );
+        assert_eq!(hold_back(&stops, &mut held, "en"), (String::new(), false));
+        assert_eq!(
+            hold_back(&stops, &mut held, "d> more"),
+            (String::new(), true)
+        );
+        let mut held = String::new();
+        assert_eq!(hold_back(&stops, &mut held, "ST"), (String::new(), false));
+        assert_eq!(
+            hold_back(&stops, &mut held, "ART"),
+            ("START".to_string(), false)
+        );
+        assert_eq!(
+            hold_back(&stops, &mut held, "xSTOPy"),
+            ("x".to_string(), true)
+        );
+        let mut held = String::new();
+        assert_eq!(hold_back(&[], &mut held, "é"), ("é".to_string(), false));
+    }
+
+    #[test]
+    fn log_probabilities_are_normalised_and_ranked() {
+        let logits = [1.0f32, 3.0, 2.0, -1.0];
+        let (lp, top) = super::log_probabilities(&logits, 2, 2);
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        assert!((lp as f64 - (2.0 - z.ln())).abs() < 1e-6);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(top[1].1, lp);
     }
 }

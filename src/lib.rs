@@ -44,7 +44,7 @@ pub mod threading;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
-pub use generate::{chat, generate, GenerateOptions, Generation, StopReason};
+pub use generate::{chat, generate, GenerateOptions, Generation, Generator, Piece, StopReason};
 pub use model::{Architecture, ModelConfig};
 pub use model::{LoadOptions, Model, ModelInfo};
 pub use sampler::{Sampler, SamplerOptions};

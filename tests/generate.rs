@@ -373,3 +373,52 @@ fn sampling_is_reproducible_with_a_seed() {
     assert_eq!(sample(7), sample(7));
     assert_ne!(sample(7), sample(8));
 }
+
+#[test]
+fn a_pulled_generation_gives_the_callbacks_text_token_by_token() {
+    let m = model("llama");
+    let prompt = m
+        .tokenizer()
+        .unwrap()
+        .encode("Once upon a time", false, false)
+        .unwrap();
+    let options = GenerateOptions {
+        max_tokens: 20,
+        stop_strings: vec!["e t".into()],
+        logprobs: true,
+        top_logprobs: 3,
+        ..Default::default()
+    };
+    let mut a = session(&m, 64);
+    let (expected_text, expected) = run(&mut a, &prompt, &options);
+    let mut b = session(&m, 64);
+    let mut sampler = greedy();
+    let mut g = ember::Generator::new(&mut b, &mut sampler, &prompt, &options).unwrap();
+    let (mut text, mut tokens) = (String::new(), Vec::new());
+    while let Some(piece) = g.next_piece().unwrap() {
+        text.push_str(&piece.text);
+        if let Some(t) = piece.token {
+            tokens.push(t);
+            // Greedy: the token is the most likely one, and its log-probability the best.
+            assert_eq!(piece.top_logprobs[0].0, t);
+            assert_eq!(piece.top_logprobs[0].1, piece.logprob);
+            assert!(piece.logprob <= 0.0 && piece.top_logprobs[1].1 <= piece.logprob);
+        }
+    }
+    let result = g.finish();
+    assert_eq!((text, result), (expected_text, expected));
+    assert_eq!(a.tokens(), b.tokens());
+    assert_eq!(&b.tokens()[prompt.len()..], &tokens[..]);
+
+    // Stopping after three pieces: the session holds those three tokens, pending the last.
+    let mut c = session(&m, 64);
+    let mut sampler = greedy();
+    let mut g = ember::Generator::new(&mut c, &mut sampler, &prompt, &options).unwrap();
+    for _ in 0..3 {
+        assert!(g.next_piece().unwrap().unwrap().logprob.is_finite());
+    }
+    let result = g.finish();
+    assert_eq!((result.n_tokens, result.reason), (3, StopReason::Callback));
+    assert_eq!(c.tokens(), &b.tokens()[..prompt.len() + 3]);
+    assert_eq!(c.n_pending(), 1);
+}

@@ -425,6 +425,36 @@ fn hostile_chat_templates_stop_with_an_error_naming_the_template() {
     let (result, _) = render("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}");
     let err = result.unwrap_err().to_string();
     assert!(err.contains("mod.gguf"), "{err}");
+    // minijinja 2.24 panics on a negative-step slice of an empty list (found by the
+    // chat_template fuzz campaign): an error naming the template, and no panic counted.
+    let panics = ember::error::CAUGHT_PANICS.load(std::sync::atomic::Ordering::Relaxed);
+    for source in [
+        "{{ [][::-1] }}",
+        "{% for m in ([] + [])[::-2] %}{{ m }}{% endfor %}",
+    ] {
+        let (result, _) = render(source);
+        let err = result.unwrap_err().to_string();
+        assert!(
+            err.contains("mod.gguf") && err.contains("template engine"),
+            "{err}"
+        );
+    }
+    let empty = ChatTemplate::from_source(
+        "{% for m in messages[::-1] %}{{ m.content }}{% endfor %}",
+        "a Qwen3-like template",
+    )
+    .unwrap();
+    assert!(empty.render(&[], true, "", "").is_err());
+    assert_eq!(
+        empty
+            .render(&[ChatMessage::new("user", "hi")], true, "", "")
+            .unwrap(),
+        "hi"
+    );
+    assert_eq!(
+        ember::error::CAUGHT_PANICS.load(std::sync::atomic::Ordering::Relaxed),
+        panics
+    );
     // A template too large to compile.
     let huge = "x".repeat(ember::tokenizer::MAX_TEMPLATE_BYTES + 1);
     let err = ChatTemplate::from_source(&huge, "the chat template of mod.gguf").unwrap_err();

@@ -794,6 +794,14 @@ class Session : public detail::Handle<ember_session, ember_session_free> {
     return finish(st, reason, n);
   }
 
+  /// Starts generating from `prompt` in the background (see GenerationHandle): returns at
+  /// once; the session and `sampler` belong to the generation until it is finished.
+  Result<class GenerationHandle> try_start(std::string_view prompt, Sampler &sampler,
+                                           const GenerateOptions &options);
+  /// Starts the assistant's reply to `messages` in the background (see try_chat).
+  Result<class GenerationHandle> try_start_chat(const std::vector<ChatMessage> &messages,
+                                                Sampler &sampler, const GenerateOptions &options);
+
 #if EMBER_HPP_EXCEPTIONS
   /// try_step; returns logits(). Throws ember::Error on failure.
   const std::vector<float> &step(const std::vector<int32_t> &tokens) {
@@ -865,6 +873,118 @@ class Session : public detail::Handle<ember_session, ember_session_free> {
 
   std::vector<float> logits_;
 };
+
+/// A generation running on a thread of the library (`ember_generation_*`): poll() its text
+/// from the game loop (it never blocks and calls nothing back), cancel() it at any time,
+/// and finish() it, which waits for it to end, gives the session and sampler back and says
+/// why it stopped. Destroying an unfinished handle cancels and finishes it.
+class GenerationHandle {
+ public:
+  GenerationHandle() noexcept = default;
+  GenerationHandle(GenerationHandle &&other) noexcept : handle_(other.handle_) { other.handle_ = nullptr; }
+  GenerationHandle &operator=(GenerationHandle &&other) noexcept {
+    if (this != &other) {
+      reset();
+      handle_ = other.handle_;
+      other.handle_ = nullptr;
+    }
+    return *this;
+  }
+  GenerationHandle(const GenerationHandle &) = delete;
+  GenerationHandle &operator=(const GenerationHandle &) = delete;
+  ~GenerationHandle() { reset(); }
+
+  /// True until finished.
+  explicit operator bool() const noexcept { return handle_ != nullptr; }
+  /// The C handle (nullptr once finished).
+  ember_generation *get() const noexcept { return handle_; }
+
+  /// Appends the text generated since the last poll to `text`; returns true once the
+  /// generation has ended and all its text has been taken (then call finish()).
+  bool poll(std::string &text) {
+    char buffer[1024];
+    ember_generation_state state = EMBER_GENERATION_RUNNING;
+    for (;;) {
+      size_t n = 0;
+      if (ember_generation_poll(handle_, buffer, sizeof buffer, &n, &state) != EMBER_OK) return true;
+      text.append(buffer, n);
+      if (n + 1 < sizeof buffer) return state == EMBER_GENERATION_FINISHED;
+    }
+  }
+  /// Waits up to `timeout_ms` for text or the end (for a worker thread that prefers to wait).
+  void wait(uint32_t timeout_ms) const noexcept { (void)ember_generation_wait(handle_, timeout_ms, nullptr); }
+  /// Asks the generation to stop (any thread): it ends with StopReason::cancelled.
+  void cancel() const noexcept { (void)ember_generation_cancel(handle_); }
+  /// Prompt tokens computed so far, and in all.
+  std::pair<size_t, size_t> progress() const noexcept {
+    size_t done = 0, total = 0;
+    (void)ember_generation_progress(handle_, &done, &total);
+    return {done, total};
+  }
+  /// Tokens generated since the last call, with log-probabilities when asked for.
+  std::vector<ember_token_info> tokens() {
+    std::vector<ember_token_info> out(256);
+    size_t n = 0;
+    if (ember_generation_poll_tokens(handle_, out.data(), out.size(), &n) != EMBER_OK) n = 0;
+    out.resize(n);
+    return out;
+  }
+  /// Waits for the end and frees the generation; a cancel() is not an error here.
+  Result<Generation> finish() {
+    ember_stop_reason reason = EMBER_STOP_REASON_END_TOKEN;
+    size_t n = 0;
+    ember_status st = ember_generation_finish(handle_, &reason, &n);
+    handle_ = nullptr;
+    if (st != EMBER_OK && !(st == EMBER_ERR_CANCELLED && reason == EMBER_STOP_REASON_CANCELLED))
+      return detail::failure(st);
+    return Generation{static_cast<StopReason>(reason), n};
+  }
+
+ private:
+  friend class Session;
+  explicit GenerationHandle(ember_generation *handle) noexcept : handle_(handle) {}
+  void reset() noexcept {
+    if (handle_) {
+      cancel();
+      (void)ember_generation_finish(handle_, nullptr, nullptr);
+      handle_ = nullptr;
+    }
+  }
+  ember_generation *handle_ = nullptr;
+};
+
+inline Result<GenerationHandle> Session::try_start(std::string_view prompt, Sampler &sampler,
+                                                   const GenerateOptions &options) {
+  std::vector<const char *> stops;
+  ember_generate_params p;
+  if (auto r = detail::c_params(options, p, stops); !r) return r.error();
+  ember_generation_prompt q{};
+  q.struct_size = sizeof q;
+  q.text = prompt.data();
+  q.text_len = prompt.size();
+  ember_generation *handle = nullptr;
+  ember_status st = ember_generation_start(get(), sampler.get(), &q, &p, &handle);
+  if (st != EMBER_OK) return detail::failure(st);
+  return GenerationHandle(handle);
+}
+
+inline Result<GenerationHandle> Session::try_start_chat(const std::vector<ChatMessage> &messages,
+                                                        Sampler &sampler,
+                                                        const GenerateOptions &options) {
+  std::vector<const char *> stops;
+  ember_generate_params p;
+  if (auto r = detail::c_params(options, p, stops); !r) return r.error();
+  std::vector<ember_chat_message> c;
+  if (auto r = detail::c_messages(messages, c); !r) return r.error();
+  ember_generation_prompt q{};
+  q.struct_size = sizeof q;
+  q.messages = c.data();
+  q.n_messages = c.size();
+  ember_generation *handle = nullptr;
+  ember_status st = ember_generation_start(get(), sampler.get(), &q, &p, &handle);
+  if (st != EMBER_OK) return detail::failure(st);
+  return GenerationHandle(handle);
+}
 
 }  // namespace ember
 

@@ -63,6 +63,14 @@ pub struct ember_generate_params {
     /// chat template itself writes becomes control tokens. Turn it on only for text the host
     /// wrote itself.
     pub parse_special: u32,
+    /// Non-zero: compute each generated token's log-probability under the model's
+    /// distribution (`ember_generation_poll_tokens`; about one pass over the vocabulary per
+    /// token). Default 0.
+    pub logprobs: u32,
+    /// `ember_generation_start` only: the most pieces of text the generation computes ahead
+    /// of `ember_generation_poll`; it pauses while that many wait to be polled (so a host
+    /// that stops reading costs no more tokens). 0 (the default): no limit.
+    pub max_ahead: u32,
 }
 
 const GENERATE_PARAMS_DEFAULT: ember_generate_params = ember_generate_params {
@@ -73,6 +81,8 @@ const GENERATE_PARAMS_DEFAULT: ember_generate_params = ember_generate_params {
     ignore_end_tokens: 0,
     add_special: 1,
     parse_special: 0,
+    logprobs: 0,
+    max_ahead: 0,
 };
 
 /// Fills `*params` (a struct of `struct_size` bytes) with the defaults. Use the
@@ -93,7 +103,7 @@ pub unsafe extern "C" fn ember_generate_params_default(
 ///
 /// # Safety
 /// `params` NULL or a params struct whose stop strings are valid.
-unsafe fn options(
+pub(super) unsafe fn options(
     params: *const ember_generate_params,
 ) -> Result<(ember_generate_params, GenerateOptions)> {
     // SAFETY: forwarded contract.
@@ -115,6 +125,8 @@ unsafe fn options(
             stop_strings,
             ignore_end_tokens: p.ignore_end_tokens != 0,
             parse_special: p.parse_special != 0,
+            logprobs: p.logprobs != 0,
+            top_logprobs: 0,
         },
     ))
 }
@@ -132,15 +144,25 @@ fn callback(on_text: ember_text_callback, user: *mut c_void) -> impl FnMut(&str)
     }
 }
 
-fn report(result: Generation, out_reason: *mut ember_stop_reason, out_n_tokens: *mut usize) {
-    let reason = match result.reason {
-        StopReason::EndToken => ember_stop_reason::EMBER_STOP_REASON_END_TOKEN,
-        StopReason::MaxTokens => ember_stop_reason::EMBER_STOP_REASON_MAX_TOKENS,
-        StopReason::StopString => ember_stop_reason::EMBER_STOP_REASON_STOP_STRING,
-        StopReason::Callback => ember_stop_reason::EMBER_STOP_REASON_CALLBACK,
-        StopReason::ContextFull => ember_stop_reason::EMBER_STOP_REASON_CONTEXT_FULL,
-        StopReason::Cancelled => ember_stop_reason::EMBER_STOP_REASON_CANCELLED,
-    };
+impl ember_stop_reason {
+    pub(super) fn of(reason: StopReason) -> ember_stop_reason {
+        match reason {
+            StopReason::EndToken => ember_stop_reason::EMBER_STOP_REASON_END_TOKEN,
+            StopReason::MaxTokens => ember_stop_reason::EMBER_STOP_REASON_MAX_TOKENS,
+            StopReason::StopString => ember_stop_reason::EMBER_STOP_REASON_STOP_STRING,
+            StopReason::Callback => ember_stop_reason::EMBER_STOP_REASON_CALLBACK,
+            StopReason::ContextFull => ember_stop_reason::EMBER_STOP_REASON_CONTEXT_FULL,
+            StopReason::Cancelled => ember_stop_reason::EMBER_STOP_REASON_CANCELLED,
+        }
+    }
+}
+
+pub(super) fn report(
+    result: Generation,
+    out_reason: *mut ember_stop_reason,
+    out_n_tokens: *mut usize,
+) {
+    let reason = ember_stop_reason::of(result.reason);
     // SAFETY: both outputs are NULL or valid for writing (the callers' contract).
     unsafe {
         if let Some(r) = out_reason.as_mut() {

@@ -26,6 +26,8 @@ mod sampler;
 
 mod generate;
 
+mod generation;
+
 use std::cell::{Cell, RefCell};
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -35,6 +37,7 @@ use std::sync::Mutex;
 use crate::error::{Error, Result};
 
 pub use generate::*;
+pub use generation::*;
 pub use model::*;
 pub use sampler::*;
 pub use session::*;
@@ -450,6 +453,66 @@ impl<T> Exclusive<T> {
                 std::panic::resume_unwind(panic)
             }
         }
+    }
+}
+
+impl<T: Send> Exclusive<T> {
+    /// Takes exclusive access now, for a body that runs later on another thread (a
+    /// background generation): until the lease drops, other calls get `Busy`.
+    ///
+    /// # Safety
+    /// The value must outlive the lease (the host may not free the handle meanwhile).
+    pub(crate) unsafe fn lease(&self) -> Result<Lease<T>> {
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(Error::Internal(format!(
+                "this {} hit an internal error earlier and can only be freed",
+                self.what
+            )));
+        }
+        if self
+            .busy
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return Err(Error::Busy(format!(
+                "the {} is in use by another call",
+                self.what
+            )));
+        }
+        Ok(Lease { owner: self })
+    }
+}
+
+/// Exclusive access to an [`Exclusive`] value, held from [`Exclusive::lease`] until dropped.
+pub(crate) struct Lease<T> {
+    owner: *const Exclusive<T>,
+}
+
+// SAFETY: a lease is the only access to its value while it lives (the busy flag), so moving
+// it to another thread moves that access, as moving a `&mut T` would; `T: Send` is required.
+unsafe impl<T: Send> Send for Lease<T> {}
+
+impl<T> Lease<T> {
+    /// Runs `body` with the value; a panic inside poisons it.
+    pub(crate) fn with<R>(&mut self, body: impl FnOnce(&mut T) -> Result<R>) -> Result<R> {
+        // SAFETY: the owner outlives the lease (`lease`'s contract).
+        let owner = unsafe { &*self.owner };
+        // SAFETY: the busy flag held by this lease gives it the only access to the value.
+        let inner = unsafe { &mut *owner.value.get() };
+        match catch_unwind(AssertUnwindSafe(|| body(inner))) {
+            Ok(result) => result,
+            Err(panic) => {
+                owner.poisoned.store(true, Ordering::Release);
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
+}
+
+impl<T> Drop for Lease<T> {
+    fn drop(&mut self) {
+        // SAFETY: the owner outlives the lease (`lease`'s contract).
+        unsafe { &*self.owner }.busy.store(false, Ordering::Release);
     }
 }
 

@@ -15,9 +15,9 @@ use crate::session::{CancelHandle, Session, SessionOptions, SessionShared};
 /// take a `const ember_session *` (position, context length, cancel) may be called from any
 /// thread at any time.
 pub struct ember_session {
-    session: Exclusive<Session>,
-    shared: Arc<SessionShared>,
-    cancel: CancelHandle,
+    pub(crate) session: Exclusive<Session>,
+    pub(crate) shared: Arc<SessionShared>,
+    pub(crate) cancel: CancelHandle,
 }
 
 /// Runs `body` on the session with exclusive access; a panic inside poisons the session.

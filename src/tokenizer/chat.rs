@@ -267,23 +267,32 @@ impl ChatTemplate {
         context.insert("bos_token", Value::from(bos_token));
         context.insert("eos_token", Value::from(eos_token));
         let origin = &self.origin;
-        template
-            .render_captured_to(Value::from_serialize(&context), &mut out)
-            .map(drop)
-            .map_err(|e| {
-                let detail = match e.kind() {
-                    ErrorKind::InvalidOperation => e.detail().unwrap_or_default().to_string(),
-                    ErrorKind::OutOfFuel => {
-                        format!("stopped after {FUEL} instructions (a template may not run longer)")
-                    }
-                    ErrorKind::WriteFailure => format!(
-                        "its output passed {} bytes (a template may not write more)",
-                        out.cap
-                    ),
-                    _ => e.to_string(),
-                };
-                Error::InvalidArgument(format!("{origin}: {detail}"))
-            })?;
+        // minijinja 2.24 panics (index out of bounds in value/ops.rs) on a negative-step slice
+        // of an empty sequence, `[][::-1]`, which Qwen3's template does to an empty
+        // `messages`: that panic becomes an error naming the template.
+        crate::error::catch_dependency_panic(|| {
+            template.render_captured_to(Value::from_serialize(&context), &mut out)
+        })
+        .map_err(|panic| {
+            Error::InvalidArgument(format!(
+                "{origin}: the template engine failed on this template ({panic})"
+            ))
+        })?
+        .map(drop)
+        .map_err(|e| {
+            let detail = match e.kind() {
+                ErrorKind::InvalidOperation => e.detail().unwrap_or_default().to_string(),
+                ErrorKind::OutOfFuel => {
+                    format!("stopped after {FUEL} instructions (a template may not run longer)")
+                }
+                ErrorKind::WriteFailure => format!(
+                    "its output passed {} bytes (a template may not write more)",
+                    out.cap
+                ),
+                _ => e.to_string(),
+            };
+            Error::InvalidArgument(format!("{origin}: {detail}"))
+        })?;
         String::from_utf8(out.text)
             .map_err(|_| Error::InvalidArgument(format!("{origin}: the output is not UTF-8")))
     }

@@ -532,6 +532,169 @@ static void test_state_and_fork(void) {
   free(b);
 }
 
+static void sleep_us(long us);
+
+/* Polls a background generation from a "frame loop" until it finishes. */
+static size_t poll_all(ember_generation *g, char *text, size_t cap, int *frames) {
+  size_t len = 0;
+  ember_generation_state state = EMBER_GENERATION_RUNNING;
+  while (state != EMBER_GENERATION_FINISHED) {
+    size_t n = 0;
+    char piece[8]; /* small on purpose: text comes out in several polls */
+    CHECK_STATUS(ember_generation_poll(g, piece, sizeof piece, &n, &state), EMBER_OK);
+    CHECK(n < sizeof piece && piece[n] == 0);
+    if (len + n < cap) {
+      memcpy(text + len, piece, n);
+      len += n;
+    }
+    if (n == 0 && state == EMBER_GENERATION_RUNNING)
+      CHECK_STATUS(ember_generation_wait(g, 1, NULL), EMBER_OK);
+    (*frames)++;
+  }
+  text[len] = 0;
+  return len;
+}
+
+static void test_generation(void) {
+  ember_session *s = new_session(64, 2);
+  ember_sampler *greedy = NULL;
+  CHECK_STATUS(ember_sampler_new(NULL, &greedy), EMBER_OK);
+  ember_generate_params gp;
+  CHECK_STATUS(EMBER_GENERATE_PARAMS_DEFAULT(&gp), EMBER_OK);
+  gp.max_tokens = 12;
+  gp.ignore_end_tokens = 1;
+  gp.logprobs = 1;
+  const char *prompt = "Once upon a time";
+  struct text_buffer b = {0};
+  ember_stop_reason reason = EMBER_STOP_REASON_END_TOKEN;
+  size_t n = 0;
+  CHECK_STATUS(ember_generate(s, greedy, prompt, strlen(prompt), &gp, collect, &b, &reason, &n), EMBER_OK);
+
+  /* The same text, polled from a background generation. */
+  ember_session *t = new_session(64, 2);
+  ember_generation_prompt p;
+  memset(&p, 0, sizeof p);
+  p.struct_size = sizeof p;
+  p.text = prompt;
+  p.text_len = strlen(prompt);
+  ember_generation *g = NULL;
+  CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, &g), EMBER_OK);
+  /* The session and the sampler belong to the generation until it is finished. */
+  int32_t one = 5;
+  ember_status busy = ember_step(t, &one, 1, NULL);
+  CHECK(busy == EMBER_ERR_BUSY);
+  CHECK_STATUS(ember_sample(greedy, (const float[]){1, 2}, 2, &one), EMBER_ERR_BUSY);
+  CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, &g), EMBER_ERR_BUSY);
+  char text[1024];
+  int frames = 0;
+  size_t len = poll_all(g, text, sizeof text, &frames);
+  CHECK(len == b.len && memcmp(text, b.data, len) == 0);
+  CHECK(frames > 1);
+  size_t done = 0, total = 0;
+  CHECK_STATUS(ember_generation_progress(g, &done, &total), EMBER_OK);
+  CHECK(done == total && total > 0);
+  ember_token_info infos[32];
+  size_t n_infos = 0;
+  CHECK_STATUS(ember_generation_poll_tokens(g, infos, 5, &n_infos), EMBER_OK);
+  CHECK(n_infos == 5);
+  size_t more = 0;
+  CHECK_STATUS(ember_generation_poll_tokens(g, infos + 5, 27, &more), EMBER_OK);
+  CHECK(n_infos + more == 12);
+  for (size_t i = 0; i < 12; i++) CHECK(infos[i].logprob <= 0 && infos[i].logprob > -100);
+  CHECK_STATUS(ember_generation_finish(g, &reason, &n), EMBER_OK);
+  CHECK(reason == EMBER_STOP_REASON_MAX_TOKENS && n == 12);
+  int32_t held[128];
+  size_t n_held = 0;
+  CHECK_STATUS(ember_session_tokens(t, held, 128, &n_held), EMBER_OK);
+  CHECK(n_held == ember_session_position(s));
+  CHECK(n_held >= 12 && held[n_held - 12] == infos[0].token);
+  /* Continue from the pending token with an empty prompt, then chat, then tokens. */
+  CHECK_STATUS(ember_generation_start(t, greedy, NULL, &gp, &g), EMBER_OK);
+  CHECK_STATUS(ember_generation_finish(g, &reason, &n), EMBER_OK);
+  CHECK(n == 12 && ember_session_position(t) == n_held + 12);
+  ember_chat_message chat[1] = {{"user", "Hi"}};
+  memset(&p, 0, sizeof p);
+  p.struct_size = sizeof p;
+  p.messages = chat;
+  p.n_messages = 1;
+  CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, &g), EMBER_OK);
+  frames = 0;
+  poll_all(g, text, sizeof text, &frames);
+  CHECK_STATUS(ember_generation_finish(g, &reason, &n), EMBER_OK);
+  CHECK(n == 12);
+
+  /* Errors are reported by start, synchronously, and leave the session usable. */
+  int32_t bad[2] = {1, 320};
+  memset(&p, 0, sizeof p);
+  p.struct_size = sizeof p;
+  p.tokens = bad;
+  p.n_tokens = 2;
+  g = NULL;
+  CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, &g), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(g == NULL);
+  p.text = prompt;
+  p.text_len = 3;
+  CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, &g), EMBER_ERR_INVALID_ARGUMENT);
+  p.text_len = 0;
+  p.n_tokens = 1;
+  CHECK_STATUS(ember_generation_start(NULL, greedy, &p, &gp, &g), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_generation_start(t, NULL, &p, &gp, &g), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_generation_finish(NULL, NULL, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_generation_poll(NULL, text, 8, &n, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_generation_cancel(NULL), EMBER_ERR_INVALID_ARGUMENT);
+  /* A prompt that does not fit is refused at once too. */
+  int32_t many[80];
+  for (int i = 0; i < 80; i++) many[i] = 10 + i;
+  p.tokens = many;
+  p.n_tokens = 80;
+  CHECK_STATUS(ember_session_reset(t), EMBER_OK);
+  CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, &g), EMBER_ERR_CONTEXT_FULL);
+  CHECK(g == NULL && ember_session_position(t) == 0);
+  /* An error during the generation (an invalid bias token for this vocabulary) ends it;
+     finish reports it and the session keeps what it had. */
+  ember_sampler_params sp;
+  CHECK_STATUS(EMBER_SAMPLER_PARAMS_DEFAULT(&sp), EMBER_OK);
+  ember_logit_bias far = {400, 1.0f};
+  sp.logit_bias = &far;
+  sp.n_logit_bias = 1;
+  ember_sampler *biased = NULL;
+  CHECK_STATUS(ember_sampler_new(&sp, &biased), EMBER_OK);
+  p.n_tokens = 3;
+  CHECK_STATUS(ember_generation_start(t, biased, &p, &gp, &g), EMBER_OK);
+  CHECK_STATUS(ember_generation_finish(g, &reason, &n), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(ember_last_error(), "outside the vocabulary") != NULL);
+  ember_sampler_free(biased);
+  CHECK(ember_session_position(t) == 3);
+  CHECK_STATUS(ember_session_reset(t), EMBER_OK);
+  CHECK_STATUS(ember_step(t, many, 3, NULL), EMBER_OK);
+
+  /* Cancel at once (before the worker has started), and cancel mid-way. */
+  gp.max_tokens = 0;
+  p.n_tokens = 3;
+  for (int round = 0; round < 20; round++) {
+    CHECK_STATUS(ember_session_reset(t), EMBER_OK);
+    CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, &g), EMBER_OK);
+    if (round % 2) sleep_us(2000);
+    CHECK_STATUS(ember_generation_cancel(g), EMBER_OK);
+    ember_status st = ember_generation_finish(g, &reason, &n);
+    bool cancelled = st == EMBER_ERR_CANCELLED && reason == EMBER_STOP_REASON_CANCELLED;
+    /* The generation runs as soon as it starts: it may fill the context before the cancel
+       (under valgrind's scheduler it often does). */
+    CHECK(cancelled || (st == EMBER_OK && reason == EMBER_STOP_REASON_CONTEXT_FULL));
+    CHECK(ember_session_position(t) == (n == 0 ? 0 : 3 + n));
+  }
+  /* A finish without polling drops the text; the session and sampler are free again. */
+  CHECK_STATUS(ember_session_reset(t), EMBER_OK);
+  gp.max_tokens = 4;
+  CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, &g), EMBER_OK);
+  CHECK_STATUS(ember_generation_finish(g, NULL, NULL), EMBER_OK);
+  CHECK_STATUS(ember_step(t, &one, 1, NULL), EMBER_OK);
+  ember_sampler_free(greedy);
+  ember_session_free(t);
+  ember_session_free(s);
+}
+
 static void test_sampler(void) {
   ember_sampler_params p;
   CHECK_STATUS(EMBER_SAMPLER_PARAMS_DEFAULT(&p), EMBER_OK);
@@ -889,7 +1052,7 @@ static void test_progress(void) {
   ember_session *s = NULL;
   CHECK_STATUS(ember_session_new(model, &p, &s), EMBER_OK);
   int rounds_seen_between = 0;
-  for (int round = 0; round < 50 && rounds_seen_between == 0; round++) {
+  for (int round = 0; round < 200 && rounds_seen_between == 0; round++) {
     CHECK_STATUS(ember_session_reset(s), EMBER_OK);
     struct long_prompt lp = {s, EMBER_OK, 0};
     pthread_t thread;
@@ -1135,6 +1298,7 @@ int main(int argc, char **argv) {
   test_generate();
   test_detokenizer();
   test_cancel();
+  test_generation();
   test_session_tokens();
   test_progress();
   test_reentrancy();

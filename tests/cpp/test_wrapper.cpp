@@ -525,6 +525,49 @@ static void test_state_and_fork(const ember::Model &model) {
   CHECK(bytes.ok() && *bytes > 0);
 }
 
+static void test_background_generation(const ember::Model &model) {
+  ember::Session session = new_session(model, 64, 2);
+  auto sampler = ember::Sampler::try_create();
+  CHECK(sampler.ok());
+  if (!sampler.ok()) return;
+  std::string expected;
+  auto direct = session.try_generate("Once upon a time", *sampler, exactly(10),
+                                     [&](std::string_view piece) { expected += piece; });
+  CHECK(direct.ok());
+  CHECK(session.try_reset().ok());
+  auto started = session.try_start("Once upon a time", *sampler, exactly(10));
+  CHECK(started.ok());
+  if (!started.ok()) return;
+  ember::GenerationHandle g = std::move(started).value();
+  CHECK(session.try_step(std::vector<int32_t>{5}).status() == ember::Status::busy);
+  std::string text;
+  while (!g.poll(text)) g.wait(1);
+  CHECK(text == expected);
+  CHECK(g.progress().first == g.progress().second);
+  CHECK(g.tokens().size() == 10);
+  auto done = g.finish();
+  CHECK(done.ok() && done->n_tokens == 10 && done->reason == ember::StopReason::max_tokens);
+  CHECK(!g);
+  // Cancelled (the generation may have ended first: it runs as soon as it starts), then
+  // dropped unfinished: neither leaks nor blocks.
+  auto chat = session.try_start_chat({{"user", "Hi"}}, *sampler, exactly(0));
+  CHECK(chat.ok());
+  if (chat.ok()) {
+    ember::GenerationHandle c = std::move(chat).value();
+    c.cancel();
+    auto ended = c.finish();
+    CHECK(ended.ok() && (ended->reason == ember::StopReason::cancelled ||
+                         ended->reason == ember::StopReason::context_full));
+  }
+  CHECK(session.try_reset().ok());
+  auto dropped = session.try_start("Once", *sampler, exactly(5));
+  CHECK(dropped.ok());
+  if (dropped.ok()) {
+    ember::GenerationHandle d = std::move(dropped).value();
+  }
+  CHECK(session.try_step(std::vector<int32_t>{5}).ok());
+}
+
 int main(int argc, char **argv) {
   if (argc != 3) {
     std::fprintf(stderr, "usage: %s LLAMA_FIXTURE_DIR GPT2_FIXTURE_DIR\n", argv[0]);
@@ -544,6 +587,7 @@ int main(int argc, char **argv) {
   test_model(model);
   test_session(model);
   test_state_and_fork(model);
+  test_background_generation(model);
   test_sampler();
   test_detokenizer(model);
   test_generate(model);

@@ -9,11 +9,10 @@ import atexit
 import ctypes
 import operator
 import os
-import queue
 import sys
 import threading
 import weakref
-from ctypes import byref, c_char_p, c_float, c_int, c_int32, c_size_t
+from ctypes import POINTER, byref, c_char_p, c_float, c_int, c_int32, c_size_t
 from typing import (
     Any,
     Callable,
@@ -32,6 +31,7 @@ from .errors import (
     BufferTooSmallError,
     BusyError,
     CancelledError,
+    EmberError,
     InvalidArgumentError,
     LogLevel,
     StopReason,
@@ -187,6 +187,9 @@ def _generate_params(
     params.ignore_end_tokens = int(bool(ignore_end_tokens))
     params.add_special = int(bool(add_special))
     params.parse_special = int(bool(parse_special))
+    # A stream computes at most one piece ahead of its consumer: one that stops reading
+    # (a break) costs no more tokens.
+    params.max_ahead = 1
     return params
 
 
@@ -542,25 +545,26 @@ class Model(_Owned):
     def generate(self, prompt: Text, *, max_tokens: int = 256, sampler: Optional["Sampler"] = None,
                  stop: Union[Text, Iterable[Text]] = (), ignore_end_tokens: bool = False,
                  add_special: bool = True, parse_special: bool = False, n_ctx: int = 0,
-                 threads: Optional[int] = None) -> "TextStream":
+                 threads: Optional[int] = None, logprobs: bool = False) -> "TextStream":
         """Generates a continuation of ``prompt`` in a session of its own (made for this
         call, closed when the stream ends), yielding text as it comes. See
         ``Session.generate`` for the options; ``n_ctx`` and ``threads`` size the session."""
         session = self.session(n_ctx=n_ctx, threads=threads)
         return session._stream_generate(prompt, max_tokens, sampler, stop, ignore_end_tokens,
-                                        add_special, parse_special, owned=[session])
+                                        add_special, parse_special, owned=[session],
+                                        logprobs=logprobs)
 
     def chat(self, messages: Iterable[Message], *, max_tokens: int = 256,
              sampler: Optional["Sampler"] = None, stop: Union[Text, Iterable[Text]] = (),
              ignore_end_tokens: bool = False, parse_special: bool = False, n_ctx: int = 0,
-             threads: Optional[int] = None) -> "TextStream":
+             threads: Optional[int] = None, logprobs: bool = False) -> "TextStream":
         """The assistant's reply to ``messages`` (the chat template applied), in a session of
         its own, yielding text as it comes. To keep a conversation, use ``Session.chat`` on
         one session: earlier turns are then not computed again. See ``Session.chat`` for
         ``parse_special``."""
         session = self.session(n_ctx=n_ctx, threads=threads)
         return session._stream_chat(messages, max_tokens, sampler, stop, ignore_end_tokens,
-                                    parse_special, owned=[session])
+                                    parse_special, owned=[session], logprobs=logprobs)
 
 
 # ---- session ----
@@ -757,7 +761,8 @@ class Session(_Owned):
 
     def generate(self, prompt: Text, *, max_tokens: int = 256, sampler: Optional["Sampler"] = None,
                  stop: Union[Text, Iterable[Text]] = (), ignore_end_tokens: bool = False,
-                 add_special: bool = True, parse_special: bool = False) -> "TextStream":
+                 add_special: bool = True, parse_special: bool = False,
+                 logprobs: bool = False) -> "TextStream":
         """Tokenizes ``prompt`` (appended to what the session holds) and generates until an
         end token, ``max_tokens`` tokens (0 = no limit), a ``stop`` string (not yielded) or a
         full context. Returns a ``TextStream`` yielding complete UTF-8 text as it comes.
@@ -766,13 +771,15 @@ class Session(_Owned):
         tokenizer does (pass ``False`` to continue a session that holds text already);
         ``parse_special`` lets the prompt name special tokens. Afterwards the session holds
         the prompt and every generated token whose text was delivered (``tokens``), so a
-        later call continues exactly after the text; an empty ``prompt`` continues it."""
+        later call continues exactly after the text; an empty ``prompt`` continues it.
+        ``logprobs=True`` fills the stream's ``tokens`` with each token's log-probability."""
         return self._stream_generate(prompt, max_tokens, sampler, stop, ignore_end_tokens,
-                                     add_special, parse_special, owned=[])
+                                     add_special, parse_special, owned=[], logprobs=logprobs)
 
     def chat(self, messages: Iterable[Message], *, max_tokens: int = 256,
              sampler: Optional["Sampler"] = None, stop: Union[Text, Iterable[Text]] = (),
-             ignore_end_tokens: bool = False, parse_special: bool = False) -> "TextStream":
+             ignore_end_tokens: bool = False, parse_special: bool = False,
+             logprobs: bool = False) -> "TextStream":
         """The assistant's reply to the whole conversation ``messages`` (the model's chat
         template applied), as a ``TextStream``. Keep a conversation in one session and pass
         all its messages each turn: the tokens of earlier turns the session still holds are
@@ -783,34 +790,36 @@ class Session(_Owned):
         template's own control tokens are control tokens. ``parse_special=True`` turns this
         off, for messages the program wrote itself."""
         return self._stream_chat(messages, max_tokens, sampler, stop, ignore_end_tokens,
-                                 parse_special, owned=[])
+                                 parse_special, owned=[], logprobs=logprobs)
 
     def _stream_generate(self, prompt: Text, max_tokens: int, sampler: Optional["Sampler"],
                          stop: Union[Text, Iterable[Text]], ignore_end_tokens: bool,
                          add_special: bool, parse_special: bool,
-                         owned: List[_Owned]) -> "TextStream":
+                         owned: List[_Owned], logprobs: bool = False) -> "TextStream":
         data = _utf8(prompt)
         params = _generate_params(max_tokens, stop, ignore_end_tokens, add_special, parse_special)
-
-        def start(session: Any, smp: Any, callback: Any, reason: Any, n_tokens: Any) -> None:
-            _lib.ember_generate(session, smp, data, len(data), byref(params), callback, None,
-                                reason, n_tokens)
-
-        return TextStream(self, sampler, start, owned)
+        params.logprobs = int(bool(logprobs))
+        request = _ffi.ember_generation_prompt()
+        request.struct_size = ctypes.sizeof(request)
+        request.text, request.text_len = data, len(data)
+        if not data:  # an empty prompt is an error here, as ember_generate makes it
+            request.text, request.text_len = None, 0
+            return TextStream(self, sampler, request, params, owned, keep=[data], empty=True)
+        return TextStream(self, sampler, request, params, owned, keep=[data])
 
     def _stream_chat(self, messages: Iterable[Message], max_tokens: int,
                      sampler: Optional["Sampler"], stop: Union[Text, Iterable[Text]],
                      ignore_end_tokens: bool, parse_special: bool,
-                     owned: List[_Owned]) -> "TextStream":
+                     owned: List[_Owned], logprobs: bool = False) -> "TextStream":
         arr, n, keep = _messages(messages)
         params = _generate_params(max_tokens, stop, ignore_end_tokens,
                                   parse_special=parse_special)
-
-        def start(session: Any, smp: Any, callback: Any, reason: Any, n_tokens: Any,
-                  _strings: List[bytes] = keep) -> None:  # the strings live as long as this
-            _lib.ember_chat(session, smp, arr, n, byref(params), callback, None, reason, n_tokens)
-
-        return TextStream(self, sampler, start, owned)
+        params.logprobs = int(bool(logprobs))
+        request = _ffi.ember_generation_prompt()
+        request.struct_size = ctypes.sizeof(request)
+        request.messages = ctypes.cast(arr, POINTER(_ffi.ember_chat_message))
+        request.n_messages = n
+        return TextStream(self, sampler, request, params, owned, keep=[arr, keep])
 
 
 # ---- sampler ----
@@ -930,119 +939,62 @@ class Detokenizer(_Owned):
 
 # ---- streaming generation ----
 #
-# ember_generate and ember_chat report text through a callback, while a Python generator
-# yields to its consumer. A callback cannot yield, and keeping a C call suspended on the
-# consumer's thread across yields is impossible, so the C call runs on a worker thread:
-# the callback hands each piece to the consumer through a queue, then waits until the
-# consumer asks for the next piece (or closes the stream, and then the callback returns
-# false, which ends the generation at once). So generation runs in step with the consumer
-# and computes nothing it will not show, all the logic (stop strings, end tokens, UTF-8
-# boundaries, chat prefix reuse) stays in the library, and an early `break` leaves the
-# session as ember_generate leaves it after a callback that stops: usable, holding the
-# prompt and the tokens generated. Re-implementing the loop in Python over ember_step and
-# ember_sample would have duplicated that logic.
-
-
-class _Done:
-    """The end of a generation: its stop reason and token count, or the error it raised."""
-
-    __slots__ = ("reason", "n_tokens", "error")
-
-    def __init__(self) -> None:
-        self.reason: Optional[StopReason] = None
-        self.n_tokens: Optional[int] = None
-        self.error: Optional[BaseException] = None
-
-
-class _Channel:
-    """What the generation thread and the consumer share. The thread never refers to the
-    ``TextStream`` itself, so a stream the consumer drops is collected and closes."""
-
-    def __init__(self) -> None:
-        self.items: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        self.resume = threading.Semaphore(0)
-        self.stop = False
-        self.error: Optional[BaseException] = None
-
-
-def _generation_thread(channel: _Channel, session: Session, sampler: Sampler,
-                       start: Callable[..., None]) -> None:
-    """Body of a generation's worker thread: runs ``start`` (ember_generate or ember_chat)."""
-
-    def on_text(piece: Any, length: int, user: Any) -> bool:
-        if channel.stop:
-            return False
-        try:
-            channel.items.put(ctypes.string_at(piece, length).decode("utf-8"))
-        except BaseException as e:  # must not propagate into the C library
-            channel.error = e
-            return False
-        channel.resume.acquire()
-        return not channel.stop
-
-    callback = _ffi.ember_text_callback(on_text)
-    reason, n_tokens = c_int(), c_size_t()
-    done = _Done()
-    try:
-        with session._use() as s, sampler._use() as smp:
-            start(s, smp, callback, byref(reason), byref(n_tokens))
-        done.reason, done.n_tokens = StopReason(reason.value), n_tokens.value
-    except CancelledError as e:
-        # The library still reports what was delivered.
-        done.reason, done.n_tokens = StopReason(reason.value), n_tokens.value
-        # Cancelled because the stream was being closed (at exit): not an error then.
-        done.error = None if channel.stop else e
-    except BaseException as e:
-        done.error = e
-    if channel.error is not None:
-        done.error = channel.error
-    channel.items.put(done)
+# A stream is a generation handle of the library (ember_generation_start): the library
+# generates on a thread of its own, and next() polls the text ready (ember_generation_poll),
+# waiting with ember_generation_wait (the GIL released) only when there is none. All the
+# logic (stop strings, end tokens, UTF-8 boundaries, chat prefix reuse) stays in the
+# library, no Python thread or queue is involved, and closing the stream cancels the
+# generation and joins it (ember_generation_finish), leaving the session usable and holding
+# the prompt and every token generated.
 
 
 #: Every stream not yet collected, for _close_at_exit.
 _live_streams: "weakref.WeakSet[TextStream]" = weakref.WeakSet()
 
+#: ``ember_generation_state`` values.
+_RUNNING, _FINISHED = 0, 1
+
 
 @atexit.register
 def _close_at_exit() -> None:
-    """Ends the generations still running or suspended when the interpreter exits.
-
-    atexit handlers run before the interpreter starts finalizing; after that, a daemon
-    thread that wants the GIL is ended with pthread_exit, and one inside ember_generate
-    would unwind through the library's frames, which aborts the process. So every worker
-    is stopped (cancelled, in case it is inside a long step) and joined here."""
+    """Ends the generations still running when the interpreter exits (each runs on a thread of
+    the library, which ``ember_generation_finish`` joins), so that none outlives the
+    interpreter."""
     for stream in list(_live_streams):
-        if stream._thread is not None and not stream._finished:
-            stream._channel.stop = True
-            try:
-                stream._session.cancel()
-            except Exception:
-                pass
         stream.close()
 
 
 class TextStream(_Closing, Iterator[str]):
-    """The text of one generation, piece by piece: iterate it (``for piece in stream``).
-    The generation starts at the first ``next()`` and runs in step with the consumer.
+    """The text of one generation, as it comes: iterate it (``for piece in stream``). The
+    generation starts at the first ``next()`` and runs in the background, on the library's
+    own thread (``ember_generation_start``), while ``next()`` returns the text generated
+    since the last one, waiting only when there is none yet (without holding the GIL).
 
-    Breaking out early, ``close()``, leaving a ``with`` block or dropping the stream ends
+    Breaking out early, ``close()``, leaving a ``with`` block or dropping the stream stops
     the generation and leaves the session usable. After the end, ``stop_reason`` and
-    ``n_tokens`` tell why it stopped and how many tokens were generated. Errors (e.g.
-    ``ContextFullError`` for a prompt that does not fit, ``CancelledError``) are raised by
-    ``next()``. One consumer thread at a time.
+    ``n_tokens`` tell why it stopped and how many tokens the session gained; ``progress``
+    tells how much of the prompt is computed, and ``tokens`` the ids and log-probabilities
+    generated so far. Errors (e.g. ``ContextFullError`` for a prompt that does not fit,
+    ``CancelledError``) are raised by ``next()``.
     """
 
-    def __init__(self, session: Session, sampler: Optional[Sampler],
-                 start: Callable[..., None], owned: List[_Owned]) -> None:
+    def __init__(self, session: Session, sampler: Optional[Sampler], request: Any,
+                 params: Any, owned: List[_Owned], keep: List[Any],
+                 empty: bool = False) -> None:
         if sampler is None:
             sampler = Sampler()
             owned = owned + [sampler]
-        self._session, self._sampler, self._start = session, sampler, start
+        self._session, self._sampler = session, sampler
+        self._request, self._params, self._keep, self._empty = request, params, keep, empty
         self._owned = owned
-        self._channel = _Channel()
-        self._thread: Optional[threading.Thread] = None
-        self._waiting = False  # the worker waits for the consumer to ask for more
+        self._handle: Any = None
+        self._uses: List[_Use] = []
+        self._lock = threading.Lock()  # one C call on the handle at a time
+        self._buffer = ctypes.create_string_buffer(4096)
+        self._started = False
         self._finished = False
+        self._closing = False
+        self._token_infos: List[Tuple[int, float]] = []
         #: Why the generation stopped (``None`` until it has).
         self.stop_reason: Optional[StopReason] = None
         #: Tokens generated (``None`` until the generation has stopped).
@@ -1053,61 +1005,122 @@ class TextStream(_Closing, Iterator[str]):
     def __iter__(self) -> "TextStream":
         return self
 
+    def _start(self) -> None:
+        self._started = True
+        if self._empty:
+            self._end_with(InvalidArgumentError("the prompt has no tokens"))
+        session_use, sampler_use = self._session._use(), self._sampler._use()
+        s = session_use.__enter__()
+        try:
+            smp = sampler_use.__enter__()
+        except BaseException:
+            session_use.__exit__(None, None, None)
+            raise
+        self._uses = [sampler_use, session_use]
+        handle = ctypes.POINTER(_ffi.ember_generation)()
+        try:
+            _lib.ember_generation_start(s, smp, byref(self._request), byref(self._params),
+                                        byref(handle))
+        except BaseException as e:
+            self._end_with(e)
+        self._handle = handle
+
     def __next__(self) -> str:
-        if self._finished:
-            raise StopIteration
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=_generation_thread,
-                args=(self._channel, self._session, self._sampler, self._start),
-                name="ember-generate", daemon=True)
-            self._thread.start()
-        elif self._waiting:
-            self._waiting = False
-            self._channel.resume.release()
-        item = self._channel.items.get()
-        if isinstance(item, _Done):
-            self._end(item)
-            if item.error is not None:
-                raise item.error
-            raise StopIteration
-        self._waiting = True
-        return item
+        with self._lock:
+            if self._finished:
+                raise StopIteration
+            if not self._started:
+                self._start()
+            n, state = c_size_t(), c_int()
+            while True:
+                _lib.ember_generation_poll(self._handle, self._buffer, len(self._buffer),
+                                           byref(n), byref(state))
+                self._collect_tokens()
+                if n.value:
+                    return self._buffer.raw[: n.value].decode("utf-8")
+                if state.value == _FINISHED:
+                    self._finish(stopped=False)
+                    raise StopIteration
+                _lib.ember_generation_wait(self._handle, 100, None)
+
+    def _collect_tokens(self) -> None:
+        infos = (_ffi.ember_token_info * 64)()
+        n = c_size_t()
+        while True:
+            _lib.ember_generation_poll_tokens(self._handle, infos, 64, byref(n))
+            self._token_infos += [(infos[i].token, infos[i].logprob) for i in range(n.value)]
+            if n.value < 64:
+                return
+
+    @property
+    def tokens(self) -> List[Tuple[int, float]]:
+        """``(token, logprob)`` of every token generated so far (logprob is NaN unless
+        ``logprobs=True`` was asked for)."""
+        with self._lock:
+            if self._handle:
+                self._collect_tokens()
+            return list(self._token_infos)
+
+    @property
+    def progress(self) -> Tuple[int, int]:
+        """``(done, total)`` tokens of the prompt computed (``done == total`` once tokens are
+        being generated; ``(0, 0)`` before the first ``next()``)."""
+        with self._lock:
+            if not self._handle:
+                return (0, 0)
+            done, total = c_size_t(), c_size_t()
+            _lib.ember_generation_progress(self._handle, byref(done), byref(total))
+            return (done.value, total.value)
 
     def read(self) -> str:
         """All the (remaining) text at once."""
         return "".join(self)
 
     def close(self) -> None:
-        """Ends the generation (if it runs, after the token being computed) and releases
-        what the stream owns; the session stays usable."""
+        """Stops the generation (if it runs, within about one layer's time) and releases what
+        the stream owns; the session stays usable and keeps the tokens generated."""
         if self._finished:
             return
-        done = _Done()
-        if self._thread is not None:
-            if sys.is_finalizing():
-                # Too late: a worker woken now would be killed by the interpreter inside the
-                # library. _close_at_exit has ended every generation before this point.
-                self._finished = True
-                return
-            self._channel.stop = True
-            self._channel.resume.release()
-            if self._thread is not threading.current_thread():
-                self._thread.join()
-            while True:
-                try:
-                    item = self._channel.items.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, _Done):
-                    done = item
-        self._end(done)
+        self._closing = True  # the cancel below is the consumer's stop, not an error
+        if self._handle:
+            try:
+                self._session.cancel()  # stops the session's running call: this generation
+            except EmberError:
+                pass
+        with self._lock:
+            if not self._finished:
+                self._finish(stopped=True)
 
-    def _end(self, done: _Done) -> None:
+    def _finish(self, stopped: bool) -> None:
+        """Ends the generation (under the lock): joins it, records why it stopped."""
+        error: Optional[BaseException] = None
+        stopped = stopped or self._closing
+        if self._handle:
+            reason, n = c_int(), c_size_t()
+            handle, self._handle = self._handle, None
+            try:
+                _lib.ember_generation_finish(handle, byref(reason), byref(n))
+            except CancelledError as e:
+                error = None if stopped else e
+            except BaseException as e:
+                error = e
+            if error is None or isinstance(error, CancelledError):
+                self.stop_reason, self.n_tokens = StopReason(reason.value), n.value
+                if stopped and self.stop_reason == StopReason.CANCELLED:
+                    self.stop_reason = StopReason.CALLBACK  # the consumer stopped it
+        self._release()
+        if error is not None:
+            raise error
+
+    def _end_with(self, error: BaseException) -> None:
+        self._release()
+        raise error
+
+    def _release(self) -> None:
         self._finished = True
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        self.stop_reason, self.n_tokens = done.reason, done.n_tokens
+        for use in self._uses:
+            use.__exit__(None, None, None)
+        self._uses = []
         self._session._streams.discard(self)
         for owned in self._owned:
             owned.close()

@@ -66,6 +66,10 @@ class ember_sampler(Structure):
     """Opaque ``ember_sampler``."""
 
 
+class ember_generation(Structure):
+    """Opaque ``ember_generation``."""
+
+
 class ember_detokenizer(Structure):
     """Opaque ``ember_detokenizer``."""
 
@@ -89,6 +93,8 @@ class ember_generate_params(Structure):
         ("ignore_end_tokens", c_uint32),
         ("add_special", c_uint32),
         ("parse_special", c_uint32),
+        ("logprobs", c_uint32),
+        ("max_ahead", c_uint32),
     ]
 
 
@@ -96,6 +102,26 @@ class ember_chat_message(Structure):
     """One message of a conversation (NUL-terminated UTF-8 role and content)."""
 
     _fields_ = [("role", c_char_p), ("content", c_char_p)]
+
+
+class ember_generation_prompt(Structure):
+    """What ``ember_generation_start`` generates from: text, tokens or messages."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("text", c_char_p),
+        ("text_len", c_size_t),
+        ("tokens", POINTER(c_int32)),
+        ("n_tokens", c_size_t),
+        ("messages", POINTER(ember_chat_message)),
+        ("n_messages", c_size_t),
+    ]
+
+
+class ember_token_info(Structure):
+    """One generated token and its log-probability."""
+
+    _fields_ = [("token", c_int32), ("logprob", c_float)]
 
 
 class ember_model_params(Structure):
@@ -186,6 +212,8 @@ STRUCTS: Dict[str, type] = {
     for cls in (
         ember_generate_params,
         ember_chat_message,
+        ember_generation_prompt,
+        ember_token_info,
         ember_model_params,
         ember_model_info,
         ember_logit_bias,
@@ -213,6 +241,7 @@ _model_p = POINTER(ember_model)
 _session_p = POINTER(ember_session)
 _sampler_p = POINTER(ember_sampler)
 _detok_p = POINTER(ember_detokenizer)
+_generation_p = POINTER(ember_generation)
 _chars = POINTER(c_char)  # an output text buffer
 _size_p = POINTER(c_size_t)
 _tokens = POINTER(c_int32)
@@ -237,6 +266,18 @@ SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
         [_session_p, _sampler_p, POINTER(ember_chat_message), c_size_t,
          POINTER(ember_generate_params), ember_text_callback, c_void_p, _enum_p, _size_p],
     ),
+    "ember_generation_start": (
+        ember_status,
+        [_session_p, _sampler_p, POINTER(ember_generation_prompt),
+         POINTER(ember_generate_params), POINTER(_generation_p)],
+    ),
+    "ember_generation_poll": (ember_status, [_generation_p, _chars, c_size_t, _size_p, _enum_p]),
+    "ember_generation_poll_tokens": (
+        ember_status, [_generation_p, POINTER(ember_token_info), c_size_t, _size_p]),
+    "ember_generation_wait": (ember_status, [_generation_p, c_uint32, _enum_p]),
+    "ember_generation_progress": (ember_status, [_generation_p, _size_p, _size_p]),
+    "ember_generation_cancel": (ember_status, [_generation_p]),
+    "ember_generation_finish": (ember_status, [_generation_p, _enum_p, _size_p]),
     "ember_detokenizer_new": (ember_status, [_model_p, POINTER(_detok_p)]),
     "ember_detokenizer_free": (None, [_detok_p]),
     "ember_detokenizer_push": (ember_status, [_detok_p, c_int32, _chars, c_size_t, _size_p]),

@@ -47,6 +47,28 @@ public static class Program
                           Ember.ember_model_token_is_end(model, 5));
         var status = Ember.ember_step(session, new int[] { 320 }, (UIntPtr)1, logits);
         Console.WriteLine("bad=" + status + ": " + Ember.LastError());
+        // The polled reply, greedy, frame after frame; then saved and loaded back.
+        var greedyParams = new Ember.SamplerParams();
+        Ember.ember_sampler_params_default((UIntPtr)Marshal.SizeOf<Ember.SamplerParams>(), ref greedyParams);
+        Ember.Check(Ember.ember_sampler_new(ref greedyParams, out IntPtr greedy));
+        Ember.Check(Ember.ember_session_reset(session));
+        var npc = new NpcReply();
+        npc.Ask(session, greedy, "The innkeeper says:", 64);
+        int frames = 0;
+        while (npc.Busy) { npc.Update(); frames++; System.Threading.Thread.Sleep(1); }
+        Console.WriteLine("polled=" + npc.Reply);
+        Console.WriteLine("polled_reason=" + npc.StopReason);
+        byte[] saved = NpcReply.Save(session);
+        Ember.Check(Ember.ember_session_fork(session, IntPtr.Zero, out IntPtr fork));
+        Ember.Check(Ember.ember_session_reset(session));
+        NpcReply.Load(session, saved);
+        Console.WriteLine("state=" + (NpcReply.Save(session).Length == saved.Length) + "," +
+                          (NpcReply.Save(fork).Length == saved.Length));
+        npc.Ask(session, greedy, " And", 8);
+        npc.OnDisable();
+        Console.WriteLine("stopped=" + npc.Busy);
+        Ember.ember_session_free(fork);
+        Ember.ember_sampler_free(greedy);
         Ember.ember_sampler_free(sampler);
         Ember.ember_session_free(session);
         Ember.ember_model_free(model);
@@ -59,8 +81,8 @@ public static class Program
 @pytest.mark.skipif(not (shutil.which("mcs") and shutil.which("mono")),
                     reason="no Mono (mcs, mono)")
 def test_csharp_declarations_work(tmp_path):
-    declarations, usage, callback = re.findall(r"```csharp\n(.*?)```", DOC, re.S)
-    source = declarations + HARNESS % {"callback": callback, "usage": usage}
+    declarations, usage, callback, polling = re.findall(r"```csharp\n(.*?)```", DOC, re.S)
+    source = declarations + polling + HARNESS % {"callback": callback, "usage": usage}
     (tmp_path / "doc.cs").write_text(source)
     subprocess.run(["mcs", "-nologo", f"-out:{tmp_path / 'doc.exe'}", str(tmp_path / "doc.cs")],
                    check=True, capture_output=True)
@@ -85,6 +107,14 @@ def test_csharp_declarations_work(tmp_path):
         assert out["tokens"] == ",".join(map(str, model.tokenize("Hello", add_special=False)))
     assert out["ends"] == "True,False"
     assert out["bad"].startswith("InvalidArgument: ") and "320" in out["bad"]
+    with ember.Model(LLAMA) as model:
+        greedy = model.generate("The innkeeper says:", max_tokens=64, threads=2)
+        assert out["polled"] == greedy.read()
+        names = {0: "EndToken", 1: "MaxTokens", 4: "ContextFull"}
+        assert out["polled_reason"] == names[greedy.stop_reason]
+    assert out["state"] == "True,True"
+    assert out["stopped"] == "False"
+
 
 
 # ---- every code block of README.md and docs/ is compiled, and run where it can be ----

@@ -287,3 +287,25 @@ def test_a_cancelled_generation_reports_what_it_delivered(llama):
         # The next generation is not affected.
         assert session.generate(" more", max_tokens=3, ignore_end_tokens=True,
                                 add_special=False).read()
+
+
+def test_streams_report_tokens_logprobs_and_progress(llama):
+    import math
+    with llama.session(n_ctx=64) as session:
+        stream = session.generate(PROMPT, max_tokens=6, ignore_end_tokens=True, logprobs=True)
+        assert stream.progress == (0, 0)
+        text = stream.read()
+        assert stream.progress == (0, 0)  # finished: the handle is gone
+        tokens = stream.tokens
+        assert [t for t, _ in tokens] == session.tokens[-6:]
+        assert all(-50 < lp <= 0 for _, lp in tokens)
+        assert text == llama.detokenize([t for t, _ in tokens])
+        # Greedy: each token is the most likely, so its log-probability is the best one's.
+        with llama.session(n_ctx=64) as check:
+            logits = list(check.step(llama.tokenize(PROMPT)))
+            m = max(logits)
+            log_z = m + math.log(sum(math.exp(x - m) for x in logits))
+            assert abs(tokens[0][1] - (m - log_z)) < 1e-4
+        plain = session.generate(" more", max_tokens=2, add_special=False)
+        plain.read()
+        assert all(math.isnan(lp) for _, lp in plain.tokens)

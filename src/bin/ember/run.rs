@@ -62,8 +62,7 @@ fn generate_options(args: &Args) -> Result<GenerateOptions, String> {
     Ok(GenerateOptions {
         max_tokens: args.number("max-tokens", 256)?,
         stop_strings: args.all("stop"),
-        ignore_end_tokens: false,
-        parse_special: false,
+        ..Default::default()
     })
 }
 
