@@ -21,7 +21,9 @@
  *   calling into a session that is busy gets EMBER_ERR_BUSY. ember_session_cancel and
  *   ember_session_position may be called from any thread at any time.
  * - Each session computes on its own worker threads (ember_session_params.n_threads, the
- *   calling thread included); idle workers sleep. ember_session_free joins them.
+ *   calling thread included), or on a pool shared with other sessions
+ *   (ember_session_params.pool); idle workers sleep. Freeing the last user of a pool (the
+ *   session, or the ember_pool) joins its threads.
  *
  * Ember never prints, never aborts the process and catches its own panics; messages go to
  * the callback installed with ember_set_log_callback.
@@ -176,6 +178,13 @@ typedef struct ember_generation ember_generation;
 typedef struct ember_model ember_model;
 
 /**
+ * A pool of worker threads that several sessions share (`ember_session_params.pool`). Its
+ * threads sleep when idle and are joined when the pool and every session using it have
+ * been freed.
+ */
+typedef struct ember_pool ember_pool;
+
+/**
  * A token sampler (random state and recent tokens for penalties). Used by one call at a
  * time: a concurrent call (or one from a callback of a generation using the sampler) fails
  * with `EMBER_ERR_BUSY`.
@@ -296,6 +305,21 @@ typedef struct ember_chat_message {
 } ember_chat_message;
 
 /**
+ * Options for `ember_pool_new`. Fill with `ember_pool_params_default` first.
+ */
+typedef struct ember_pool_params {
+  /**
+   * Size of this struct in bytes, as the caller knows it (set by the default function).
+   */
+  uint32_t struct_size;
+  /**
+   * Threads each step may use, the calling thread included, as in
+   * `ember_session_params.n_threads` (0 = half the machine's hardware threads). Default 0.
+   */
+  uint32_t n_threads;
+} ember_pool_params;
+
+/**
  * Options for `ember_session_new`. Fill with `ember_session_params_default` first.
  */
 typedef struct ember_session_params {
@@ -318,6 +342,15 @@ typedef struct ember_session_params {
    * Prompt tokens processed per batch. Default 64.
    */
   uint32_t n_ubatch;
+  /**
+   * A thread pool shared with other sessions (`ember_pool_new`), or NULL (the default)
+   * for a pool of the session's own with `n_threads` threads. With a pool, `n_threads` is
+   * ignored: the session computes on the pool's threads, taking turns with the other
+   * sessions using it (one step at a time), so eight NPCs need one pool, not eight. The
+   * session keeps the pool alive; the pool is read only during the call that made the
+   * session.
+   */
+  const struct ember_pool *pool;
 } ember_session_params;
 
 /**
@@ -846,6 +879,41 @@ enum ember_status ember_detokenizer_reset(struct ember_detokenizer *detokenizer)
 
 /**
  * Fills `*params` (a struct of `struct_size` bytes) with the defaults. Use the
+ * `EMBER_POOL_PARAMS_DEFAULT(&params)` macro.
+ *
+ * # Safety
+ * `params` must be NULL or valid for writing `struct_size` bytes.
+ */
+enum ember_status ember_pool_params_default(size_t struct_size, struct ember_pool_params *params);
+
+/**
+ * Creates a thread pool for sessions to share (`params` NULL: defaults). Its threads start
+ * here and sleep until a session steps.
+ *
+ * # Safety
+ * `params` NULL or a params struct; `out` valid for writing a pointer.
+ */
+enum ember_status ember_pool_new(const struct ember_pool_params *params, struct ember_pool **out);
+
+/**
+ * The number of threads the pool's steps use (0 if `pool` is NULL).
+ *
+ * # Safety
+ * `pool` must be NULL or a live pool.
+ */
+size_t ember_pool_n_threads(const struct ember_pool *pool);
+
+/**
+ * Frees a pool (NULL is ignored). Sessions made with it keep working: its threads are
+ * joined when the last of them is freed too (here, if none is left).
+ *
+ * # Safety
+ * `pool` must be NULL or a pointer from `ember_pool_new`, not yet freed.
+ */
+void ember_pool_free(struct ember_pool *pool);
+
+/**
+ * Fills `*params` (a struct of `struct_size` bytes) with the defaults. Use the
  * `EMBER_SESSION_PARAMS_DEFAULT(&params)` macro.
  *
  * # Safety
@@ -1310,6 +1378,8 @@ enum ember_status ember_generation_finish(struct ember_generation *generation,
 #define EMBER_MODEL_PARAMS_DEFAULT(p) ember_model_params_default(sizeof *(p), (p))
 /** Fills an ember_session_params with the defaults. */
 #define EMBER_SESSION_PARAMS_DEFAULT(p) ember_session_params_default(sizeof *(p), (p))
+/** Fills an ember_pool_params with the defaults. */
+#define EMBER_POOL_PARAMS_DEFAULT(p) ember_pool_params_default(sizeof *(p), (p))
 /** Fills an ember_sampler_params with the defaults. */
 #define EMBER_SAMPLER_PARAMS_DEFAULT(p) ember_sampler_params_default(sizeof *(p), (p))
 /** Fills an ember_generate_params with the defaults. */

@@ -644,6 +644,29 @@ struct TextSink {
 
 }  // namespace detail
 
+/// Worker threads several sessions share: set `SessionParams::pool` to `pool.get()` (the
+/// sessions keep the pool alive; their steps take turns on its threads).
+class Pool : public detail::Handle<ember_pool, ember_pool_free> {
+ public:
+  /// An empty pool (as after a move).
+  Pool() noexcept = default;
+  /// A pool of `n_threads` threads (0 = half the machine's), the stepping thread included.
+  static Result<Pool> try_create(uint32_t n_threads = 0) {
+    ember_pool_params params;
+    (void)EMBER_POOL_PARAMS_DEFAULT(&params);
+    params.n_threads = n_threads;
+    ember_pool *handle = nullptr;
+    ember_status st = ember_pool_new(&params, &handle);
+    if (st != EMBER_OK) return detail::failure(st);
+    return Pool(handle);
+  }
+  /// The threads each step uses.
+  size_t n_threads() const noexcept { return ember_pool_n_threads(get()); }
+
+ private:
+  explicit Pool(ember_pool *handle) noexcept : Handle(handle) {}
+};
+
 /// One sequence's state over a model: KV cache and position. Used by one thread at a time;
 /// cancel() and position() may be called from any thread.
 class Session : public detail::Handle<ember_session, ember_session_free> {

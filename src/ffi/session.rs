@@ -8,6 +8,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::session::{CancelHandle, Session, SessionOptions, SessionShared};
+use crate::threading::ThreadPool;
 
 /// One sequence's state (KV cache, position) over a model. A session is used by one call at
 /// a time: a call made while another is running on the same session (from another thread,
@@ -47,6 +48,13 @@ pub struct ember_session_params {
     pub n_threads: u32,
     /// Prompt tokens processed per batch. Default 64.
     pub n_ubatch: u32,
+    /// A thread pool shared with other sessions (`ember_pool_new`), or NULL (the default)
+    /// for a pool of the session's own with `n_threads` threads. With a pool, `n_threads` is
+    /// ignored: the session computes on the pool's threads, taking turns with the other
+    /// sessions using it (one step at a time), so eight NPCs need one pool, not eight. The
+    /// session keeps the pool alive; the pool is read only during the call that made the
+    /// session.
+    pub pool: *const ember_pool,
 }
 
 const SESSION_PARAMS_DEFAULT: ember_session_params = ember_session_params {
@@ -54,7 +62,113 @@ const SESSION_PARAMS_DEFAULT: ember_session_params = ember_session_params {
     n_ctx: 0,
     n_threads: 0,
     n_ubatch: crate::defaults::UBATCH as u32,
+    pool: std::ptr::null(),
 };
+
+/// A pool of worker threads that several sessions share (`ember_session_params.pool`). Its
+/// threads sleep when idle and are joined when the pool and every session using it have
+/// been freed.
+pub struct ember_pool {
+    pool: Arc<ThreadPool>,
+}
+
+/// Options for `ember_pool_new`. Fill with `ember_pool_params_default` first.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ember_pool_params {
+    /// Size of this struct in bytes, as the caller knows it (set by the default function).
+    pub struct_size: u32,
+    /// Threads each step may use, the calling thread included, as in
+    /// `ember_session_params.n_threads` (0 = half the machine's hardware threads). Default 0.
+    pub n_threads: u32,
+}
+
+const POOL_PARAMS_DEFAULT: ember_pool_params = ember_pool_params {
+    struct_size: std::mem::size_of::<ember_pool_params>() as u32,
+    n_threads: 0,
+};
+
+/// Fills `*params` (a struct of `struct_size` bytes) with the defaults. Use the
+/// `EMBER_POOL_PARAMS_DEFAULT(&params)` macro.
+///
+/// # Safety
+/// `params` must be NULL or valid for writing `struct_size` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn ember_pool_params_default(
+    struct_size: usize,
+    params: *mut ember_pool_params,
+) -> ember_status {
+    // SAFETY: forwarded contract.
+    run(|| unsafe { write_params(struct_size, params, POOL_PARAMS_DEFAULT) })
+}
+
+/// Creates a thread pool for sessions to share (`params` NULL: defaults). Its threads start
+/// here and sleep until a session steps.
+///
+/// # Safety
+/// `params` NULL or a params struct; `out` valid for writing a pointer.
+#[no_mangle]
+pub unsafe extern "C" fn ember_pool_new(
+    params: *const ember_pool_params,
+    out: *mut *mut ember_pool,
+) -> ember_status {
+    run(|| {
+        // SAFETY: caller's contract.
+        let params = unsafe { read_params(params, POOL_PARAMS_DEFAULT, "params") }?;
+        if out.is_null() {
+            return Err(Error::InvalidArgument("out is NULL".into()));
+        }
+        let threads = crate::defaults::threads(params.n_threads as usize);
+        let pool = Arc::new(ThreadPool::new(threads)?);
+        // SAFETY: out checked non-NULL.
+        unsafe { out.write(Box::into_raw(Box::new(ember_pool { pool }))) };
+        Ok(())
+    })
+}
+
+/// The number of threads the pool's steps use (0 if `pool` is NULL).
+///
+/// # Safety
+/// `pool` must be NULL or a live pool.
+#[no_mangle]
+pub unsafe extern "C" fn ember_pool_n_threads(pool: *const ember_pool) -> usize {
+    // SAFETY: caller's contract.
+    run_value(0, || Ok(unsafe { borrow(pool, "pool") }?.pool.n_threads()))
+}
+
+/// Frees a pool (NULL is ignored). Sessions made with it keep working: its threads are
+/// joined when the last of them is freed too (here, if none is left).
+///
+/// # Safety
+/// `pool` must be NULL or a pointer from `ember_pool_new`, not yet freed.
+#[no_mangle]
+pub unsafe extern "C" fn ember_pool_free(pool: *mut ember_pool) {
+    // SAFETY: the caller's contract (a pointer from this library's constructor, or NULL).
+    unsafe { super::free_handle(pool) }
+}
+
+/// The pool a session's params name, if any.
+///
+/// # Safety
+/// `params.pool` NULL or a live pool.
+unsafe fn params_pool(params: &ember_session_params) -> Option<Arc<ThreadPool>> {
+    // SAFETY: caller's contract.
+    unsafe { params.pool.as_ref() }.map(|p| p.pool.clone())
+}
+
+/// A session over `model` with `params`, on the params' pool or a pool of its own.
+///
+/// # Safety
+/// `params.pool` NULL or a live pool.
+unsafe fn new_session(model: Arc<crate::Model>, params: &ember_session_params) -> Result<Session> {
+    // SAFETY: forwarded contract.
+    match unsafe { params_pool(params) } {
+        Some(pool) => {
+            Session::with_pool(model, pool, params.n_ctx as usize, params.n_ubatch as usize)
+        }
+        None => Session::new(model, &session_options(params)),
+    }
+}
 
 /// Fills `*params` (a struct of `struct_size` bytes) with the defaults. Use the
 /// `EMBER_SESSION_PARAMS_DEFAULT(&params)` macro.
@@ -92,7 +206,8 @@ pub unsafe extern "C" fn ember_session_new(
         if out.is_null() {
             return Err(Error::InvalidArgument("out is NULL".into()));
         }
-        let session = Session::new(model.model.clone(), &session_options(&params))?;
+        // SAFETY: the caller's contract for params.pool.
+        let session = unsafe { new_session(model.model.clone(), &params) }?;
         // SAFETY: out checked non-NULL.
         unsafe { out.write(session_handle(session)) };
         Ok(())
@@ -137,7 +252,12 @@ pub unsafe extern "C" fn ember_session_memory_estimate(
                 read_params(params, SESSION_PARAMS_DEFAULT, "params")?,
             )
         };
-        let estimate = Session::memory_estimate(&model.model, &session_options(&params))?;
+        let mut options = session_options(&params);
+        // SAFETY: the caller's contract for params.pool.
+        if let Some(pool) = unsafe { params_pool(&params) } {
+            options.n_threads = pool.n_threads();
+        }
+        let estimate = Session::memory_estimate(&model.model, &options)?;
         // SAFETY: caller's contract.
         unsafe { write_out(bytes, estimate, "bytes") }
     })
@@ -164,16 +284,17 @@ pub unsafe extern "C" fn ember_session_fork(
         // SAFETY: caller's contract.
         let fork = unsafe {
             with_session(src, |s| {
-                let options = if params.is_null() {
-                    SessionOptions {
+                if params.is_null() {
+                    return s.fork(&SessionOptions {
                         n_ctx: s.n_ctx(),
                         n_threads: s.n_threads(),
                         ubatch: s.ubatch(),
-                    }
-                } else {
-                    session_options(&read_params(params, SESSION_PARAMS_DEFAULT, "params")?)
-                };
-                s.fork(&options)
+                    });
+                }
+                let params = read_params(params, SESSION_PARAMS_DEFAULT, "params")?;
+                let mut fork = new_session(s.model().clone(), &params)?;
+                fork.copy_prefix(s, s.position())?;
+                Ok(fork)
             })
         }?;
         // SAFETY: out checked non-NULL.

@@ -1279,6 +1279,80 @@ static void test_threads(void) {
   }
 }
 
+struct pool_worker {
+  ember_session *session;
+  int32_t tokens[24];
+  float *logits;
+  ember_status status;
+};
+
+static void *step_on_pool(void *arg) {
+  struct pool_worker *w = arg;
+  w->status = EMBER_OK;
+  for (int i = 0; i < 24 && w->status == EMBER_OK; i++)
+    w->status = ember_step(w->session, &w->tokens[i], 1, w->logits);
+  return NULL;
+}
+
+static void test_pool(void) {
+  ember_pool *pool = NULL;
+  CHECK_STATUS(ember_pool_new(NULL, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  ember_pool_params pp;
+  CHECK_STATUS(EMBER_POOL_PARAMS_DEFAULT(&pp), EMBER_OK);
+  pp.n_threads = 2;
+  int before = count_threads();
+  CHECK_STATUS(ember_pool_new(&pp, &pool), EMBER_OK);
+  CHECK(ember_pool_n_threads(pool) == 2 && ember_pool_n_threads(NULL) == 0);
+  ember_session_params p;
+  CHECK_STATUS(EMBER_SESSION_PARAMS_DEFAULT(&p), EMBER_OK);
+  CHECK(p.pool == NULL);
+  p.n_ctx = 64;
+  p.n_threads = 7; /* ignored with a pool */
+  p.pool = pool;
+  enum { N = 8 };
+  ember_session *npcs[N];
+  for (int i = 0; i < N; i++) CHECK_STATUS(ember_session_new(model, &p, &npcs[i]), EMBER_OK);
+  /* Eight sessions, one worker thread: the pool's. */
+  CHECK(count_threads() == before + 1);
+  /* Steps from several threads at once take turns on the pool, and give what a session of
+     its own gives. */
+  size_t vocab = ember_model_n_vocab(model);
+  struct pool_worker w[N];
+  pthread_t threads[N];
+  for (int i = 0; i < N; i++) {
+    w[i].session = npcs[i];
+    for (int t = 0; t < 24; t++) w[i].tokens[t] = 1 + (i * 31 + t * 7) % 300;
+    w[i].logits = malloc(vocab * sizeof(float));
+    pthread_create(&threads[i], NULL, step_on_pool, &w[i]);
+  }
+  for (int i = 0; i < N; i++) pthread_join(threads[i], NULL);
+  float *alone = malloc(vocab * sizeof(float));
+  for (int i = 0; i < N; i++) {
+    CHECK(w[i].status == EMBER_OK);
+    ember_session *own = new_session(64, 2);
+    CHECK_STATUS(ember_step(own, w[i].tokens, 24, alone), EMBER_OK);
+    CHECK(memcmp(alone, w[i].logits, vocab * sizeof(float)) == 0);
+    ember_session_free(own);
+  }
+  /* A fork onto the pool; the pool freed first, the sessions still work. */
+  ember_session *fork = NULL;
+  CHECK_STATUS(ember_session_fork(npcs[0], &p, &fork), EMBER_OK);
+  CHECK(count_threads() == before + 1);
+  size_t with_pool = 0;
+  CHECK_STATUS(ember_session_memory_estimate(model, &p, &with_pool), EMBER_OK);
+  ember_pool_free(pool);
+  CHECK_STATUS(ember_step(fork, w[0].tokens, 1, alone), EMBER_OK);
+  for (int i = 0; i < N; i++) {
+    ember_session_free(npcs[i]);
+    free(w[i].logits);
+  }
+  CHECK(count_threads() == before + 1); /* the fork still holds the pool */
+  ember_session_free(fork);
+  CHECK(count_threads() == before);
+  ember_pool_free(NULL);
+  free(alone);
+}
+
 int main(int argc, char **argv) {
   if (argc != 3) {
     fprintf(stderr, "usage: %s FIXTURE_MODEL_DIR SCRATCH_DIR\n", argv[0]);
@@ -1303,6 +1377,7 @@ int main(int argc, char **argv) {
   test_progress();
   test_reentrancy();
   test_thread_limit();
+  test_pool();
   test_busy();
   test_threads();
   ember_model_free(model);

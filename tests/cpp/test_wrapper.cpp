@@ -525,6 +525,23 @@ static void test_state_and_fork(const ember::Model &model) {
   CHECK(bytes.ok() && *bytes > 0);
 }
 
+static void test_pool(const ember::Model &model) {
+  auto pool = ember::Pool::try_create(2);
+  CHECK(pool.ok() && pool->n_threads() == 2);
+  if (!pool.ok()) return;
+  ember::SessionParams params;
+  params.n_ctx = 64;
+  params.pool = pool->get();
+  auto a = ember::Session::try_create(model, params);
+  auto b = ember::Session::try_create(model, params);
+  CHECK(a.ok() && b.ok());
+  if (!a.ok() || !b.ok()) return;
+  ember::Session own = new_session(model, 64, 2);
+  std::vector<int32_t> ids = {1, 40, 41, 42};
+  CHECK(a->try_step(ids).ok() && b->try_step(ids).ok() && own.try_step(ids).ok());
+  CHECK(a->logits() == own.logits() && b->logits() == own.logits());
+}
+
 static void test_background_generation(const ember::Model &model) {
   ember::Session session = new_session(model, 64, 2);
   auto sampler = ember::Sampler::try_create();
@@ -588,6 +605,7 @@ int main(int argc, char **argv) {
   test_session(model);
   test_state_and_fork(model);
   test_background_generation(model);
+  test_pool(model);
   test_sampler();
   test_detokenizer(model);
   test_generate(model);

@@ -534,9 +534,10 @@ class Model(_Owned):
                 h, arr, n, add_generation_prompt, buf, cap, n_out))
 
     def session(self, n_ctx: int = 0, threads: Optional[int] = None,
-                n_ubatch: Optional[int] = None) -> "Session":
-        """A new ``Session`` over this model (see ``Session``)."""
-        return Session(self, n_ctx=n_ctx, threads=threads, n_ubatch=n_ubatch)
+                n_ubatch: Optional[int] = None, pool: Optional["Pool"] = None) -> "Session":
+        """A new ``Session`` over this model (see ``Session``); with ``pool``, on the
+        threads of a ``Pool`` it shares with other sessions."""
+        return Session(self, n_ctx=n_ctx, threads=threads, n_ubatch=n_ubatch, pool=pool)
 
     def detokenizer(self) -> "Detokenizer":
         """A new streaming ``Detokenizer`` for this model's tokenizer."""
@@ -570,14 +571,41 @@ class Model(_Owned):
 # ---- session ----
 
 
+class Pool(_Owned):
+    """Worker threads that several sessions share (``Session(..., pool=pool)``): eight NPCs
+    on one pool of ``threads`` threads instead of eight pools; their steps take turns. The
+    threads sleep when idle and stop once the pool and every session using it are closed."""
+
+    _free = _lib.ember_pool_free
+    _kind = "pool"
+
+    def __init__(self, threads: int = 0) -> None:
+        params = _ffi.ember_pool_params()
+        _lib.ember_pool_params_default(ctypes.sizeof(params), byref(params))
+        params.n_threads = _uint(threads, "threads")
+        handle = ctypes.POINTER(_ffi.ember_pool)()
+        _lib.ember_pool_new(byref(params), byref(handle))
+        super().__init__(handle)
+
+    @property
+    def threads(self) -> int:
+        """The number of threads each step uses."""
+        with self._use() as h:
+            return int(_lib.ember_pool_n_threads(h))
+
+
 def _session_params(model: Model, n_ctx: int, threads: Optional[int],
-                    n_ubatch: Optional[int]) -> "_ffi.ember_session_params":
+                    n_ubatch: Optional[int],
+                    pool: Optional[Pool] = None) -> "_ffi.ember_session_params":
     params = _ffi.ember_session_params()
     _lib.ember_session_params_default(ctypes.sizeof(params), byref(params))
     params.n_ctx = _uint(n_ctx, "n_ctx")
     params.n_threads = _uint(model.threads if threads is None else threads, "threads")
     if n_ubatch is not None:
         params.n_ubatch = _uint(n_ubatch, "n_ubatch")
+    if pool is not None:
+        with pool._use() as p:  # read by the call only: the session keeps the pool alive
+            params.pool = p
     return params
 
 
@@ -594,8 +622,8 @@ class Session(_Owned):
     _kind = "session"
 
     def __init__(self, model: Model, *, n_ctx: int = 0, threads: Optional[int] = None,
-                 n_ubatch: Optional[int] = None) -> None:
-        params = _session_params(model, n_ctx, threads, n_ubatch)
+                 n_ubatch: Optional[int] = None, pool: Optional[Pool] = None) -> None:
+        params = _session_params(model, n_ctx, threads, n_ubatch, pool)
         handle = ctypes.POINTER(_ffi.ember_session)()
         with model._use() as m:
             _lib.ember_session_new(m, byref(params), byref(handle))

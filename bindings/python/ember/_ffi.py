@@ -66,6 +66,10 @@ class ember_sampler(Structure):
     """Opaque ``ember_sampler``."""
 
 
+class ember_pool(Structure):
+    """Opaque ``ember_pool``."""
+
+
 class ember_generation(Structure):
     """Opaque ``ember_generation``."""
 
@@ -203,7 +207,14 @@ class ember_session_params(Structure):
         ("n_ctx", c_uint32),
         ("n_threads", c_uint32),
         ("n_ubatch", c_uint32),
+        ("pool", POINTER(ember_pool)),
     ]
+
+
+class ember_pool_params(Structure):
+    """Options of ``ember_pool_new``."""
+
+    _fields_ = [("struct_size", c_uint32), ("n_threads", c_uint32)]
 
 
 #: Every struct of the header with its fields, by C name (checked by the tests).
@@ -219,6 +230,7 @@ STRUCTS: Dict[str, type] = {
         ember_logit_bias,
         ember_sampler_params,
         ember_session_params,
+        ember_pool_params,
         ember_perf,
     )
 }
@@ -242,6 +254,7 @@ _session_p = POINTER(ember_session)
 _sampler_p = POINTER(ember_sampler)
 _detok_p = POINTER(ember_detokenizer)
 _generation_p = POINTER(ember_generation)
+_pool_p = POINTER(ember_pool)
 _chars = POINTER(c_char)  # an output text buffer
 _size_p = POINTER(c_size_t)
 _tokens = POINTER(c_int32)
@@ -320,6 +333,10 @@ SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
     "ember_session_params_default": (ember_status, [c_size_t, POINTER(ember_session_params)]),
     "ember_session_new": (
         ember_status, [_model_p, POINTER(ember_session_params), POINTER(_session_p)]),
+    "ember_pool_params_default": (ember_status, [c_size_t, POINTER(ember_pool_params)]),
+    "ember_pool_new": (ember_status, [POINTER(ember_pool_params), POINTER(_pool_p)]),
+    "ember_pool_n_threads": (c_size_t, [_pool_p]),
+    "ember_pool_free": (None, [_pool_p]),
     "ember_session_memory_estimate": (
         ember_status, [_model_p, POINTER(ember_session_params), _size_p]),
     "ember_session_fork": (

@@ -151,7 +151,7 @@ def test_struct_fields_match_the_header():
 def test_opaque_types_are_the_header_ones():
     opaque = set(re.findall(r"typedef struct (\w+) \1;", CODE))
     assert opaque == {"ember_model", "ember_session", "ember_sampler", "ember_detokenizer",
-                      "ember_generation"}
+                      "ember_generation", "ember_pool"}
     for name in opaque:
         assert issubclass(getattr(_ffi, name), ctypes.Structure)
 

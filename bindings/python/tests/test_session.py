@@ -220,3 +220,27 @@ def test_models_load_from_bytes_and_from_inside_a_file(tmp_path):
     m.close()
     with pytest.raises(ember.UnsupportedError):
         ember.Model.from_bytes(b"GGUF but not really")  # "version" 1953849888
+
+
+def test_sessions_share_a_pool(llama):
+    import threading
+    pool = ember.Pool(threads=2)
+    assert pool.threads == 2
+    npcs = [llama.session(n_ctx=64, pool=pool) for _ in range(4)]
+    ids = [[1 + (i * 13 + t) % 300 for t in range(12)] for i in range(4)]
+    results = [None] * 4
+
+    def run(i):
+        results[i] = list(npcs[i].step(ids[i]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        assert results[i] == list(llama.session(n_ctx=64, threads=2).step(ids[i]))
+    pool.close()  # the sessions keep it alive
+    npcs[0].step(5)
+    for s in npcs:
+        s.close()
