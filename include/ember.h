@@ -948,9 +948,10 @@ enum ember_status ember_session_memory_estimate(const struct ember_model *model,
 
 /**
  * Creates a session holding `src`'s tokens and KV cache, without recomputing them: one
- * shared prompt (an NPC's system prompt), many continuations. `params` (NULL: `src`'s
- * context length, threads and batch size) as in `ember_session_new`; its context must hold
- * `src`'s tokens (`EMBER_ERR_CONTEXT_FULL`). `src` is only read, and must not be in use by
+ * shared prompt (an NPC's system prompt), many continuations. `params` as in
+ * `ember_session_new` (its context must hold `src`'s tokens: `EMBER_ERR_CONTEXT_FULL`), or
+ * NULL: `src`'s context length and batch size, on `src`'s thread pool (no new threads; the
+ * two take turns, as sessions on one `ember_pool` do). `src` is only read, and must not be in use by
  * another thread (`EMBER_ERR_BUSY`).
  *
  * # Safety
@@ -1038,7 +1039,8 @@ enum ember_status ember_session_perf(struct ember_session *session,
 
 /**
  * Frees a session (NULL is ignored) and its worker threads, which have exited when this
- * returns. No other thread may be using the session.
+ * returns. No other thread may be using the session; a session a background generation
+ * still holds (`ember_generation_finish` not called) is not freed (a warning is logged).
  *
  * # Safety
  * `session` must be NULL or a pointer from `ember_session_new`, not yet freed.
@@ -1159,7 +1161,8 @@ enum ember_status ember_sampler_new(const struct ember_sampler_params *params,
                                     struct ember_sampler **out);
 
 /**
- * Frees a sampler (NULL is ignored).
+ * Frees a sampler (NULL is ignored). A sampler a background generation still holds
+ * (`ember_generation_finish` not called) is not freed (a warning is logged).
  *
  * # Safety
  * `sampler` must be NULL or a pointer from `ember_sampler_new`, not yet freed.

@@ -206,7 +206,7 @@ impl Cursor<'_> {
 
 /// A saved session state loaded into a session of the tiny Llama fixture. The first byte of
 /// the input may fix up the rest so that the fuzzer gets past the outer checks: bit 0 writes
-/// the model's fingerprint, bit 1 recomputes the checksum. Whatever the bytes, a failed load
+/// the model's fingerprint and rotations, bit 1 recomputes the checksum. Whatever the bytes, a failed load
 /// leaves the session as it was, and a successful one leaves it usable (it steps, and saves
 /// a state that loads again).
 pub fn session_state(data: &[u8]) {
@@ -245,12 +245,15 @@ pub fn session_state(data: &[u8]) {
 }
 
 /// The state [`session_state`] loads for `data`: its first byte says what to fix up in the
-/// rest (bit 0: the fingerprint of `model`, bit 1: the checksum). `None` for empty input.
+/// rest (bit 0: the fingerprint of `model` and its rotations at 32 positions, bit 1: the
+/// checksum). `None` for empty input.
 pub fn fixed_session_state(model: &Model, data: &[u8]) -> Option<Vec<u8>> {
     let (&fix, rest) = data.split_first()?;
     let mut bytes = rest.to_vec();
-    if fix & 1 == 1 && bytes.len() >= 24 {
+    if fix & 1 == 1 && bytes.len() >= 32 {
         bytes[16..24].copy_from_slice(&model.fingerprint().to_le_bytes());
+        let rope = crate::model::rope_signature(&model.config, 32);
+        bytes[24..32].copy_from_slice(&rope.to_le_bytes());
     }
     if fix & 2 == 2 && bytes.len() >= 8 {
         let body = bytes.len() - 8;

@@ -201,7 +201,8 @@ impl Sampler {
         );
         for &(t, bias) in &o.logit_bias {
             match c.get_mut(t as usize) {
-                Some((l, _)) => *l += bias,
+                // Biases add up (a token may be listed twice) but never to +inf.
+                Some((l, _)) => *l = (*l + bias).min(f32::MAX),
                 None => {
                     return Err(Error::InvalidArgument(format!(
                         "sampler: logit bias for token {t}, outside the vocabulary (0..{})",
@@ -329,6 +330,13 @@ mod tests {
         assert!(s.sample(&logits).is_err(), "token outside the vocabulary");
         assert!(with(vec![(0, f32::NAN)], 0.0).is_err());
         assert!(with(vec![(0, f32::INFINITY)], 0.0).is_err());
+        let mut s = with(vec![(0, 3e38), (0, 3e38), (1, 3e38)], 1.0).unwrap();
+        for _ in 0..50 {
+            assert!(
+                matches!(s.sample(&logits).unwrap(), 0 | 1),
+                "no overflow to +inf"
+            );
+        }
         let all_banned = (0..4).map(|t| (t, f32::NEG_INFINITY)).collect();
         assert!(with(all_banned, 1.0).unwrap().sample(&logits).is_err());
     }

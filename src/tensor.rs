@@ -151,7 +151,6 @@ impl DType {
 
 /// Bytes that tensors borrow from: a read-only file mapping, an owned, 8-byte aligned buffer,
 /// or bytes the host owns.
-#[derive(Debug)]
 pub enum Storage {
     /// A memory-mapped file.
     Mapped(Mmap),
@@ -165,6 +164,18 @@ pub enum Storage {
         /// Number of meaningful bytes.
         len: usize,
     },
+}
+
+impl std::fmt::Debug for Storage {
+    /// The kind and length only (never the bytes: they are the model's weights).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self {
+            Storage::Mapped(_) => "Mapped",
+            Storage::Borrowed(_) => "Borrowed",
+            Storage::Owned { .. } => "Owned",
+        };
+        write!(f, "Storage::{kind}({} bytes)", self.bytes().len())
+    }
 }
 
 impl Storage {

@@ -85,7 +85,8 @@ fn session_state_seed() -> Vec<u8> {
     for v in [1u32, 0] {
         s.extend(v.to_le_bytes());
     }
-    s.extend(0u64.to_le_bytes());
+    s.extend(0u64.to_le_bytes()); // fingerprint
+    s.extend(0u64.to_le_bytes()); // rotations
     for v in [2u32, 32, 320] {
         s.extend(v.to_le_bytes());
     }
@@ -115,8 +116,9 @@ fn the_session_state_seed_loads_once_fixed_up() {
     assert_eq!((s.tokens(), s.n_pending()), (&[1u32, 5, 9][..], 1));
     let script = std::fs::read_to_string(root().join("scripts/fuzz")).unwrap();
     assert!(
-        script
-            .contains(r#"struct.pack("<8sIIQIIIQQI", b"EMBERSES", 1, 0, 0, 2, 32, 320, 3, 2, 0)"#),
+        script.contains(
+            r#"struct.pack("<8sIIQQIIIQQI", b"EMBERSES", 1, 0, 0, 0, 2, 32, 320, 3, 2, 0)"#
+        ),
         "scripts/fuzz seeds the target with this state"
     );
 }

@@ -341,3 +341,37 @@ fn gguf_bytes_load_in_place_and_from_inside_a_larger_file() {
     assert!(Model::load_gguf_in_file(&file, offset, 100, &options).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn caches_of_longrope_sessions_move_only_between_contexts_with_the_same_rotation() {
+    // Phi-3's LongRoPE rotates keys by its long factors once the context passes the original
+    // length (32 here), by its short factors below: those caches are not interchangeable.
+    let dir = std::env::temp_dir().join(format!("ember-longrope-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixture("arch/phi3");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    config["rope_scaling"] = serde_json::json!({
+        "type": "longrope", "short_factor": [1.0, 1.0, 1.0], "long_factor": [2.0, 3.0, 4.0]
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let model = Arc::new(Model::load(&dir).unwrap());
+    let tokens = prompt(10, model.n_vocab());
+    let mut long = session(&model, 64, 1);
+    long.step(&tokens).unwrap();
+    let state = long.save_state_to_vec().unwrap();
+    let expected = long.step(&[3]).unwrap().to_vec();
+    let mut also_long = session(&model, 48, 2);
+    also_long.load_state(&state).unwrap();
+    assert_eq!(also_long.step(&[3]).unwrap(), &expected[..]);
+    let mut short = session(&model, 16, 1);
+    let err = short.load_state(&state).unwrap_err();
+    assert!(err.to_string().contains("rotated"), "{err}");
+    assert!(short.copy_prefix(&long, 5).is_err());
+    assert_eq!(short.position(), 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -14,7 +14,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::generate::{chat_tokens, GenerateOptions, Generation, Generator, StopReason};
 use crate::sampler::Sampler;
-use crate::session::{CancelHandle, Session, SessionShared};
+use crate::session::{Session, SessionShared};
 
 /// What to generate from (`ember_generation_start`): set `struct_size = sizeof` and one of
 /// text, tokens or messages (a zeroed struct with all three empty continues after the tokens
@@ -76,8 +76,10 @@ pub struct ember_token_info {
 #[derive(Default)]
 struct Outbox {
     text: String,
-    /// Pieces of text added since the text was last taken whole.
+    /// Pieces generated since the host last polled (text or tokens).
     pieces: usize,
+    /// `ember_generation_finish` is waiting: the worker must not pause.
+    closing: bool,
     tokens: Vec<ember_token_info>,
     /// Set when the worker has ended: the outcome of the generation.
     ended: Option<Result<Generation>>,
@@ -108,7 +110,10 @@ fn state_of(outbox: &Outbox) -> ember_generation_state {
 pub struct ember_generation {
     shared: Arc<Shared>,
     worker: Option<std::thread::JoinHandle<()>>,
-    cancel: CancelHandle,
+    /// The session's shared state, to cancel this generation's call (and no other).
+    cancel: Arc<SessionShared>,
+    /// The id of the generation's call.
+    call_id: u64,
     session: Arc<SessionShared>,
     /// The session's position before the prompt, and the prompt's length in tokens.
     prompt: (usize, usize),
@@ -220,6 +225,7 @@ pub unsafe extern "C" fn ember_generation_start(
         let sampler_lease = unsafe { sampler.sampler.lease() }?;
         // The call begins now, so that a cancel made as soon as this returns stops it.
         let call = lease.with(|s| Ok(s.call()))?;
+        let call_id = call.id();
         let shared = Arc::new(Shared {
             outbox: Mutex::new(Outbox::default()),
             changed: Condvar::new(),
@@ -228,6 +234,7 @@ pub unsafe extern "C" fn ember_generation_start(
         let worker = std::thread::Builder::new()
             .name("ember-generation".into())
             .spawn(move || {
+                let (mut lease, mut sampler_lease) = (lease, sampler_lease);
                 let result = crate::error::catch_quietly(|| {
                     let limit = p.max_ahead as usize;
                     let ahead = Ahead {
@@ -235,10 +242,13 @@ pub unsafe extern "C" fn ember_generation_start(
                         limit,
                         call: &call,
                     };
-                    generate_into(&ahead, lease, sampler_lease, input, &options)
+                    generate_into(&ahead, &mut lease, &mut sampler_lease, input, &options)
                 })
                 .unwrap_or_else(|panic| Err(Error::Internal(panic)));
+                // The call ends before the session is given back, so that no later call on
+                // the session can join this one (and its cancellation).
                 drop(call);
+                drop((lease, sampler_lease));
                 worker_shared.lock().ended = Some(result);
                 worker_shared.changed.notify_all();
             })
@@ -246,7 +256,8 @@ pub unsafe extern "C" fn ember_generation_start(
         let handle = Box::new(ember_generation {
             shared,
             worker: Some(worker),
-            cancel: session.cancel.clone(),
+            cancel: session.shared.clone(),
+            call_id,
             session: session.shared.clone(),
             prompt: (before, total),
         });
@@ -271,7 +282,7 @@ impl Ahead<'_> {
             return;
         }
         let mut outbox = self.shared.lock();
-        while outbox.pieces >= self.limit && !self.call.cancelled() {
+        while outbox.pieces >= self.limit && !outbox.closing && !self.call.cancelled() {
             // A poll wakes it; a cancel is seen within the timeout.
             outbox = self
                 .shared
@@ -286,8 +297,8 @@ impl Ahead<'_> {
 /// The worker's body: generates, appending each piece to the outbox.
 fn generate_into(
     ahead: &Ahead<'_>,
-    mut session: Lease<Session>,
-    mut sampler: Lease<Sampler>,
+    session: &mut Lease<Session>,
+    sampler: &mut Lease<Sampler>,
     input: Input,
     options: &GenerateOptions,
 ) -> Result<Generation> {
@@ -298,9 +309,7 @@ fn generate_into(
             let shared = ahead.shared;
             while let Some(piece) = g.next_piece()? {
                 let mut outbox = shared.lock();
-                if !piece.text.is_empty() {
-                    outbox.pieces += 1;
-                }
+                outbox.pieces += 1;
                 outbox.text.push_str(&piece.text);
                 if let Some(token) = piece.token {
                     outbox.tokens.push(ember_token_info {
@@ -366,9 +375,7 @@ pub unsafe extern "C" fn ember_generation_poll(
             }
         }
         outbox.text.drain(..n);
-        if outbox.text.is_empty() {
-            outbox.pieces = 0;
-        }
+        outbox.pieces = 0;
         let now = state_of(&outbox);
         drop(outbox);
         g.shared.changed.notify_all();
@@ -412,7 +419,9 @@ pub unsafe extern "C" fn ember_generation_poll_tokens(
             // SAFETY: out holds cap >= n entries (the caller's contract).
             unsafe { out.add(i).write(info) };
         }
+        outbox.pieces = 0;
         drop(outbox);
+        g.shared.changed.notify_all();
         // SAFETY: n_out checked non-NULL.
         unsafe { n_out.write(n) };
         Ok(())
@@ -476,6 +485,9 @@ pub unsafe extern "C" fn ember_generation_progress(
         let ended = g.shared.lock().ended.is_some();
         let computed = g.session.position().saturating_sub(before).min(n);
         let value = if ended { n } else { computed };
+        if done.is_null() || total.is_null() {
+            return Err(Error::InvalidArgument("done or total is NULL".into()));
+        }
         // SAFETY: the caller's contract.
         unsafe {
             write_out(total, n, "total")?;
@@ -497,7 +509,7 @@ pub unsafe extern "C" fn ember_generation_cancel(
     run(|| {
         // SAFETY: the caller's contract.
         let g = unsafe { self::generation(generation) }?;
-        g.cancel.cancel();
+        g.cancel.cancel_call(g.call_id);
         g.shared.changed.notify_all();
         Ok(())
     })
@@ -524,6 +536,9 @@ pub unsafe extern "C" fn ember_generation_finish(
         }
         // SAFETY: the caller's contract: a handle from ember_generation_start, now ours.
         let mut handle = unsafe { Box::from_raw(generation) };
+        // A worker paused ahead of the polls goes on to the end.
+        handle.shared.lock().closing = true;
+        handle.shared.changed.notify_all();
         if let Some(worker) = handle.worker.take() {
             // The worker catches its own panics; a failed join leaves `ended` unset.
             let _ = worker.join();
@@ -544,7 +559,9 @@ impl Drop for ember_generation {
         // Only reached through ember_generation_finish, which joined the worker; a worker
         // still here (a panic between) is stopped and joined so nothing outlives the handle.
         if let Some(worker) = self.worker.take() {
-            self.cancel.cancel();
+            self.cancel.cancel_call(self.call_id);
+            self.shared.lock().closing = true;
+            self.shared.changed.notify_all();
             let _ = worker.join();
         }
     }

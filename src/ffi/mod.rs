@@ -456,6 +456,38 @@ impl<T> Exclusive<T> {
     }
 }
 
+impl<T> Exclusive<T> {
+    /// True while a call (or a background generation) holds the value.
+    pub(crate) fn in_use(&self) -> bool {
+        self.busy.load(Ordering::Acquire)
+    }
+}
+
+/// Frees a handle owning an [`Exclusive`] value unless the value is in use: freeing a
+/// session or sampler that a background generation (or another thread) is using would leave
+/// it with freed memory, so the handle is kept (leaked) and a warning logged instead.
+///
+/// # Safety
+/// As [`free_handle`]; `inner` gives the handle's value.
+pub(crate) unsafe fn free_unless_in_use<H, T>(handle: *mut H, inner: impl Fn(&H) -> &Exclusive<T>) {
+    // SAFETY: the caller's contract: NULL or a live handle.
+    if let Some(h) = unsafe { handle.as_ref() } {
+        let what = inner(h).what;
+        if inner(h).in_use() {
+            log(
+                ember_log_level::EMBER_LOG_LEVEL_WARN,
+                &format!(
+                    "ember_{what}_free: the {what} is in use (a generation not finished, or \
+                     another thread's call), so it was not freed"
+                ),
+            );
+            return;
+        }
+    }
+    // SAFETY: forwarded contract.
+    unsafe { free_handle(handle) }
+}
+
 impl<T: Send> Exclusive<T> {
     /// Takes exclusive access now, for a body that runs later on another thread (a
     /// background generation): until the lease drops, other calls get `Busy`.

@@ -140,14 +140,15 @@ pub unsafe extern "C" fn ember_sampler_new(
     })
 }
 
-/// Frees a sampler (NULL is ignored).
+/// Frees a sampler (NULL is ignored). A sampler a background generation still holds
+/// (`ember_generation_finish` not called) is not freed (a warning is logged).
 ///
 /// # Safety
 /// `sampler` must be NULL or a pointer from `ember_sampler_new`, not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn ember_sampler_free(sampler: *mut ember_sampler) {
     // SAFETY: the caller's contract (a pointer from this library's constructor, or NULL).
-    unsafe { super::free_handle(sampler) }
+    unsafe { super::free_unless_in_use(sampler, |s| &s.sampler) }
 }
 
 /// Picks a token from `n_vocab` logits into `*out_token`, and remembers it for the penalties.

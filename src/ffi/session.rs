@@ -264,9 +264,10 @@ pub unsafe extern "C" fn ember_session_memory_estimate(
 }
 
 /// Creates a session holding `src`'s tokens and KV cache, without recomputing them: one
-/// shared prompt (an NPC's system prompt), many continuations. `params` (NULL: `src`'s
-/// context length, threads and batch size) as in `ember_session_new`; its context must hold
-/// `src`'s tokens (`EMBER_ERR_CONTEXT_FULL`). `src` is only read, and must not be in use by
+/// shared prompt (an NPC's system prompt), many continuations. `params` as in
+/// `ember_session_new` (its context must hold `src`'s tokens: `EMBER_ERR_CONTEXT_FULL`), or
+/// NULL: `src`'s context length and batch size, on `src`'s thread pool (no new threads; the
+/// two take turns, as sessions on one `ember_pool` do). `src` is only read, and must not be in use by
 /// another thread (`EMBER_ERR_BUSY`).
 ///
 /// # Safety
@@ -285,11 +286,14 @@ pub unsafe extern "C" fn ember_session_fork(
         let fork = unsafe {
             with_session(src, |s| {
                 if params.is_null() {
-                    return s.fork(&SessionOptions {
-                        n_ctx: s.n_ctx(),
-                        n_threads: s.n_threads(),
-                        ubatch: s.ubatch(),
-                    });
+                    let mut fork = Session::with_pool(
+                        s.model().clone(),
+                        s.pool().clone(),
+                        s.n_ctx(),
+                        s.ubatch(),
+                    )?;
+                    fork.copy_prefix(s, s.position())?;
+                    return Ok(fork);
                 }
                 let params = read_params(params, SESSION_PARAMS_DEFAULT, "params")?;
                 let mut fork = new_session(s.model().clone(), &params)?;
@@ -507,14 +511,15 @@ pub unsafe extern "C" fn ember_session_perf(
 }
 
 /// Frees a session (NULL is ignored) and its worker threads, which have exited when this
-/// returns. No other thread may be using the session.
+/// returns. No other thread may be using the session; a session a background generation
+/// still holds (`ember_generation_finish` not called) is not freed (a warning is logged).
 ///
 /// # Safety
 /// `session` must be NULL or a pointer from `ember_session_new`, not yet freed.
 #[no_mangle]
 pub unsafe extern "C" fn ember_session_free(session: *mut ember_session) {
     // SAFETY: the caller's contract (a pointer from this library's constructor, or NULL).
-    unsafe { super::free_handle(session) }
+    unsafe { super::free_unless_in_use(session, |s| &s.session) }
 }
 
 /// Forgets every token.

@@ -211,6 +211,21 @@ impl ForwardScratch {
     }
 }
 
+/// A fingerprint of the rotations a session of `n_ctx` positions applies to keys (LongRoPE's
+/// factors depend on the context length): cached keys are only valid in a session with the
+/// same one.
+pub(crate) fn rope_signature(config: &ModelConfig, n_ctx: usize) -> u64 {
+    let mut h = crate::checksum::Hash64::default();
+    for rope in scratch_ropes(config) {
+        let (freqs, factor) = inv_freq(rope, n_ctx);
+        for f in freqs.iter().chain(std::iter::once(&factor)) {
+            h.update(&f.to_le_bytes());
+        }
+        h.update_u64(rope.dims as u64);
+    }
+    h.finish()
+}
+
 /// The RoPEs a session needs tables for: the model's and its local one, if any layer rotates.
 fn scratch_ropes(config: &ModelConfig) -> impl Iterator<Item = &Rope> {
     let rotates = config.layers.iter().any(|l| l.rope);

@@ -33,7 +33,7 @@ use names::Weights;
 pub use config::{
     Activation, Architecture, LayerKind, Llama3RopeScaling, ModelConfig, Rope, RopeScaling,
 };
-pub(crate) use forward::{ForwardScratch, KvCache, LogitsWanted, Workspace};
+pub(crate) use forward::{rope_signature, ForwardScratch, KvCache, LogitsWanted, Workspace};
 pub use probe::ModelInfo;
 
 /// A loaded, immutable language model.

@@ -96,6 +96,14 @@ impl SessionShared {
         call != 0 && self.cancelled.load(Ordering::Acquire) == call
     }
 
+    /// Asks the call `call` to stop, if it is the one running (once it has ended, nothing
+    /// happens: a later call is never reached).
+    pub(crate) fn cancel_call(&self, call: u64) {
+        if call != 0 && self.running.load(Ordering::Acquire) == call {
+            self.cancelled.store(call, Ordering::Release);
+        }
+    }
+
     /// Publishes the number of tokens held.
     pub(crate) fn set_position(&self, position: usize) {
         self.position.store(position, Ordering::Release);
@@ -172,6 +180,11 @@ pub(crate) struct CallScope {
 }
 
 impl CallScope {
+    /// The call's id.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
     /// True when this call has been asked to stop.
     pub(crate) fn cancelled(&self) -> bool {
         self.shared.is_cancelled(self.id)
@@ -305,6 +318,11 @@ impl Session {
     /// Tokens per micro-batch when processing a prompt.
     pub fn ubatch(&self) -> usize {
         self.ws.scratch.ubatch()
+    }
+
+    /// The thread pool the session computes on (shared with the sessions made on it).
+    pub fn pool(&self) -> &Arc<ThreadPool> {
+        &self.pool
     }
 
     /// Threads each step uses.

@@ -9,6 +9,7 @@
 //! | 4 | format version (1) |
 //! | 4 | cache element type (0: f32) |
 //! | 8 | [`Model::fingerprint`] of the model that made it |
+//! | 8 | the keys' rotations (LongRoPE's factors depend on the context length) |
 //! | 4, 4, 4 | layers, numbers per position (`n_kv_heads * head_dim`), vocabulary size |
 //! | 8, 8 | tokens held `n`, tokens computed `c <= n` |
 //! | 4 | 1 if the last token's logits follow, else 0 |
@@ -32,7 +33,7 @@ const VERSION: u32 = 1;
 /// Cache element type codes of the format.
 const KV_F32: u32 = 0;
 /// Bytes of the fixed-size header (magic to the logits flag).
-const HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 4 + 4 + 4 + 8 + 8 + 4;
+const HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 8 + 4 + 4 + 4 + 8 + 8 + 4;
 
 /// What of a session's prefix of `n` tokens can be kept as computed.
 struct Prefix {
@@ -45,6 +46,11 @@ struct Prefix {
 }
 
 impl Session {
+    /// The rotations this session's cached keys carry.
+    fn rope_signature(&self) -> u64 {
+        crate::model::rope_signature(&self.model.config, self.n_ctx())
+    }
+
     /// What copying or saving this session's first `n` tokens keeps (`n <= position`).
     fn prefix(&self, n: usize) -> Prefix {
         let computed = self.computed.min(n);
@@ -91,6 +97,7 @@ impl Session {
         w.u32(VERSION);
         w.u32(KV_F32);
         w.u64(self.model.fingerprint());
+        w.u64(self.rope_signature());
         w.u32(config.n_layers as u32);
         w.u32(config.kv_dim() as u32);
         w.u32(config.vocab_size as u32);
@@ -132,7 +139,7 @@ impl Session {
     /// another model, too long for the context, truncated or corrupted is an error that leaves
     /// the session exactly as it was.
     pub fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
-        let state = parse(bytes, &self.model, self.n_ctx())?;
+        let state = parse(bytes, &self.model, self.n_ctx(), self.rope_signature())?;
         self.history.clear();
         let mut r = Reader {
             bytes: state.tokens,
@@ -176,6 +183,14 @@ impl Session {
                 "the sessions run different models".into(),
             ));
         }
+        if self.rope_signature() != src.rope_signature() {
+            return Err(Error::InvalidArgument(format!(
+                "the sessions' keys are rotated differently (this model's RoPE depends on the \
+                 context length: {} here, {} in the source)",
+                self.n_ctx(),
+                src.n_ctx()
+            )));
+        }
         if n_tokens > src.position() {
             return Err(Error::InvalidArgument(format!(
                 "cannot copy {n_tokens} tokens: the source session holds {}",
@@ -217,7 +232,7 @@ struct Parsed<'a> {
 }
 
 /// Checks every part of a saved state against `model` and a context of `n_ctx` tokens.
-fn parse<'a>(bytes: &'a [u8], model: &Model, n_ctx: usize) -> Result<Parsed<'a>> {
+fn parse<'a>(bytes: &'a [u8], model: &Model, n_ctx: usize, rope: u64) -> Result<Parsed<'a>> {
     let bad = |what: String| Error::format(format!("session state: {what}"));
     if bytes.len() < HEADER_BYTES + 8 {
         return Err(bad(format!(
@@ -253,6 +268,12 @@ fn parse<'a>(bytes: &'a [u8], model: &Model, n_ctx: usize) -> Result<Parsed<'a>>
         return Err(Error::InvalidArgument(
             "session state: it was saved from another model (fingerprints differ)".into(),
         ));
+    }
+    if r.u64()? != rope {
+        return Err(Error::InvalidArgument(format!(
+            "session state: its keys are rotated for another context length (this model's \
+             RoPE depends on it; this session has {n_ctx})"
+        )));
     }
     let config = &model.config;
     let dims = [r.u32()?, r.u32()?, r.u32()?];

@@ -578,13 +578,21 @@ static void test_generation(void) {
   p.text = prompt;
   p.text_len = strlen(prompt);
   ember_generation *g = NULL;
+  /* Paced one piece ahead of the polls: until the first poll it holds the session. */
+  gp.max_ahead = 1;
   CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, &g), EMBER_OK);
   /* The session and the sampler belong to the generation until it is finished. */
   int32_t one = 5;
   ember_status busy = ember_step(t, &one, 1, NULL);
   CHECK(busy == EMBER_ERR_BUSY);
   CHECK_STATUS(ember_sample(greedy, (const float[]){1, 2}, 2, &one), EMBER_ERR_BUSY);
-  CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, &g), EMBER_ERR_BUSY);
+  ember_generation *second = NULL;
+  CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, &second), EMBER_ERR_BUSY);
+  CHECK(second == NULL);
+  /* Freeing them meanwhile is refused (a warning), not a use after free. */
+  ember_session_free(t);
+  ember_sampler_free(greedy);
+  gp.max_ahead = 0;
   char text[1024];
   int frames = 0;
   size_t len = poll_all(g, text, sizeof text, &frames);
@@ -690,6 +698,31 @@ static void test_generation(void) {
   CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, &g), EMBER_OK);
   CHECK_STATUS(ember_generation_finish(g, NULL, NULL), EMBER_OK);
   CHECK_STATUS(ember_step(t, &one, 1, NULL), EMBER_OK);
+  /* Paced one piece ahead and never polled, finish still completes it (it used to wait for
+     a poll forever); a host that polls only tokens is paced by those polls. */
+  gp.max_ahead = 1;
+  gp.max_tokens = 5;
+  CHECK_STATUS(ember_session_reset(t), EMBER_OK);
+  CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, &g), EMBER_OK);
+  CHECK_STATUS(ember_generation_finish(g, &reason, &n), EMBER_OK);
+  CHECK(reason == EMBER_STOP_REASON_MAX_TOKENS && n == 5);
+  CHECK_STATUS(ember_session_reset(t), EMBER_OK);
+  CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, &g), EMBER_OK);
+  size_t got = 0;
+  for (int spins = 0; got < 5 && spins < 100000; spins++) {
+    size_t k = 0;
+    CHECK_STATUS(ember_generation_poll_tokens(g, infos, 32, &k), EMBER_OK);
+    got += k;
+    if (k == 0) sleep_us(100);
+  }
+  CHECK(got == 5);
+  size_t pdone = 7, ptotal = 7;
+  CHECK_STATUS(ember_generation_progress(g, NULL, &ptotal), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(ptotal == 7); /* outputs untouched on failure */
+  CHECK_STATUS(ember_generation_progress(g, &pdone, &ptotal), EMBER_OK);
+  CHECK_STATUS(ember_generation_finish(g, &reason, &n), EMBER_OK);
+  CHECK(n == 5 && ember_session_position(t) == 3 + 5);
+  gp.max_ahead = 0;
   ember_sampler_free(greedy);
   ember_session_free(t);
   ember_session_free(s);
@@ -1338,6 +1371,17 @@ static void test_pool(void) {
   ember_session *fork = NULL;
   CHECK_STATUS(ember_session_fork(npcs[0], &p, &fork), EMBER_OK);
   CHECK(count_threads() == before + 1);
+  ember_session *same = NULL; /* NULL params: on the source's pool, no new thread */
+  CHECK_STATUS(ember_session_fork(npcs[1], NULL, &same), EMBER_OK);
+  CHECK(count_threads() == before + 1);
+  ember_session *own = new_session(64, 2);
+  ember_session *owns = NULL;
+  CHECK(count_threads() == before + 2);
+  CHECK_STATUS(ember_session_fork(own, NULL, &owns), EMBER_OK);
+  CHECK(count_threads() == before + 2);
+  ember_session_free(owns);
+  ember_session_free(own);
+  ember_session_free(same);
   size_t with_pool = 0;
   CHECK_STATUS(ember_session_memory_estimate(model, &p, &with_pool), EMBER_OK);
   ember_pool_free(pool);
