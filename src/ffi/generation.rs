@@ -335,6 +335,17 @@ unsafe fn generation<'a>(generation: *const ember_generation) -> Result<&'a embe
     unsafe { borrow(generation, "generation") }
 }
 
+/// Checks a poll's outputs: `n_out` always, `out` when it has room.
+fn check_outputs<T>(out: *mut T, cap: usize, n_out: *mut usize) -> Result<()> {
+    if n_out.is_null() {
+        return Err(Error::InvalidArgument("n_out is NULL".into()));
+    }
+    if out.is_null() && cap > 0 {
+        return Err(Error::InvalidArgument("out is NULL".into()));
+    }
+    Ok(())
+}
+
 /// Copies the text generated since the last poll into `out` (at most `cap - 1` bytes, whole
 /// characters, then a NUL) and writes its length to `*n_out`; what does not fit stays for
 /// the next poll. `*state` (may be NULL) says whether the generation is still running (or has
@@ -356,12 +367,7 @@ pub unsafe extern "C" fn ember_generation_poll(
     run(|| {
         // SAFETY: the caller's contract.
         let g = unsafe { self::generation(generation) }?;
-        if n_out.is_null() {
-            return Err(Error::InvalidArgument("n_out is NULL".into()));
-        }
-        if out.is_null() && cap > 0 {
-            return Err(Error::InvalidArgument("out is NULL".into()));
-        }
+        check_outputs(out, cap, n_out)?;
         let mut outbox = g.shared.lock();
         let mut n = outbox.text.len().min(cap.saturating_sub(1));
         while !outbox.text.is_char_boundary(n) {
@@ -407,12 +413,7 @@ pub unsafe extern "C" fn ember_generation_poll_tokens(
     run(|| {
         // SAFETY: the caller's contract.
         let g = unsafe { self::generation(generation) }?;
-        if n_out.is_null() {
-            return Err(Error::InvalidArgument("n_out is NULL".into()));
-        }
-        if out.is_null() && cap > 0 {
-            return Err(Error::InvalidArgument("out is NULL".into()));
-        }
+        check_outputs(out, cap, n_out)?;
         let mut outbox = g.shared.lock();
         let n = outbox.tokens.len().min(cap);
         for (i, info) in outbox.tokens.drain(..n).enumerate() {

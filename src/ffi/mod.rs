@@ -424,8 +424,8 @@ impl<T> Exclusive<T> {
         }
     }
 
-    /// Runs `body` with exclusive access, or fails with `Busy` at once.
-    pub(crate) fn with<R>(&self, body: impl FnOnce(&mut T) -> Result<R>) -> Result<R> {
+    /// Takes the busy flag, or fails with `Busy` (or `Internal` once poisoned) at once.
+    fn acquire(&self) -> Result<()> {
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::Internal(format!(
                 "this {} hit an internal error earlier and can only be freed",
@@ -442,9 +442,15 @@ impl<T> Exclusive<T> {
                 self.what
             )));
         }
-        let _guard = BusyGuard(&self.busy);
-        // SAFETY: the busy flag, just taken, gives this call the only access to the value
-        // until the guard drops.
+        Ok(())
+    }
+
+    /// Runs `body` on the value, poisoning it if `body` panics.
+    ///
+    /// # Safety
+    /// The caller holds the busy flag (the only access to the value).
+    unsafe fn enter<R>(&self, body: impl FnOnce(&mut T) -> Result<R>) -> Result<R> {
+        // SAFETY: the caller's busy flag gives this call the only access to the value.
         let inner = unsafe { &mut *self.value.get() };
         match catch_unwind(AssertUnwindSafe(|| body(inner))) {
             Ok(result) => result,
@@ -453,6 +459,14 @@ impl<T> Exclusive<T> {
                 std::panic::resume_unwind(panic)
             }
         }
+    }
+
+    /// Runs `body` with exclusive access, or fails with `Busy` at once.
+    pub(crate) fn with<R>(&self, body: impl FnOnce(&mut T) -> Result<R>) -> Result<R> {
+        self.acquire()?;
+        let _guard = BusyGuard(&self.busy);
+        // SAFETY: the busy flag, just taken, is held until the guard drops.
+        unsafe { self.enter(body) }
     }
 }
 
@@ -495,22 +509,7 @@ impl<T: Send> Exclusive<T> {
     /// # Safety
     /// The value must outlive the lease (the host may not free the handle meanwhile).
     pub(crate) unsafe fn lease(&self) -> Result<Lease<T>> {
-        if self.poisoned.load(Ordering::Acquire) {
-            return Err(Error::Internal(format!(
-                "this {} hit an internal error earlier and can only be freed",
-                self.what
-            )));
-        }
-        if self
-            .busy
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            return Err(Error::Busy(format!(
-                "the {} is in use by another call",
-                self.what
-            )));
-        }
+        self.acquire()?;
         Ok(Lease { owner: self })
     }
 }
@@ -527,17 +526,9 @@ unsafe impl<T: Send> Send for Lease<T> {}
 impl<T> Lease<T> {
     /// Runs `body` with the value; a panic inside poisons it.
     pub(crate) fn with<R>(&mut self, body: impl FnOnce(&mut T) -> Result<R>) -> Result<R> {
-        // SAFETY: the owner outlives the lease (`lease`'s contract).
-        let owner = unsafe { &*self.owner };
-        // SAFETY: the busy flag held by this lease gives it the only access to the value.
-        let inner = unsafe { &mut *owner.value.get() };
-        match catch_unwind(AssertUnwindSafe(|| body(inner))) {
-            Ok(result) => result,
-            Err(panic) => {
-                owner.poisoned.store(true, Ordering::Release);
-                std::panic::resume_unwind(panic)
-            }
-        }
+        // SAFETY: the owner outlives the lease (`lease`'s contract), and the busy flag this
+        // lease holds gives it the only access to the value.
+        unsafe { (*self.owner).enter(body) }
     }
 }
 
