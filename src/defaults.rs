@@ -11,6 +11,10 @@ pub const UBATCH: usize = 64;
 /// The largest micro-batch a session accepts.
 pub const MAX_UBATCH: usize = 4096;
 
+/// The most alternatives a generated token can carry with its log-probability
+/// (`top_logprobs`).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
 /// The machine's hardware threads (1 if unknown).
 pub fn machine_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())

@@ -84,6 +84,7 @@ fn exercise_model(model: Model) {
         n_ctx: 8,
         n_threads: 1,
         ubatch: 2,
+        ..Default::default()
     };
     if let Ok(mut session) = Session::new(model.clone(), &options) {
         let vocab = model.n_vocab() as u32;
@@ -206,7 +207,8 @@ impl Cursor<'_> {
 
 /// A saved session state loaded into a session of the tiny Llama fixture. The first byte of
 /// the input may fix up the rest so that the fuzzer gets past the outer checks: bit 0 writes
-/// the model's fingerprint and rotations, bit 1 recomputes the checksum. Whatever the bytes, a failed load
+/// the model's fingerprint and rotations, bit 1 recomputes the checksum, bit 2 loads into a
+/// session with an f16 cache (else f32). Whatever the bytes, a failed load
 /// leaves the session as it was, and a successful one leaves it usable (it steps, and saves
 /// a state that loads again).
 pub fn session_state(data: &[u8]) {
@@ -218,10 +220,16 @@ pub fn session_state(data: &[u8]) {
     let Some(bytes) = fixed_session_state(model, data) else {
         return;
     };
+    let kv_type = if data[0] & 4 == 4 {
+        crate::KvType::F16
+    } else {
+        crate::KvType::F32
+    };
     let options = SessionOptions {
         n_ctx: 32,
         n_threads: 1,
         ubatch: 8,
+        kv_type,
     };
     let mut session = Session::new(model.clone(), &options).expect("a session");
     session.step(&[1, 2, 3]).expect("a step");
@@ -555,6 +563,7 @@ pub fn c_api(data: &[u8]) {
                     params.n_ctx = c.small(200) as u32;
                     params.n_threads = c.small(4) as u32;
                     params.n_ubatch = c.small(70) as u32;
+                    params.kv_type = c.small(3) as u32; // f32, f16 or invalid
                     let mut fresh = std::ptr::null_mut();
                     if ember_session_new(model, &params, &mut fresh) == ember_status::EMBER_OK {
                         ember_session_free(session);
@@ -611,6 +620,7 @@ pub fn c_api(data: &[u8]) {
                     params.max_tokens = c.small(8) as u32;
                     params.max_ahead = c.small(2) as u32;
                     params.logprobs = c.flag() as u32;
+                    params.top_logprobs = c.small(3) as u32 * 11; // 0, 11 or 22 (invalid)
                     let mut g = std::ptr::null_mut();
                     if ember_generation_start(session, sampler, &prompt, &params, &mut g)
                         == ember_status::EMBER_OK
@@ -626,6 +636,32 @@ pub fn c_api(data: &[u8]) {
                                 &mut state,
                             );
                             assert!(n < cap.max(1));
+                            let (cap, top_cap) = (c.small(4), c.small(50));
+                            let mut infos = vec![
+                                ember_token_info {
+                                    token: 0,
+                                    logprob: 0.0
+                                };
+                                cap.max(1)
+                            ];
+                            let mut top = infos.repeat(top_cap.max(1));
+                            let mut got = usize::MAX;
+                            let status = ember_generation_poll_tokens_top(
+                                g,
+                                infos.as_mut_ptr(),
+                                cap,
+                                top.as_mut_ptr(),
+                                top_cap,
+                                &mut got,
+                            );
+                            if status == ember_status::EMBER_OK {
+                                assert!(got <= cap, "more tokens than room");
+                                let k = params.top_logprobs as usize;
+                                assert!(
+                                    k == 0 || got * k <= top_cap,
+                                    "more alternatives than room"
+                                );
+                            }
                         }
                         if c.flag() {
                             ember_generation_cancel(g);

@@ -46,7 +46,7 @@ pub mod tokenizer;
 pub use error::{Error, Result};
 pub use generate::{chat, generate, GenerateOptions, Generation, Generator, Piece, StopReason};
 pub use model::{Architecture, ModelConfig};
-pub use model::{LoadOptions, Model, ModelInfo};
+pub use model::{KvType, LoadOptions, Model, ModelInfo};
 pub use sampler::{Sampler, SamplerOptions};
 pub use session::{CancelHandle, Perf, PerfCounts, Session, SessionOptions};
 pub use threading::ThreadPool;

@@ -1,17 +1,24 @@
-//! A private, caller-sized, persistent thread pool and the parallel loops the kernels use.
+//! A private, caller-sized thread pool on rayon, and the parallel loops the kernels use.
 //!
 //! Ember never uses a global pool: a host application decides how many cores inference may
-//! use, per session. The calling thread works too, so `n` threads means `n - 1` workers.
-//! Between parallel loops workers spin briefly (a decode step runs hundreds of loops a few
-//! microseconds apart), then sleep on a condition variable, so an idle pool costs nothing.
-//! Dropping the pool joins its workers.
+//! use, per session or per [`ThreadPool`] shared by sessions. The calling thread works too,
+//! so `n` threads means a private `rayon::ThreadPool` of `n - 1` workers.
+//!
+//! A decode step at 135M parameters runs about 200 parallel loops a few microseconds apart;
+//! entering rayon for each (a fork-join per loop, with its sleep/wake and work stealing) cost
+//! about 7% of the step when measured. So rayon is entered once, not per loop: when the pool
+//! is made, one `spawn_broadcast` puts a worker loop on each rayon thread, and loops are
+//! handed to them through an atomic task counter (each task claimed by whichever thread is
+//! free). Between loops workers spin briefly, then sleep on a condition variable, so an idle
+//! pool costs nothing. Entering rayon per step instead (a `broadcast` per step) would
+//! allocate its job list on every step; a decode step allocates nothing (`tests/no_alloc.rs`).
+//!
+//! rayon's threads are made through `spawn_handler`, which keeps their join handles: dropping
+//! the pool joins every thread before it returns (a host may unload the library next), where
+//! rayon alone lets them finish after `drop` returns.
 //!
 //! Work is split by output element, each element computed by one thread in a fixed order, so
-//! results do not depend on the thread count.
-//!
-//! This replaces rayon, measured first: at 135M parameters a decode step runs about 200
-//! parallel loops, and rayon's sleep/wake and work-stealing machinery took about 7% of the
-//! step; rayon's pool also shuts its threads down asynchronously, after `drop` returns.
+//! results do not depend on the thread count or on which thread claims which task.
 
 use std::any::Any;
 use std::marker::PhantomData;
@@ -66,7 +73,7 @@ struct Shared {
     in_job: AtomicUsize,
     /// Workers asleep (or about to sleep) on `wake`.
     sleepers: AtomicUsize,
-    /// Workers that have started running.
+    /// Workers whose loop has started.
     started: AtomicUsize,
     shutdown: AtomicBool,
     lock: Mutex<()>,
@@ -94,6 +101,7 @@ impl Shared {
         !self.shutdown.load(SeqCst)
     }
 
+    /// The loop each rayon thread runs from the pool's creation to its drop.
     fn worker(&self) {
         self.started.fetch_add(1, SeqCst);
         let mut seen = 0;
@@ -119,15 +127,60 @@ impl Shared {
             self.wake.notify_all();
         }
     }
+
+    fn shut_down(&self) {
+        self.shutdown.store(true, SeqCst);
+        self.epoch.fetch_add(1, SeqCst);
+        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.wake.notify_all();
+    }
 }
 
-/// A pool of `n_threads - 1` worker threads plus the calling thread.
+/// First come, first served turns on the pool: sessions sharing it step one at a time, in
+/// the order they asked (a plain mutex lets a session that steps in a loop take every turn).
+#[derive(Default)]
+struct Turns {
+    /// (next ticket to hand out, ticket being served)
+    tickets: Mutex<(u64, u64)>,
+    changed: Condvar,
+}
+
+impl Turns {
+    /// Waits for this caller's turn; the turn ends when the guard drops.
+    fn take(&self) -> Turn<'_> {
+        let mut t = self.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = t.0;
+        t.0 += 1;
+        while t.1 != mine {
+            t = self.changed.wait(t).unwrap_or_else(|p| p.into_inner());
+        }
+        Turn { turns: self }
+    }
+}
+
+/// One caller's turn on a pool.
+struct Turn<'a> {
+    turns: &'a Turns,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut t = self.turns.tickets.lock().unwrap_or_else(|p| p.into_inner());
+        t.1 += 1;
+        drop(t);
+        self.turns.changed.notify_all();
+    }
+}
+
+/// A pool of `n_threads - 1` rayon worker threads plus the calling thread.
 pub struct ThreadPool {
     shared: Arc<Shared>,
-    workers: Vec<JoinHandle<()>>,
+    /// The rayon pool whose threads run [`Shared::worker`]; `None` for one thread.
+    rayon: Option<rayon::ThreadPool>,
+    /// Join handles of the rayon pool's threads, kept by its spawn handler.
+    threads: Vec<JoinHandle<()>>,
     n_threads: usize,
-    /// Serialises callers: sessions sharing a pool take turns.
-    turn: Mutex<()>,
+    turns: Turns,
 }
 
 impl std::fmt::Debug for ThreadPool {
@@ -159,18 +212,35 @@ impl ThreadPool {
         });
         let mut pool = ThreadPool {
             shared,
-            workers: Vec::with_capacity(n_threads - 1),
+            rayon: None,
+            threads: Vec::with_capacity(n_threads - 1),
             n_threads,
-            turn: Mutex::new(()),
+            turns: Turns::default(),
         };
-        for i in 1..n_threads {
-            let shared = pool.shared.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("ember-worker-{i}"))
-                .spawn(move || shared.worker())
-                .map_err(|e| Error::Internal(format!("could not start a worker thread: {e}")))?;
-            pool.workers.push(handle);
+        if n_threads == 1 {
+            return Ok(pool);
         }
+        let threads = &mut pool.threads;
+        let rayon = rayon::ThreadPoolBuilder::new()
+            .num_threads(n_threads - 1)
+            .thread_name(|i| format!("ember-worker-{}", i + 1))
+            .spawn_handler(|thread| {
+                let mut builder = std::thread::Builder::new();
+                if let Some(name) = thread.name() {
+                    builder = builder.name(name.to_owned());
+                }
+                threads.push(builder.spawn(|| thread.run())?);
+                Ok(())
+            })
+            .build()
+            .map_err(|e| Error::Internal(format!("could not start the worker threads: {e}")));
+        // On failure `pool` drops here, joining whatever threads did start.
+        let rayon = rayon?;
+        let shared = pool.shared.clone();
+        // The worker loop never panics (tasks' panics are caught in `Job::work`), so rayon's
+        // handler for a panicking broadcast (abort) is never reached.
+        rayon.spawn_broadcast(move |_| shared.worker());
+        pool.rayon = Some(rayon);
         // Wait until every worker runs, so that thread start-up (and its allocations) is over
         // when the pool is handed out.
         while pool.shared.started.load(SeqCst) < n_threads - 1 {
@@ -184,12 +254,12 @@ impl ThreadPool {
         self.n_threads
     }
 
-    /// Runs `f` with the [`Par`] through which kernels split work on this pool.
+    /// Runs `f` with the [`Par`] through which kernels split work on this pool. Callers
+    /// sharing the pool take turns, first come first served.
     pub fn install<R>(&self, f: impl FnOnce(Par<'_>) -> R) -> R {
-        let _turn = self.turn.lock().unwrap_or_else(|p| p.into_inner());
+        let _turn = self.turns.take();
         f(Par { pool: Some(self) })
     }
-
     /// Calls `task(i)` for every `i` in `0..n_tasks` on the pool's threads; returns when all
     /// are done. A panic in a task is re-raised here once every thread has let go of the job.
     fn run(&self, n_tasks: usize, task: &(dyn Fn(usize) + Sync)) {
@@ -233,14 +303,11 @@ impl ThreadPool {
 
 impl Drop for ThreadPool {
     fn drop(&mut self) {
-        self.shared.shutdown.store(true, SeqCst);
-        self.shared.epoch.fetch_add(1, SeqCst);
-        {
-            let _guard = self.shared.lock.lock().unwrap_or_else(|p| p.into_inner());
-            self.shared.wake.notify_all();
-        }
-        for worker in self.workers.drain(..) {
-            let _ = worker.join();
+        self.shared.shut_down();
+        // Terminates the rayon pool once the workers' loops return; its threads then exit.
+        drop(self.rayon.take());
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
         }
     }
 }
@@ -443,6 +510,34 @@ mod tests {
         let shared = pool.shared.clone();
         drop(pool);
         assert_eq!(Arc::strong_count(&shared), 1, "workers still hold the pool");
+    }
+
+    #[test]
+    fn callers_sharing_a_pool_take_turns_in_order() {
+        let pool = ThreadPool::new(2).unwrap();
+        let order = Mutex::new(Vec::new());
+        let start = std::sync::Barrier::new(2);
+        std::thread::scope(|s| {
+            for who in 0..2 {
+                let (pool, order, start) = (&pool, &order, &start);
+                s.spawn(move || {
+                    start.wait();
+                    for _ in 0..20 {
+                        pool.install(|_| {
+                            order.lock().unwrap().push(who);
+                            // Long enough for the other caller to be waiting.
+                            std::thread::sleep(Duration::from_millis(2));
+                        });
+                    }
+                });
+            }
+        });
+        let order = order.into_inner().unwrap();
+        // Once both wait, a caller that asks again queues behind the other.
+        assert!(
+            order[1..39].windows(2).all(|w| w[0] != w[1]),
+            "turns not taken in order: {order:?}"
+        );
     }
 
     #[test]

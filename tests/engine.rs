@@ -80,6 +80,7 @@ fn session(model: &Arc<Model>, n_threads: usize, ubatch: usize) -> Session {
             n_ctx: 0,
             n_threads,
             ubatch,
+            ..Default::default()
         },
     )
     .unwrap()
@@ -188,6 +189,7 @@ fn a_full_context_is_an_error_that_leaves_the_session_usable() {
             n_ctx: 10,
             n_threads: 2,
             ubatch: 4,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -230,7 +232,8 @@ fn bad_tokens_and_arguments_are_errors() {
         &SessionOptions {
             n_ctx: 65,
             n_threads: 1,
-            ubatch: 8
+            ubatch: 8,
+            ..Default::default()
         }
     )
     .is_err());
@@ -239,7 +242,8 @@ fn bad_tokens_and_arguments_are_errors() {
         &SessionOptions {
             n_ctx: 8,
             n_threads: 0,
-            ubatch: 8
+            ubatch: 8,
+            ..Default::default()
         }
     )
     .is_err());
@@ -248,7 +252,8 @@ fn bad_tokens_and_arguments_are_errors() {
         &SessionOptions {
             n_ctx: 8,
             n_threads: 1,
-            ubatch: 0
+            ubatch: 0,
+            ..Default::default()
         }
     )
     .is_err());
@@ -277,6 +282,7 @@ fn cancelling_from_another_thread_stops_a_long_step() {
             n_ctx: 128,
             n_threads: 1,
             ubatch: 1,
+            ..Default::default()
         },
     )
     .unwrap();
@@ -312,6 +318,7 @@ fn the_position_advances_during_a_long_step_and_is_readable_from_another_thread(
             n_ctx: 128,
             n_threads: 1,
             ubatch: 4,
+            ..Default::default()
         },
     )
     .unwrap();

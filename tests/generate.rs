@@ -26,6 +26,7 @@ fn session(model: &Arc<Model>, n_ctx: usize) -> Session {
             n_ctx,
             n_threads: 2,
             ubatch: 16,
+            ..Default::default()
         },
     )
     .unwrap()

@@ -24,6 +24,7 @@ fn all_logits(model: Model, tokens: &[u32]) -> Vec<f32> {
         n_ctx: 64,
         n_threads: 2,
         ubatch: 5,
+        ..Default::default()
     };
     let mut session = Session::new(Arc::new(model), &options).unwrap();
     let mut out = vec![0.0; tokens.len() * vocab];

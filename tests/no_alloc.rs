@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use ember::{Model, Session, SessionOptions};
+use ember::{KvType, Model, Session, SessionOptions};
 
 /// The system allocator, counting allocations made by any thread.
 struct Counting;
@@ -38,17 +38,17 @@ static GLOBAL: Counting = Counting;
 
 fn main() {
     decode_steps_do_not_allocate();
-    println!("no_alloc: decode steps allocate nothing (F32 llama, qwen2, gpt2; Q4_1, Q8_0 llama)");
+    println!("no_alloc: decode steps allocate nothing (F32 llama, qwen2, gpt2; Q4_1, Q8_0 llama; f32 and f16 caches)");
 }
 
 fn decode_steps_do_not_allocate() {
-    for (name, threads) in [
-        ("llama", 1),
-        ("llama", 2),
-        ("qwen2", 2),
-        ("gpt2", 2),
-        ("gguf/llama.Q4_1.gguf", 2),
-        ("gguf/llama.Q8_0.gguf", 1),
+    for (name, threads, kv_type) in [
+        ("llama", 1, KvType::F32),
+        ("llama", 2, KvType::F16),
+        ("qwen2", 2, KvType::F32),
+        ("gpt2", 2, KvType::F32),
+        ("gguf/llama.Q4_1.gguf", 2, KvType::F16),
+        ("gguf/llama.Q8_0.gguf", 1, KvType::F32),
     ] {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures")
@@ -60,6 +60,7 @@ fn decode_steps_do_not_allocate() {
                 n_ctx: 64,
                 n_threads: threads,
                 ubatch: 16,
+                kv_type,
             },
         )
         .unwrap();
@@ -72,7 +73,7 @@ fn decode_steps_do_not_allocate() {
         let allocated = ALLOCATIONS.load(Ordering::SeqCst) - before;
         assert_eq!(
             allocated, 0,
-            "{name} with {threads} threads: {allocated} allocations in 20 decode steps"
+            "{name} with {threads} threads, {kv_type:?} cache: {allocated} allocations in 20 decode steps"
         );
     }
 }

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ember::{Error, LoadOptions, Model, Session, SessionOptions};
+use ember::{Error, KvType, LoadOptions, Model, Session, SessionOptions};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -17,12 +17,17 @@ fn load(name: &str) -> Arc<Model> {
 }
 
 fn session(model: &Arc<Model>, n_ctx: usize, n_threads: usize) -> Session {
+    session_kv(model, n_ctx, n_threads, KvType::F32)
+}
+
+fn session_kv(model: &Arc<Model>, n_ctx: usize, n_threads: usize, kv_type: KvType) -> Session {
     Session::new(
         model.clone(),
         &SessionOptions {
             n_ctx,
             n_threads,
             ubatch: 4,
+            kv_type,
         },
     )
     .unwrap()
@@ -59,18 +64,124 @@ fn a_loaded_state_continues_bitwise_as_the_saved_session() {
         let model = load(name);
         let vocab = model.n_vocab();
         let tokens = prompt(11, vocab);
-        let mut original = session(&model, 64, 2);
-        original.step(&tokens).unwrap();
-        let state = original.save_state_to_vec().unwrap();
-        assert_eq!(state.len(), original.state_size());
-        let expected = continue_greedy(&mut original, 6);
-        // Another thread count and context length.
-        let mut restored = session(&model, 32, 1);
-        restored.load_state(&state).unwrap();
-        assert_eq!(restored.tokens(), &tokens[..], "{name}");
-        assert_eq!(restored.position(), tokens.len());
-        assert_eq!(continue_greedy(&mut restored, 6), expected, "{name}");
+        for kv in [KvType::F32, KvType::F16] {
+            let mut original = session_kv(&model, 64, 2, kv);
+            original.step(&tokens).unwrap();
+            let state = original.save_state_to_vec().unwrap();
+            assert_eq!(state.len(), original.state_size());
+            let expected = continue_greedy(&mut original, 6);
+            // Another thread count and context length.
+            let mut restored = session_kv(&model, 32, 1, kv);
+            restored.load_state(&state).unwrap();
+            assert_eq!(restored.tokens(), &tokens[..], "{name}");
+            assert_eq!(restored.position(), tokens.len());
+            assert_eq!(continue_greedy(&mut restored, 6), expected, "{name} {kv:?}");
+        }
     }
+}
+
+#[test]
+fn an_f16_cache_halves_the_memory_and_stays_close_and_deterministic() {
+    for name in MODELS {
+        let model = load(name);
+        let tokens = prompt(20, model.n_vocab());
+        let run = |kv: KvType, threads: usize, prompt_at_once: bool| {
+            let mut s = session_kv(&model, 64, threads, kv);
+            let mut logits = Vec::new();
+            if prompt_at_once {
+                let mut all = vec![0.0; tokens.len() * model.n_vocab()];
+                s.step_all(&tokens, &mut all).unwrap();
+                logits = all;
+            } else {
+                for &t in &tokens {
+                    logits.extend_from_slice(s.step(&[t]).unwrap());
+                }
+            }
+            logits
+        };
+        let f16 = run(KvType::F16, 1, true);
+        // Bitwise: any thread count, decode = prompt.
+        assert_eq!(run(KvType::F16, 3, true), f16, "{name}: threads");
+        assert_eq!(
+            run(KvType::F16, 2, false),
+            f16,
+            "{name}: one token at a time"
+        );
+        // Close to the exact cache: keys and values rounded to 11 significant bits.
+        let f32 = run(KvType::F32, 1, true);
+        let scale = f32.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let max_diff = f32
+            .iter()
+            .zip(&f16)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let mean_diff = f32
+            .iter()
+            .zip(&f16)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / f32.len() as f32;
+        // Quantized weights take quantized activations, whose rounding amplifies the small
+        // differences (measured: max 6.5e-4 of the largest logit for f32 weights, 2.3e-2 for
+        // Q4_0).
+        let bound = if name.contains("Q4_0") { 5e-2 } else { 1e-3 } * scale;
+        assert!(
+            max_diff > 0.0 && max_diff < bound && mean_diff < bound / 5.0,
+            "{name}: max |f16 - f32| {max_diff}, mean {mean_diff} (largest logit {scale})"
+        );
+        let bytes = |kv_type| {
+            session_kv(&model, 64, 1, kv_type).memory_bytes()
+                - Session::memory_estimate(
+                    &model,
+                    &SessionOptions {
+                        n_ctx: 64,
+                        n_threads: 1,
+                        ubatch: 4,
+                        kv_type,
+                    },
+                )
+                .unwrap()
+        };
+        assert_eq!((bytes(KvType::F32), bytes(KvType::F16)), (0, 0));
+        let c = model.config();
+        let cache = |kv: KvType| 2 * c.n_layers * 64 * c.kv_dim() * kv.bytes();
+        assert_eq!(
+            session_kv(&model, 64, 1, KvType::F32).memory_bytes()
+                - session_kv(&model, 64, 1, KvType::F16).memory_bytes(),
+            cache(KvType::F32) - cache(KvType::F16),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn caches_of_different_types_do_not_mix() {
+    let model = load("llama");
+    let tokens = prompt(7, model.n_vocab());
+    let mut f32 = session_kv(&model, 32, 1, KvType::F32);
+    let mut f16 = session_kv(&model, 32, 1, KvType::F16);
+    f32.step(&tokens).unwrap();
+    f16.step(&tokens[..3]).unwrap();
+    let f16_logits = f16.logits().to_vec();
+    let state = f32.save_state_to_vec().unwrap();
+    let err = f16.load_state(&state).unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument(m) if m.contains("f32") && m.contains("f16")),
+        "{err}"
+    );
+    let err = f16.copy_prefix(&f32, 5).unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    let err = f32
+        .fork(&SessionOptions {
+            kv_type: KvType::F16,
+            ..f32.options()
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    // Nothing changed.
+    assert_eq!(f16.tokens(), &tokens[..3]);
+    assert_eq!(f16.logits(), &f16_logits[..]);
+    let fork = f16.fork(&f16.options()).unwrap();
+    assert_eq!((fork.kv_type(), fork.tokens()), (KvType::F16, &tokens[..3]));
 }
 
 #[test]
@@ -202,6 +313,7 @@ fn forks_and_copied_prefixes_continue_as_recomputed_sessions() {
                 n_ctx: 48,
                 n_threads: 1 + i % 2,
                 ubatch: 4,
+                ..Default::default()
             };
             let mut npc = base.fork(&options).unwrap();
             assert_eq!(npc.tokens(), &system[..]);
@@ -248,11 +360,16 @@ fn forks_and_copied_prefixes_continue_as_recomputed_sessions() {
 fn the_memory_estimate_is_what_a_session_allocates() {
     for name in MODELS.iter().chain(&["qwen2", "arch/phi3/model.gguf"]) {
         let model = load(name);
-        for (n_ctx, n_threads, ubatch) in [(0, 1, 64), (37, 2, 5), (60, 3, 128)] {
+        for (n_ctx, n_threads, ubatch, kv_type) in [
+            (0, 1, 64, KvType::F32),
+            (37, 2, 5, KvType::F16),
+            (60, 3, 128, KvType::F32),
+        ] {
             let options = SessionOptions {
                 n_ctx,
                 n_threads,
                 ubatch,
+                kv_type,
             };
             let estimate = Session::memory_estimate(&model, &options).unwrap();
             let s = Session::new(model.clone(), &options).unwrap();

@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 
 use ember::sampler::argmax;
 use ember::tensor::DType;
-use ember::{Model, Session, SessionOptions};
+use ember::{KvType, Model, Session, SessionOptions};
 use serde_json::Value;
 
 mod common;
@@ -33,12 +33,17 @@ fn model_file() -> Option<PathBuf> {
 }
 
 fn session(model: Model) -> Session {
+    session_kv(Arc::new(model), KvType::F32)
+}
+
+fn session_kv(model: Arc<Model>, kv_type: KvType) -> Session {
     let options = SessionOptions {
         n_ctx: 1024,
         n_threads: 2,
         ubatch: 64,
+        kv_type,
     };
-    Session::new(Arc::new(model), &options).unwrap()
+    Session::new(model, &options).unwrap()
 }
 
 /// Feeds each case of `reference` its prompt and then its own greedy tokens (so both sides
@@ -104,18 +109,7 @@ fn q4_1_perplexity_is_within_one_percent_of_llama_cpp() {
         ours, tokens,
         "the text tokenizes differently from llama.cpp"
     );
-    let vocab = model.n_vocab();
-    let mut session = session(model);
-    let mut logits = vec![0.0; tokens.len() * vocab];
-    session.step_all(&tokens, &mut logits).unwrap();
-    let mut nll = 0.0f64;
-    for i in 1..tokens.len() {
-        let row = &logits[(i - 1) * vocab..i * vocab];
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-        let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
-        nll += max + sum.ln() - row[tokens[i] as usize] as f64;
-    }
-    let ppl = (nll / (tokens.len() - 1) as f64).exp();
+    let ppl = perplexity(&mut session(model), &tokens).0;
     let peer = reference["perplexity"]["value"].as_f64().unwrap();
     eprintln!(
         "perplexity over {} tokens: Ember {ppl:.4}, llama.cpp {peer:.4} ({:+.3}%)",
@@ -126,6 +120,65 @@ fn q4_1_perplexity_is_within_one_percent_of_llama_cpp() {
         (ppl / peer - 1.0).abs() < 0.01,
         "Ember {ppl}, llama.cpp {peer}"
     );
+}
+
+/// Perplexity of `tokens` from one pass over them, and every position's logits.
+fn perplexity(session: &mut Session, tokens: &[u32]) -> (f64, Vec<f32>) {
+    let vocab = session.model().n_vocab();
+    let mut logits = vec![0.0; tokens.len() * vocab];
+    session.step_all(tokens, &mut logits).unwrap();
+    let mut nll = 0.0f64;
+    for i in 1..tokens.len() {
+        let row = &logits[(i - 1) * vocab..i * vocab];
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
+        let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+        nll += max + sum.ln() - row[tokens[i] as usize] as f64;
+    }
+    ((nll / (tokens.len() - 1) as f64).exp(), logits)
+}
+
+/// Perplexity and logits of `tokens` with an f16 cache and with an f32 one: (f16 perplexity,
+/// f32 perplexity, mean |difference| of the logits, max |difference|).
+fn f16_against_f32(model: Arc<Model>, tokens: &[u32]) -> (f64, f64, f32, f32) {
+    let (ppl16, logits16) = perplexity(&mut session_kv(model.clone(), KvType::F16), tokens);
+    let (ppl32, logits32) = perplexity(&mut session_kv(model, KvType::F32), tokens);
+    let diffs = logits16.iter().zip(&logits32).map(|(a, b)| (a - b).abs());
+    let mean = diffs.clone().sum::<f32>() / logits16.len() as f32;
+    let max = diffs.fold(0.0f32, f32::max);
+    (ppl16, ppl32, mean, max)
+}
+
+#[test]
+fn an_f16_kv_cache_keeps_greedy_parity_and_perplexity() {
+    let Some(path) = model_file() else { return };
+    let tokens = ids(&llama_cpp_reference()["perplexity"]["tokens"]);
+    // Exact f32 weights: what rounding the cache to f16 alone changes.
+    let exact = Arc::new(Model::load(converted_f32(&path)).unwrap());
+    let (ppl16, ppl32, mean, max) = f16_against_f32(exact, &tokens);
+    eprintln!(
+        "F32 weights, f16 cache: perplexity {ppl16:.4} (f32 cache {ppl32:.4}), logits differ \
+         by {mean:.5} mean, {max:.4} max"
+    );
+    assert!((ppl16 / ppl32 - 1.0).abs() < 1e-3, "{ppl16} vs {ppl32}");
+    assert!(mean < 0.005 && max < 0.05, "mean {mean}, max {max}");
+    // The Q4_1 file: its activations are quantized to 8 bits, whose rounding turns the small
+    // changes into differences as large as the quantization's own (0.14-0.15 mean from exact).
+    let model = Arc::new(Model::load(&path).unwrap());
+    let (ppl16, ppl32, mean, max) = f16_against_f32(model.clone(), &tokens);
+    eprintln!(
+        "Q4_1 weights, f16 cache: perplexity {ppl16:.4} (f32 cache {ppl32:.4}), logits differ \
+         by {mean:.5} mean, {max:.4} max"
+    );
+    assert!((ppl16 / ppl32 - 1.0).abs() < 5e-3, "{ppl16} vs {ppl32}");
+    assert!(mean < 0.3, "mean {mean}, max {max}");
+    // llama.cpp's own cache is f16: the same near-tie margin as for the f32 cache.
+    let compared = check_greedy(
+        &mut session_kv(model, KvType::F16),
+        &llama_cpp_reference(),
+        1.25,
+        "llama.cpp",
+    );
+    assert!(compared >= 100, "only {compared} tokens compared");
 }
 
 /// The GGUF converted to an F32 folder by Ember, made once per test run.

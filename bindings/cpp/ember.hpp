@@ -257,7 +257,7 @@ struct ModelParams : ember_model_params {
   }
 };
 
-/// Options of a Session (n_ctx, n_threads, n_ubatch), starting from the library's defaults.
+/// Options of a Session (n_ctx, n_threads, n_ubatch, pool, kv_type), starting from the library's defaults.
 struct SessionParams : ember_session_params {
   SessionParams() : ember_session_params() {
     ember_session_params_default(sizeof(ember_session_params), this);
@@ -950,6 +950,29 @@ class GenerationHandle {
     size_t n = 0;
     if (ember_generation_poll_tokens(handle_, out.data(), out.size(), &n) != EMBER_OK) n = 0;
     out.resize(n);
+    return out;
+  }
+  /// A generated token with its most likely alternatives, best first.
+  struct TokenWithTop {
+    ember_token_info token;
+    std::vector<ember_token_info> top;
+  };
+  /// Tokens generated since the last call, each with its `k` alternatives (`k` as the
+  /// generation's params.top_logprobs; padding entries, token -1, are left out).
+  std::vector<TokenWithTop> tokens_top(size_t k) {
+    std::vector<ember_token_info> tokens(256), top(256 * k);
+    size_t n = 0;
+    if (ember_generation_poll_tokens_top(handle_, tokens.data(), tokens.size(), top.data(),
+                                         top.size(), &n) != EMBER_OK)
+      n = 0;
+    std::vector<TokenWithTop> out;
+    out.reserve(n);
+    for (size_t i = 0; i < n; ++i) {
+      TokenWithTop t{tokens[i], {}};
+      for (size_t j = i * k; j < (i + 1) * k; ++j)
+        if (top[j].token >= 0) t.top.push_back(top[j]);
+      out.push_back(std::move(t));
+    }
     return out;
   }
   /// Waits for the end and frees the generation; a cancel() is not an error here.

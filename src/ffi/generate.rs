@@ -71,6 +71,10 @@ pub struct ember_generate_params {
     /// of `ember_generation_poll`; it pauses while that many wait to be polled (so a host
     /// that stops reading costs no more tokens). 0 (the default): no limit.
     pub max_ahead: u32,
+    /// `ember_generation_start` only, with `logprobs`: each token also carries the
+    /// `top_logprobs` most likely tokens and their log-probabilities, best first, read with
+    /// `ember_generation_poll_tokens_top`. 0 (the default) to 20.
+    pub top_logprobs: u32,
 }
 
 const GENERATE_PARAMS_DEFAULT: ember_generate_params = ember_generate_params {
@@ -83,6 +87,7 @@ const GENERATE_PARAMS_DEFAULT: ember_generate_params = ember_generate_params {
     parse_special: 0,
     logprobs: 0,
     max_ahead: 0,
+    top_logprobs: 0,
 };
 
 /// Fills `*params` (a struct of `struct_size` bytes) with the defaults. Use the
@@ -110,6 +115,13 @@ pub(super) unsafe fn options(
     let p = unsafe { read_params(params, GENERATE_PARAMS_DEFAULT, "params") }?;
     // SAFETY: forwarded contract.
     let stops = unsafe { slice(p.stop_strings, p.n_stop_strings, "params.stop_strings") }?;
+    let max_top = crate::defaults::MAX_TOP_LOGPROBS;
+    if p.top_logprobs as usize > max_top || (p.top_logprobs > 0 && p.logprobs == 0) {
+        return Err(Error::InvalidArgument(format!(
+            "params.top_logprobs {} (0 to {max_top}, with params.logprobs set)",
+            p.top_logprobs
+        )));
+    }
     let stop_strings = stops
         .iter()
         .enumerate()
@@ -126,7 +138,7 @@ pub(super) unsafe fn options(
             ignore_end_tokens: p.ignore_end_tokens != 0,
             parse_special: p.parse_special != 0,
             logprobs: p.logprobs != 0,
-            top_logprobs: 0,
+            top_logprobs: p.top_logprobs as usize,
         },
     ))
 }

@@ -81,6 +81,11 @@ struct Outbox {
     /// `ember_generation_finish` is waiting: the worker must not pause.
     closing: bool,
     tokens: Vec<ember_token_info>,
+    /// `top` alternatives per entry of `tokens`, best first (padded with token -1, logprob
+    /// -inf where the vocabulary has fewer).
+    alternatives: Vec<ember_token_info>,
+    /// Alternatives per token (`ember_generate_params.top_logprobs`).
+    top: usize,
     /// Set when the worker has ended: the outcome of the generation.
     ended: Option<Result<Generation>>,
 }
@@ -227,7 +232,10 @@ pub unsafe extern "C" fn ember_generation_start(
         let call = lease.with(|s| Ok(s.call()))?;
         let call_id = call.id();
         let shared = Arc::new(Shared {
-            outbox: Mutex::new(Outbox::default()),
+            outbox: Mutex::new(Outbox {
+                top: options.top_logprobs,
+                ..Outbox::default()
+            }),
             changed: Condvar::new(),
         });
         let worker_shared = shared.clone();
@@ -316,6 +324,17 @@ fn generate_into(
                         token: token as i32,
                         logprob: piece.logprob,
                     });
+                    let top = outbox.top;
+                    let padding = ember_token_info {
+                        token: -1,
+                        logprob: f32::NEG_INFINITY,
+                    };
+                    let alternatives = piece.top_logprobs.iter().map(|&(t, lp)| ember_token_info {
+                        token: t as i32,
+                        logprob: lp,
+                    });
+                    let padded = alternatives.chain(std::iter::repeat(padding)).take(top);
+                    outbox.alternatives.extend(padded);
                 }
                 drop(outbox);
                 shared.changed.notify_all();
@@ -399,7 +418,8 @@ pub unsafe extern "C" fn ember_generation_poll(
 /// Copies the tokens generated since the last call (ids and, with
 /// `ember_generate_params.logprobs`, log-probabilities), oldest first, into `out[0..cap]`
 /// and writes their number to `*n_out`; tokens that do not fit stay for the next call. Never
-/// blocks, like `ember_generation_poll`.
+/// blocks, like `ember_generation_poll`. Their alternatives (`top_logprobs`) are dropped:
+/// `ember_generation_poll_tokens_top` reads both.
 ///
 /// # Safety
 /// `generation` a live handle; `out` valid for `cap` entries; `n_out` valid for writing.
@@ -410,15 +430,66 @@ pub unsafe extern "C" fn ember_generation_poll_tokens(
     cap: usize,
     n_out: *mut usize,
 ) -> ember_status {
+    // SAFETY: forwarded contract (no alternatives are written).
+    unsafe { poll_tokens(generation, out, cap, None, n_out) }
+}
+
+/// `ember_generation_poll_tokens`, and for each token copied, its
+/// `ember_generate_params.top_logprobs` (k) most likely alternatives, best first, into
+/// `top[i * k..(i + 1) * k]` for token i (padded with token -1 and logprob -INFINITY where
+/// the vocabulary has fewer than k tokens). At most `top_cap / k` tokens are copied; with
+/// k = 0 `top` is not used and may be NULL.
+///
+/// # Safety
+/// `generation` a live handle; `out` valid for `cap` entries; `top` valid for `top_cap`
+/// entries (or NULL when k = 0); `n_out` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn ember_generation_poll_tokens_top(
+    generation: *mut ember_generation,
+    out: *mut ember_token_info,
+    cap: usize,
+    top: *mut ember_token_info,
+    top_cap: usize,
+    n_out: *mut usize,
+) -> ember_status {
+    // SAFETY: forwarded contract.
+    unsafe { poll_tokens(generation, out, cap, Some((top, top_cap)), n_out) }
+}
+
+/// The body of both token polls: `top` is where alternatives go (`None` drops them).
+///
+/// # Safety
+/// As `ember_generation_poll_tokens_top`.
+unsafe fn poll_tokens(
+    generation: *mut ember_generation,
+    out: *mut ember_token_info,
+    cap: usize,
+    top: Option<(*mut ember_token_info, usize)>,
+    n_out: *mut usize,
+) -> ember_status {
     run(|| {
         // SAFETY: the caller's contract.
         let g = unsafe { self::generation(generation) }?;
         check_outputs(out, cap, n_out)?;
+        if top.is_some_and(|(top, top_cap)| top.is_null() && top_cap > 0) {
+            return Err(Error::InvalidArgument("top is NULL".into()));
+        }
         let mut outbox = g.shared.lock();
-        let n = outbox.tokens.len().min(cap);
+        let k = outbox.top;
+        let mut n = outbox.tokens.len().min(cap);
+        if let (Some((_, top_cap)), true) = (top, k > 0) {
+            n = n.min(top_cap / k);
+        }
         for (i, info) in outbox.tokens.drain(..n).enumerate() {
             // SAFETY: out holds cap >= n entries (the caller's contract).
             unsafe { out.add(i).write(info) };
+        }
+        for (i, info) in outbox.alternatives.drain(..n * k).enumerate() {
+            if let Some((top, _)) = top {
+                // SAFETY: top holds top_cap >= n * k entries (the caller's contract; k > 0
+                // here, so top_cap > 0 and top is not NULL).
+                unsafe { top.add(i).write(info) };
+            }
         }
         outbox.pieces = 0;
         drop(outbox);

@@ -358,7 +358,13 @@ pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 
 /// Attention scores of one query against `out.len()` cached keys:
 /// `out[p] = scale * q · keys[p * stride..][..q.len()]`.
-pub fn attention_scores(q: &[f32], keys: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+pub fn attention_scores<W: WeightElement + SimdWeight>(
+    q: &[f32],
+    keys: &[W],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     match Isa::detect() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only returned after detecting the features.
@@ -368,7 +374,12 @@ pub fn attention_scores(q: &[f32], keys: &[f32], stride: usize, scale: f32, out:
 }
 
 /// The attention output of one head: `out[j] = Σ_p weights[p] * values[p * stride + j]`.
-pub fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+pub fn weighted_sum<W: WeightElement + SimdWeight>(
+    weights: &[f32],
+    values: &[W],
+    stride: usize,
+    out: &mut [f32],
+) {
     match Isa::detect() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2` is only returned after detecting the features.

@@ -48,14 +48,25 @@ pub fn axpy<W: WeightElement>(a: f32, w: &[W], y: &mut [f32]) {
 }
 
 /// `out[p] = scale * dot(q, keys[p * stride..][..q.len()])` for every position `p`.
-pub fn attention_scores(q: &[f32], keys: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+pub fn attention_scores<W: WeightElement>(
+    q: &[f32],
+    keys: &[W],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     for (p, o) in out.iter_mut().enumerate() {
-        *o = dot(q, &keys[p * stride..p * stride + q.len()]) * scale;
+        *o = dot(&keys[p * stride..p * stride + q.len()], q) * scale;
     }
 }
 
 /// `out[j] = Σ_p weights[p] * values[p * stride + j]`, summed in position order.
-pub fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+pub fn weighted_sum<W: WeightElement>(
+    weights: &[f32],
+    values: &[W],
+    stride: usize,
+    out: &mut [f32],
+) {
     out.fill(0.0);
     for (p, &w) in weights.iter().enumerate() {
         axpy(w, &values[p * stride..p * stride + out.len()], out);

@@ -322,14 +322,23 @@ fn rope_rotates_pairs_half_a_head_apart() {
 
 #[test]
 fn attention_kernels_match_scalar() {
+    attention_kernels_match_scalar_for(|v| v);
+    // An f16 cache: the same kernels read keys and values widened exactly from f16.
+    attention_kernels_match_scalar_for(f16::from_f32);
+}
+
+fn attention_kernels_match_scalar_for<W: WeightElement + SimdWeight>(to: impl Fn(f32) -> W) {
     for (d, n, stride) in [(64, 37, 192), (12, 5, 12), (40, 1, 80), (64, 0, 64)] {
         let q = values(d, 13);
-        let keys = values((n.max(1) - 1) * stride + d, 14);
+        let keys: Vec<W> = values((n.max(1) - 1) * stride + d, 14)
+            .into_iter()
+            .map(&to)
+            .collect();
         let want: Vec<f64> = (0..n)
             .map(|p| {
                 0.125
                     * (0..d)
-                        .map(|i| q[i] as f64 * keys[p * stride + i] as f64)
+                        .map(|i| q[i] as f64 * keys[p * stride + i].to_f32() as f64)
                         .sum::<f64>()
             })
             .collect();
@@ -344,7 +353,7 @@ fn attention_kernels_match_scalar() {
         let want: Vec<f64> = (0..d)
             .map(|j| {
                 (0..n)
-                    .map(|p| weights[p] as f64 * keys[p * stride + j] as f64)
+                    .map(|p| weights[p] as f64 * keys[p * stride + j].to_f32() as f64)
                     .sum()
             })
             .collect();

@@ -208,6 +208,17 @@ pub(crate) unsafe fn gemm_rows<W: Avx2Load>(g: &Gemm<'_, W>, rows: Range<usize>)
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    // SAFETY: forwarded contract.
+    unsafe { dot_with(a, b) }
+}
+
+/// Dot product of an f32 vector with a vector of `W` of equal length: eight lanes, reduced
+/// by [`hsum`], then the leftover elements one by one.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_with<W: Avx2Load>(a: &[f32], b: &[W]) -> f32 {
     let n = a.len().min(b.len());
     let whole = n / LANES * LANES;
     // SAFETY: every load reads eight elements below `whole <= n` of both slices.
@@ -217,14 +228,14 @@ pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
         while i < whole {
             acc = _mm256_fmadd_ps(
                 _mm256_loadu_ps(a.as_ptr().add(i)),
-                _mm256_loadu_ps(b.as_ptr().add(i)),
+                W::load8(b.as_ptr().add(i)),
                 acc,
             );
             i += LANES;
         }
         let mut sum = hsum(acc);
         for j in whole..n {
-            sum += a[j] * b[j];
+            sum += a[j] * b[j].to_f32();
         }
         sum
     }
@@ -255,14 +266,14 @@ pub unsafe fn axpy<W: Avx2Load>(a: f32, w: &[W], y: &mut [f32]) {
 }
 
 /// `out[p] = scale * dot(q, keys[p * stride..][..q.len()])`, four positions at a time with `q`
-/// held in registers; each dot product is reduced exactly as [`dot_f32`] reduces it.
+/// held in registers; each dot product is reduced exactly as [`dot_f32`] reduces it. Keys are f32 or f16 (a cache of either type).
 ///
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn attention_scores(
+pub unsafe fn attention_scores<W: Avx2Load>(
     q: &[f32],
-    keys: &[f32],
+    keys: &[W],
     stride: usize,
     scale: f32,
     out: &mut [f32],
@@ -283,25 +294,21 @@ pub unsafe fn attention_scores(
             while i < whole {
                 let qv = _mm256_loadu_ps(q.as_ptr().add(i));
                 for (j, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(
-                        qv,
-                        _mm256_loadu_ps(keys.as_ptr().add((p + j) * stride + i)),
-                        *a,
-                    );
+                    *a = _mm256_fmadd_ps(qv, W::load8(keys.as_ptr().add((p + j) * stride + i)), *a);
                 }
                 i += LANES;
             }
             let sums = hsum4(acc[0], acc[1], acc[2], acc[3]);
             for (j, mut sum) in sums.into_iter().enumerate() {
                 for i in whole..d {
-                    sum += q[i] * keys[(p + j) * stride + i];
+                    sum += q[i] * keys[(p + j) * stride + i].to_f32();
                 }
                 out[p + j] = sum * scale;
             }
             p += 4;
         }
         while p < n {
-            out[p] = dot_f32(q, &keys[p * stride..p * stride + d]) * scale;
+            out[p] = dot_with(q, &keys[p * stride..p * stride + d]) * scale;
             p += 1;
         }
     }
@@ -313,7 +320,12 @@ pub unsafe fn attention_scores(
 /// # Safety
 /// The CPU must support AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub unsafe fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: &mut [f32]) {
+pub unsafe fn weighted_sum<W: Avx2Load>(
+    weights: &[f32],
+    values: &[W],
+    stride: usize,
+    out: &mut [f32],
+) {
     let (d, n) = (out.len(), weights.len());
     assert!(
         n == 0 || (n - 1) * stride + d <= values.len(),
@@ -329,7 +341,7 @@ pub unsafe fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: 
                 let wv = _mm256_set1_ps(w);
                 let row = values.as_ptr().add(p * stride + j);
                 for (c, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(row.add(c * LANES)), *a);
+                    *a = _mm256_fmadd_ps(wv, W::load8(row.add(c * LANES)), *a);
                 }
             }
             for (c, a) in acc.iter().enumerate() {
@@ -342,7 +354,7 @@ pub unsafe fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: 
             for (p, &w) in weights.iter().enumerate() {
                 acc = _mm256_fmadd_ps(
                     _mm256_set1_ps(w),
-                    _mm256_loadu_ps(values.as_ptr().add(p * stride + j)),
+                    W::load8(values.as_ptr().add(p * stride + j)),
                     acc,
                 );
             }
@@ -353,7 +365,7 @@ pub unsafe fn weighted_sum(weights: &[f32], values: &[f32], stride: usize, out: 
     for (jj, o) in out.iter_mut().enumerate().skip(j) {
         *o = 0.0;
         for (p, &w) in weights.iter().enumerate() {
-            *o += w * values[p * stride + jj];
+            *o += w * values[p * stride + jj].to_f32();
         }
     }
 }

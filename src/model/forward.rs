@@ -12,97 +12,8 @@ use crate::kernels;
 use crate::kernels::quant::{QuantActs, BLOCK};
 use crate::threading::{DisjointSlice, Par};
 
-/// Keys and values of every past position, for every layer, in f32.
-#[derive(Debug)]
-pub(crate) struct KvCache {
-    /// `[n_layers, n_ctx, kv_dim]`
-    keys: Vec<f32>,
-    /// `[n_layers, n_ctx, kv_dim]`
-    values: Vec<f32>,
-    n_ctx: usize,
-    kv_dim: usize,
-    n_layers: usize,
-}
-
-impl KvCache {
-    /// Allocates a cache for `n_ctx` positions (fallibly: a large cache may not fit).
-    pub(crate) fn new(config: &ModelConfig, n_ctx: usize) -> Result<KvCache> {
-        let kv_dim = config.kv_dim();
-        let len = config
-            .n_layers
-            .checked_mul(n_ctx)
-            .and_then(|n| n.checked_mul(kv_dim))
-            .ok_or_else(|| Error::OutOfMemory("KV cache size overflows".into()))?;
-        Ok(KvCache {
-            keys: try_zeroed_f32(len, "KV cache keys")?,
-            values: try_zeroed_f32(len, "KV cache values")?,
-            n_ctx,
-            kv_dim,
-            n_layers: config.n_layers,
-        })
-    }
-
-    /// Positions the cache can hold.
-    pub(crate) fn n_ctx(&self) -> usize {
-        self.n_ctx
-    }
-
-    /// Number of layers.
-    pub(crate) fn n_layers(&self) -> usize {
-        self.n_layers
-    }
-
-    /// Bytes of memory the cache holds.
-    pub(crate) fn heap_bytes(&self) -> usize {
-        (self.keys.capacity() + self.values.capacity()) * std::mem::size_of::<f32>()
-    }
-
-    /// Bytes [`KvCache::new`] allocates for `n_ctx` positions (`None` on overflow).
-    pub(crate) fn bytes_for(config: &ModelConfig, n_ctx: usize) -> Option<usize> {
-        config
-            .n_layers
-            .checked_mul(n_ctx)?
-            .checked_mul(config.kv_dim())?
-            .checked_mul(2 * std::mem::size_of::<f32>())
-    }
-
-    /// The keys and values of positions `0..n` of `layer`, `[n, kv_dim]` each.
-    pub(crate) fn prefix(&self, layer: usize, n: usize) -> (&[f32], &[f32]) {
-        let start = layer * self.n_ctx * self.kv_dim;
-        let range = start..start + n * self.kv_dim;
-        (&self.keys[range.clone()], &self.values[range])
-    }
-
-    /// The keys and values of positions `0..n` of `layer`, for writing.
-    pub(crate) fn prefix_mut(&mut self, layer: usize, n: usize) -> (&mut [f32], &mut [f32]) {
-        let start = layer * self.n_ctx * self.kv_dim;
-        let range = start..start + n * self.kv_dim;
-        (&mut self.keys[range.clone()], &mut self.values[range])
-    }
-
-    /// Copies the keys and values of positions `0..n` from `src` (a cache of the same model;
-    /// `n` fits both).
-    pub(crate) fn copy_prefix_from(&mut self, src: &KvCache, n: usize) {
-        for layer in 0..self.n_layers() {
-            let (k, v) = src.prefix(layer, n);
-            let (dk, dv) = self.prefix_mut(layer, n);
-            dk.copy_from_slice(k);
-            dv.copy_from_slice(v);
-        }
-    }
-
-    fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        let size = self.n_ctx * self.kv_dim;
-        let range = layer * size..(layer + 1) * size;
-        (&self.keys[range.clone()], &self.values[range])
-    }
-
-    fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
-        let start = (layer * self.n_ctx + pos) * self.kv_dim;
-        self.keys[start..start + k.len()].copy_from_slice(k);
-        self.values[start..start + v.len()].copy_from_slice(v);
-    }
-}
+pub(crate) use super::kv_cache::KvCache;
+use super::kv_cache::{with_planes, KvElement};
 
 /// Activation buffers for one micro-batch, plus the RoPE table and the output logits.
 #[derive(Debug)]
@@ -609,13 +520,39 @@ fn attention(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
+    let range = cache.layer_range(layer);
+    with_planes!(&cache.data, p => attention_over(
+        par,
+        c,
+        kind,
+        (&p.keys[range.clone()], &p.values[range]),
+        cache.n_ctx(),
+        q,
+        pos0,
+        scores,
+        out
+    ))
+}
+
+/// [`attention`] over one layer's `(keys, values)`, `[n_ctx, kv_dim]` each, of element `T`.
+#[allow(clippy::too_many_arguments)]
+fn attention_over<T: KvElement>(
+    par: Par,
+    c: &ModelConfig,
+    kind: &LayerKind,
+    (keys, values): (&[T], &[T]),
+    n_ctx: usize,
+    q: &[f32],
+    pos0: usize,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     let (hd, n_heads, kv_dim) = (c.head_dim, c.n_heads, c.kv_dim());
     let group = n_heads / c.n_kv_heads;
     let n = q.len() / (n_heads * hd);
-    let (keys, values) = cache.layer(layer);
     let out = DisjointSlice::new(out);
     // Later tokens attend to more positions: tasks take items round-robin to share the work.
-    par.for_each_strided_with_scratch(n * n_heads, scores, cache.n_ctx, |item, scores| {
+    par.for_each_strided_with_scratch(n * n_heads, scores, n_ctx, |item, scores| {
         let (t, head) = (item / n_heads, item % n_heads);
         let pos = pos0 + t;
         let first = kind

@@ -12,6 +12,7 @@
 pub(crate) mod arch;
 pub(crate) mod config;
 mod forward;
+pub(crate) mod kv_cache;
 pub(crate) mod layers;
 pub(crate) mod names;
 mod probe;
@@ -34,6 +35,7 @@ pub use config::{
     Activation, Architecture, LayerKind, Llama3RopeScaling, ModelConfig, Rope, RopeScaling,
 };
 pub(crate) use forward::{rope_signature, ForwardScratch, KvCache, LogitsWanted, Workspace};
+pub use kv_cache::KvType;
 pub use probe::ModelInfo;
 
 /// A loaded, immutable language model.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::model::{ForwardScratch, KvCache, LogitsWanted, Model, Workspace};
+use crate::model::{ForwardScratch, KvCache, KvType, LogitsWanted, Model, Workspace};
 use crate::threading::ThreadPool;
 
 /// How to create a [`Session`].
@@ -29,6 +29,9 @@ pub struct SessionOptions {
     pub n_threads: usize,
     /// Tokens per micro-batch when processing a prompt.
     pub ubatch: usize,
+    /// Element type of the KV cache (default f32: what the transformers-parity tests check;
+    /// f16 halves the cache's memory).
+    pub kv_type: KvType,
 }
 
 impl Default for SessionOptions {
@@ -37,6 +40,7 @@ impl Default for SessionOptions {
             n_ctx: 0,
             n_threads: crate::defaults::threads(0),
             ubatch: crate::defaults::UBATCH,
+            kv_type: KvType::default(),
         }
     }
 }
@@ -203,7 +207,7 @@ impl Session {
     /// Creates a session with its own thread pool.
     pub fn new(model: Arc<Model>, options: &SessionOptions) -> Result<Session> {
         let pool = Arc::new(ThreadPool::new(options.n_threads)?);
-        Session::with_pool(model, pool, options.n_ctx, options.ubatch)
+        Session::with_pool(model, pool, options)
     }
 
     /// The context length a session of `model` gets for a requested `n_ctx`, checked, and
@@ -231,7 +235,7 @@ impl Session {
     pub fn memory_estimate(model: &Model, options: &SessionOptions) -> Result<usize> {
         let (n_ctx, ubatch) = Session::checked_sizes(model, options.n_ctx, options.ubatch)?;
         let threads = options.n_threads;
-        let cache = KvCache::bytes_for(&model.config, n_ctx)
+        let cache = KvCache::bytes_for(&model.config, n_ctx, options.kv_type)
             .ok_or_else(|| Error::OutOfMemory("KV cache size overflows".into()))?;
         let scratch = ForwardScratch::bytes_for(
             &model.config,
@@ -251,15 +255,14 @@ impl Session {
     }
 
     /// Creates a session that runs its steps on `pool` (which several sessions may share;
-    /// their steps then take turns).
+    /// their steps then take turns); `options.n_threads` is not used (the pool's count is).
     pub fn with_pool(
         model: Arc<Model>,
         pool: Arc<ThreadPool>,
-        n_ctx: usize,
-        ubatch: usize,
+        options: &SessionOptions,
     ) -> Result<Session> {
-        let (n_ctx, ubatch) = Session::checked_sizes(&model, n_ctx, ubatch)?;
-        let cache = KvCache::new(&model.config, n_ctx)?;
+        let (n_ctx, ubatch) = Session::checked_sizes(&model, options.n_ctx, options.ubatch)?;
+        let cache = KvCache::new(&model.config, n_ctx, options.kv_type)?;
         let scratch = ForwardScratch::new(
             &model.config,
             n_ctx,
@@ -318,6 +321,21 @@ impl Session {
     /// Tokens per micro-batch when processing a prompt.
     pub fn ubatch(&self) -> usize {
         self.ws.scratch.ubatch()
+    }
+
+    /// Element type of the KV cache.
+    pub fn kv_type(&self) -> KvType {
+        self.ws.cache.kv_type()
+    }
+
+    /// The options this session was made with (its thread count is the pool's).
+    pub fn options(&self) -> SessionOptions {
+        SessionOptions {
+            n_ctx: self.n_ctx(),
+            n_threads: self.n_threads(),
+            ubatch: self.ubatch(),
+            kv_type: self.kv_type(),
+        }
     }
 
     /// The thread pool the session computes on (shared with the sessions made on it).

@@ -7,7 +7,7 @@
 //! |---|---|
 //! | 8 | magic `EMBERSES` |
 //! | 4 | format version (1) |
-//! | 4 | cache element type (0: f32) |
+//! | 4 | cache element type (0: f32, 1: f16), `b` bytes per number |
 //! | 8 | [`Model::fingerprint`] of the model that made it |
 //! | 8 | the keys' rotations (LongRoPE's factors depend on the context length) |
 //! | 4, 4, 4 | layers, numbers per position (`n_kv_heads * head_dim`), vocabulary size |
@@ -15,8 +15,11 @@
 //! | 4 | 1 if the last token's logits follow, else 0 |
 //! | 4·n | the tokens |
 //! | 4·vocab | the logits (if present) |
-//! | 2 · layers · 4·c·kv_dim | per layer: the keys of positions `0..c`, then their values |
+//! | 2 · layers · b·c·kv_dim | per layer: the keys of positions `0..c`, then their values |
 //! | 8 | checksum of everything before it |
+//!
+//! A state loads into sessions whose cache has the element type it was saved with (the
+//! numbers are kept as they are, never converted).
 //!
 //! Only positions `0..c` are stored, never the whole allocated context, so a state's size
 //! grows with what the session holds. When the logits of the last token are not at hand (a
@@ -26,12 +29,17 @@
 use super::Session;
 use crate::checksum::Hash64;
 use crate::error::{Error, Result};
-use crate::model::Model;
+use crate::model::KvType;
 
 const MAGIC: &[u8; 8] = b"EMBERSES";
 const VERSION: u32 = 1;
-/// Cache element type codes of the format.
-const KV_F32: u32 = 0;
+/// The format's code for a cache element type.
+fn kv_code(kv_type: KvType) -> u32 {
+    match kv_type {
+        KvType::F32 => 0,
+        KvType::F16 => 1,
+    }
+}
 /// Bytes of the fixed-size header (magic to the logits flag).
 const HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 8 + 4 + 4 + 4 + 8 + 8 + 4;
 
@@ -75,7 +83,7 @@ impl Session {
         HEADER_BYTES
             + 4 * p.n
             + if p.logits { 4 * config.vocab_size } else { 0 }
-            + 2 * config.n_layers * 4 * p.computed * config.kv_dim()
+            + 2 * config.n_layers * self.kv_type().bytes() * p.computed * config.kv_dim()
             + 8
     }
 
@@ -95,7 +103,7 @@ impl Session {
         };
         w.bytes(MAGIC);
         w.u32(VERSION);
-        w.u32(KV_F32);
+        w.u32(kv_code(self.kv_type()));
         w.u64(self.model.fingerprint());
         w.u64(self.rope_signature());
         w.u32(config.n_layers as u32);
@@ -110,10 +118,10 @@ impl Session {
         if p.logits {
             w.floats(&self.ws.scratch.logits);
         }
+        let layer_bytes = 2 * self.kv_type().bytes() * p.computed * config.kv_dim();
         for layer in 0..config.n_layers {
-            let (keys, values) = self.ws.cache.prefix(layer, p.computed);
-            w.floats(keys);
-            w.floats(values);
+            let out = w.next(layer_bytes);
+            self.ws.cache.write_prefix_le(layer, p.computed, out);
         }
         let mut hash = Hash64::default();
         hash.update(&w.out[..w.at]);
@@ -139,7 +147,7 @@ impl Session {
     /// another model, too long for the context, truncated or corrupted is an error that leaves
     /// the session exactly as it was.
     pub fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
-        let state = parse(bytes, &self.model, self.n_ctx(), self.rope_signature())?;
+        let state = parse(bytes, self)?;
         self.history.clear();
         let mut r = Reader {
             bytes: state.tokens,
@@ -151,11 +159,9 @@ impl Session {
         if let Some(logits) = state.logits {
             read_floats(logits, &mut self.ws.scratch.logits);
         }
-        let row = state.computed * self.model.config.kv_dim() * 4;
+        let row = state.computed * self.model.config.kv_dim() * self.kv_type().bytes();
         for (layer, kv) in state.kv.chunks_exact(2 * row.max(1)).enumerate() {
-            let (keys, values) = self.ws.cache.prefix_mut(layer, state.computed);
-            read_floats(&kv[..row], keys);
-            read_floats(&kv[row..], values);
+            self.ws.cache.read_prefix_le(layer, state.computed, kv);
         }
         self.computed = state.computed;
         self.logits_current = state.logits.is_some();
@@ -167,6 +173,9 @@ impl Session {
     /// recomputing them: one prompt, many continuations. `options` sets the new session's
     /// context (which must hold the tokens), threads and micro-batch.
     pub fn fork(&self, options: &super::SessionOptions) -> Result<Session> {
+        if options.kv_type != self.kv_type() {
+            return Err(kv_mismatch(self.kv_type(), options.kv_type));
+        }
         let mut session = Session::new(self.model.clone(), options)?;
         session.copy_prefix(self, self.position())?;
         Ok(session)
@@ -182,6 +191,9 @@ impl Session {
             return Err(Error::InvalidArgument(
                 "the sessions run different models".into(),
             ));
+        }
+        if self.kv_type() != src.kv_type() {
+            return Err(kv_mismatch(src.kv_type(), self.kv_type()));
         }
         if self.rope_signature() != src.rope_signature() {
             return Err(Error::InvalidArgument(format!(
@@ -231,8 +243,10 @@ struct Parsed<'a> {
     kv: &'a [u8],
 }
 
-/// Checks every part of a saved state against `model` and a context of `n_ctx` tokens.
-fn parse<'a>(bytes: &'a [u8], model: &Model, n_ctx: usize, rope: u64) -> Result<Parsed<'a>> {
+/// Checks every part of a saved state against `session` (its model, context, cache type and
+/// rotations).
+fn parse<'a>(bytes: &'a [u8], session: &Session) -> Result<Parsed<'a>> {
+    let (model, n_ctx, rope) = (&*session.model, session.n_ctx(), session.rope_signature());
     let bad = |what: String| Error::format(format!("session state: {what}"));
     if bytes.len() < HEADER_BYTES + 8 {
         return Err(bad(format!(
@@ -250,12 +264,15 @@ fn parse<'a>(bytes: &'a [u8], model: &Model, n_ctx: usize, rope: u64) -> Result<
             "session state: format version {version} (this library reads version {VERSION})"
         )));
     }
-    let kv_type = r.u32()?;
-    if kv_type != KV_F32 {
+    let code = r.u32()?;
+    let Some(kv_type) = [KvType::F32, KvType::F16]
+        .into_iter()
+        .find(|&t| kv_code(t) == code)
+    else {
         return Err(Error::Unsupported(format!(
-            "session state: cache element type {kv_type}"
+            "session state: cache element type {code}"
         )));
-    }
+    };
     let (body, checksum) = bytes.split_at(bytes.len() - 8);
     let mut hash = Hash64::default();
     hash.update(body);
@@ -274,6 +291,9 @@ fn parse<'a>(bytes: &'a [u8], model: &Model, n_ctx: usize, rope: u64) -> Result<
             "session state: its keys are rotated for another context length (this model's \
              RoPE depends on it; this session has {n_ctx})"
         )));
+    }
+    if kv_type != session.kv_type() {
+        return Err(kv_mismatch(kv_type, session.kv_type()));
     }
     let config = &model.config;
     let dims = [r.u32()?, r.u32()?, r.u32()?];
@@ -297,7 +317,7 @@ fn parse<'a>(bytes: &'a [u8], model: &Model, n_ctx: usize, rope: u64) -> Result<
         });
     }
     let (n, computed) = (n as usize, computed as usize);
-    let kv_bytes = 2 * config.n_layers * 4 * computed * config.kv_dim();
+    let kv_bytes = 2 * config.n_layers * kv_type.bytes() * computed * config.kv_dim();
     let logit_bytes = has_logits as usize * 4 * config.vocab_size;
     if body.len() != HEADER_BYTES + 4 * n + logit_bytes + kv_bytes {
         return Err(bad(format!(
@@ -336,6 +356,15 @@ fn read_floats(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+/// The error for moving cache rows of type `from` into a session whose cache holds `to`.
+fn kv_mismatch(from: KvType, to: KvType) -> Error {
+    Error::InvalidArgument(format!(
+        "the keys and values are {} and this session's KV cache is {} (cache types must match)",
+        from.name(),
+        to.name()
+    ))
+}
+
 /// Writes little-endian numbers into a buffer sized beforehand.
 struct Writer<'a> {
     out: &'a mut [u8],
@@ -352,6 +381,11 @@ impl Writer<'_> {
     }
     fn u64(&mut self, v: u64) {
         self.bytes(&v.to_le_bytes());
+    }
+    /// The next `n` bytes, for the caller to fill.
+    fn next(&mut self, n: usize) -> &mut [u8] {
+        self.at += n;
+        &mut self.out[self.at - n..self.at]
     }
     fn floats(&mut self, v: &[f32]) {
         let out = &mut self.out[self.at..self.at + 4 * v.len()];

@@ -486,6 +486,41 @@ static void test_state_and_fork(void) {
   CHECK_STATUS(ember_session_memory_estimate(NULL, NULL, &bytes16), EMBER_ERR_INVALID_ARGUMENT);
   CHECK_STATUS(ember_session_memory_estimate(model, NULL, NULL), EMBER_ERR_INVALID_ARGUMENT);
 
+  /* An f16 cache: half the cache's memory; its states and forks keep the type. */
+  size_t f32_64 = 0, f16_64 = 0, f16_128 = 0, f32_128 = 0;
+  p.n_ctx = 64;
+  CHECK_STATUS(ember_session_memory_estimate(model, &p, &f32_64), EMBER_OK);
+  p.kv_type = EMBER_KV_F16;
+  CHECK_STATUS(ember_session_memory_estimate(model, &p, &f16_64), EMBER_OK);
+  p.n_ctx = 128;
+  CHECK_STATUS(ember_session_memory_estimate(model, &p, &f16_128), EMBER_OK);
+  p.kv_type = EMBER_KV_F32;
+  CHECK_STATUS(ember_session_memory_estimate(model, &p, &f32_128), EMBER_OK);
+  CHECK(f16_64 < f32_64 && f32_128 - f16_128 == 2 * (f32_64 - f16_64));
+  p.kv_type = 7;
+  CHECK_STATUS(ember_session_memory_estimate(model, &p, &bytes16), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(ember_last_error(), "kv_type 7") != NULL);
+  ember_session *h = NULL;
+  CHECK_STATUS(ember_session_new(model, &p, &h), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(h == NULL);
+  p.kv_type = EMBER_KV_F16;
+  p.n_ctx = 64;
+  CHECK_STATUS(ember_session_new(model, &p, &h), EMBER_OK);
+  /* s (f32) cannot move its cache into h (f16): state, copy and fork all say so. */
+  CHECK_STATUS(ember_session_state_load(h, state, size), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(ember_last_error(), "cache types must match") != NULL);
+  CHECK_STATUS(ember_session_copy_prefix(h, s, 2), EMBER_ERR_INVALID_ARGUMENT);
+  ember_session *hf = NULL;
+  CHECK_STATUS(ember_session_fork(s, &p, &hf), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(hf == NULL && ember_session_position(h) == 0);
+  CHECK_STATUS(ember_step(h, prompt, 6, a), EMBER_OK);
+  CHECK_STATUS(ember_session_fork(h, NULL, &hf), EMBER_OK);
+  CHECK_STATUS(ember_session_logits(hf, b, vocab), EMBER_OK);
+  CHECK(memcmp(a, b, vocab * sizeof *a) == 0);
+  ember_session_free(hf);
+  ember_session_free(h);
+  p.kv_type = EMBER_KV_F32;
+
   /* A GGUF from memory and from inside a larger file. */
   size_t len = 0;
   unsigned char *file = read_file(path, &len);
@@ -620,6 +655,33 @@ static void test_generation(void) {
   CHECK_STATUS(ember_generation_start(t, greedy, NULL, &gp, &g), EMBER_OK);
   CHECK_STATUS(ember_generation_finish(g, &reason, &n), EMBER_OK);
   CHECK(n == 12 && ember_session_position(t) == n_held + 12);
+  /* The same tokens with four alternatives each (greedy: the first is the token itself). */
+  gp.top_logprobs = 21;
+  CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, &g), EMBER_ERR_INVALID_ARGUMENT);
+  gp.top_logprobs = 4;
+  gp.logprobs = 0;
+  CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, &g), EMBER_ERR_INVALID_ARGUMENT);
+  gp.logprobs = 1;
+  CHECK_STATUS(ember_session_reset(t), EMBER_OK);
+  CHECK_STATUS(ember_generation_start(t, greedy, &p, &gp, &g), EMBER_OK);
+  poll_all(g, text, sizeof text, &frames);
+  ember_token_info ranked[12], top[12 * 4];
+  size_t n_ranked = 0, n_rest = 0;
+  CHECK_STATUS(ember_generation_poll_tokens_top(g, ranked, 12, NULL, 8, &n_ranked),
+               EMBER_ERR_INVALID_ARGUMENT);
+  /* Room for the alternatives of 2 tokens only: 2 are copied. */
+  CHECK_STATUS(ember_generation_poll_tokens_top(g, ranked, 12, top, 9, &n_ranked), EMBER_OK);
+  CHECK(n_ranked == 2);
+  CHECK_STATUS(ember_generation_poll_tokens_top(g, ranked + 2, 10, top + 8, 40, &n_rest),
+               EMBER_OK);
+  CHECK(n_ranked + n_rest == 12);
+  for (size_t i = 0; i < 12; i++) {
+    CHECK(ranked[i].token == infos[i].token && ranked[i].logprob == infos[i].logprob);
+    CHECK(top[4 * i].token == ranked[i].token && top[4 * i].logprob == ranked[i].logprob);
+    for (size_t j = 1; j < 4; j++) CHECK(top[4 * i + j].logprob <= top[4 * i + j - 1].logprob);
+  }
+  CHECK_STATUS(ember_generation_finish(g, &reason, &n), EMBER_OK);
+  gp.top_logprobs = 0;
   ember_chat_message chat[1] = {{"user", "Hi"}};
   memset(&p, 0, sizeof p);
   p.struct_size = sizeof p;

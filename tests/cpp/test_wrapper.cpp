@@ -582,6 +582,25 @@ static void test_background_generation(const ember::Model &model) {
     ember::GenerationHandle d = std::move(dropped).value();
   }
   CHECK(session.try_step(std::vector<int32_t>{5}).ok());
+  // Log-probabilities with three alternatives each: greedy picks the best one.
+  CHECK(session.try_reset().ok());
+  ember::GenerateOptions top3 = exactly(6);
+  top3.logprobs = 1;
+  top3.top_logprobs = 3;
+  auto ranked = session.try_start("Once upon a time", *sampler, top3);
+  CHECK(ranked.ok());
+  if (ranked.ok()) {
+    ember::GenerationHandle r = std::move(ranked).value();
+    std::string ignored;
+    while (!r.poll(ignored)) r.wait(1);
+    auto got = r.tokens_top(3);
+    CHECK(got.size() == 6);
+    for (const auto &t : got) {
+      CHECK(t.top.size() == 3 && t.top[0].token == t.token.token);
+      CHECK(t.top[0].logprob == t.token.logprob && t.top[1].logprob <= t.top[0].logprob);
+    }
+    CHECK(r.finish().ok());
+  }
 }
 
 int main(int argc, char **argv) {

@@ -33,6 +33,7 @@ from .errors import (
     CancelledError,
     EmberError,
     InvalidArgumentError,
+    KvType,
     LogLevel,
     StopReason,
 )
@@ -43,6 +44,9 @@ except ImportError:  # pragma: no cover - exercised by a subprocess test
     _np = None
 
 _lib = _ffi.lib
+
+#: A KV cache type: ``"f32"``, ``"f16"`` or a ``KvType``.
+KvTypeLike = Union[str, KvType]
 
 #: True when numpy is installed: logits are then numpy arrays.
 HAVE_NUMPY: bool = _np is not None
@@ -433,10 +437,10 @@ class Model(_Owned):
         return model
 
     def session_memory(self, n_ctx: int = 0, threads: Optional[int] = None,
-                       n_ubatch: Optional[int] = None) -> int:
+                       n_ubatch: Optional[int] = None, kv_type: KvTypeLike = "f32") -> int:
         """Bytes a ``session()`` with these options would allocate (KV cache, buffers, token
         history; the weights not included), computed without allocating."""
-        params = _session_params(self, n_ctx, threads, n_ubatch)
+        params = _session_params(self, n_ctx, threads, n_ubatch, kv_type=kv_type)
         out = c_size_t()
         with self._use() as h:
             _lib.ember_session_memory_estimate(h, byref(params), byref(out))
@@ -534,10 +538,12 @@ class Model(_Owned):
                 h, arr, n, add_generation_prompt, buf, cap, n_out))
 
     def session(self, n_ctx: int = 0, threads: Optional[int] = None,
-                n_ubatch: Optional[int] = None, pool: Optional["Pool"] = None) -> "Session":
+                n_ubatch: Optional[int] = None, pool: Optional["Pool"] = None,
+                kv_type: KvTypeLike = "f32") -> "Session":
         """A new ``Session`` over this model (see ``Session``); with ``pool``, on the
         threads of a ``Pool`` it shares with other sessions."""
-        return Session(self, n_ctx=n_ctx, threads=threads, n_ubatch=n_ubatch, pool=pool)
+        return Session(self, n_ctx=n_ctx, threads=threads, n_ubatch=n_ubatch, pool=pool,
+                       kv_type=kv_type)
 
     def detokenizer(self) -> "Detokenizer":
         """A new streaming ``Detokenizer`` for this model's tokenizer."""
@@ -546,26 +552,26 @@ class Model(_Owned):
     def generate(self, prompt: Text, *, max_tokens: int = 256, sampler: Optional["Sampler"] = None,
                  stop: Union[Text, Iterable[Text]] = (), ignore_end_tokens: bool = False,
                  add_special: bool = True, parse_special: bool = False, n_ctx: int = 0,
-                 threads: Optional[int] = None, logprobs: bool = False) -> "TextStream":
+                 threads: Optional[int] = None, logprobs: bool = False, top_logprobs: int = 0) -> "TextStream":
         """Generates a continuation of ``prompt`` in a session of its own (made for this
         call, closed when the stream ends), yielding text as it comes. See
         ``Session.generate`` for the options; ``n_ctx`` and ``threads`` size the session."""
         session = self.session(n_ctx=n_ctx, threads=threads)
         return session._stream_generate(prompt, max_tokens, sampler, stop, ignore_end_tokens,
                                         add_special, parse_special, owned=[session],
-                                        logprobs=logprobs)
+                                        logprobs=logprobs, top_logprobs=top_logprobs)
 
     def chat(self, messages: Iterable[Message], *, max_tokens: int = 256,
              sampler: Optional["Sampler"] = None, stop: Union[Text, Iterable[Text]] = (),
              ignore_end_tokens: bool = False, parse_special: bool = False, n_ctx: int = 0,
-             threads: Optional[int] = None, logprobs: bool = False) -> "TextStream":
+             threads: Optional[int] = None, logprobs: bool = False, top_logprobs: int = 0) -> "TextStream":
         """The assistant's reply to ``messages`` (the chat template applied), in a session of
         its own, yielding text as it comes. To keep a conversation, use ``Session.chat`` on
         one session: earlier turns are then not computed again. See ``Session.chat`` for
         ``parse_special``."""
         session = self.session(n_ctx=n_ctx, threads=threads)
         return session._stream_chat(messages, max_tokens, sampler, stop, ignore_end_tokens,
-                                    parse_special, owned=[session], logprobs=logprobs)
+                                    parse_special, owned=[session], logprobs=logprobs, top_logprobs=top_logprobs)
 
 
 # ---- session ----
@@ -594,11 +600,21 @@ class Pool(_Owned):
             return int(_lib.ember_pool_n_threads(h))
 
 
+def _kv_type(kv_type: KvTypeLike) -> KvType:
+    if isinstance(kv_type, str):
+        try:
+            return KvType[kv_type.upper()]
+        except KeyError:
+            raise ValueError(f"kv_type {kv_type!r} (must be 'f32' or 'f16')") from None
+    return KvType(kv_type)
+
+
 def _session_params(model: Model, n_ctx: int, threads: Optional[int],
-                    n_ubatch: Optional[int],
-                    pool: Optional[Pool] = None) -> "_ffi.ember_session_params":
+                    n_ubatch: Optional[int], pool: Optional[Pool] = None,
+                    kv_type: KvTypeLike = "f32") -> "_ffi.ember_session_params":
     params = _ffi.ember_session_params()
     _lib.ember_session_params_default(ctypes.sizeof(params), byref(params))
+    params.kv_type = _kv_type(kv_type)
     params.n_ctx = _uint(n_ctx, "n_ctx")
     params.n_threads = _uint(model.threads if threads is None else threads, "threads")
     if n_ubatch is not None:
@@ -613,6 +629,7 @@ class Session(_Owned):
     """One sequence's state over a model: the KV cache (allocated here, ``n_ctx`` tokens;
     0 = the model's trained context, at most 2048) and the position. Computes on
     ``threads`` worker threads (the caller's included; ``None`` = the model's default).
+    ``kv_type="f16"`` stores the cache in half the memory (rounded to nearest).
 
     A session is used by one thread at a time: a call made while another is running on it
     raises ``BusyError``. ``cancel()`` and ``position`` work from any thread.
@@ -622,19 +639,22 @@ class Session(_Owned):
     _kind = "session"
 
     def __init__(self, model: Model, *, n_ctx: int = 0, threads: Optional[int] = None,
-                 n_ubatch: Optional[int] = None, pool: Optional[Pool] = None) -> None:
-        params = _session_params(model, n_ctx, threads, n_ubatch, pool)
+                 n_ubatch: Optional[int] = None, pool: Optional[Pool] = None,
+                 kv_type: KvTypeLike = "f32") -> None:
+        params = _session_params(model, n_ctx, threads, n_ubatch, pool, kv_type)
         handle = ctypes.POINTER(_ffi.ember_session)()
         with model._use() as m:
             _lib.ember_session_new(m, byref(params), byref(handle))
-        self._adopt(model, handle)
+        self._adopt(model, handle, KvType(params.kv_type))
 
-    def _adopt(self, model: Model, handle: Any) -> None:
+    def _adopt(self, model: Model, handle: Any, kv_type: KvType) -> None:
         with model._use() as m:
             n_vocab = int(_lib.ember_model_n_vocab(m))
         super().__init__(handle)
         #: The model this session runs.
         self.model: Model = model
+        #: The element type of the KV cache (saved states, forks and copies keep it).
+        self.kv_type: KvType = kv_type
         self._n_vocab = n_vocab
         self._logits = (c_float * n_vocab)()
         self._logits_view = _float_view(self._logits, (n_vocab,))
@@ -748,10 +768,11 @@ class Session(_Owned):
             if n_ctx is None and threads is None and n_ubatch is None:
                 _lib.ember_session_fork(h, None, byref(handle))
             else:
-                params = _session_params(self.model, n_ctx or 0, threads, n_ubatch)
+                params = _session_params(self.model, n_ctx or 0, threads, n_ubatch,
+                                         kv_type=self.kv_type)
                 _lib.ember_session_fork(h, byref(params), byref(handle))
         forked = Session.__new__(Session)
-        forked._adopt(self.model, handle)
+        forked._adopt(self.model, handle, self.kv_type)
         return forked
 
     def copy_prefix(self, src: "Session", n_tokens: int) -> None:
@@ -790,7 +811,7 @@ class Session(_Owned):
     def generate(self, prompt: Text, *, max_tokens: int = 256, sampler: Optional["Sampler"] = None,
                  stop: Union[Text, Iterable[Text]] = (), ignore_end_tokens: bool = False,
                  add_special: bool = True, parse_special: bool = False,
-                 logprobs: bool = False) -> "TextStream":
+                 logprobs: bool = False, top_logprobs: int = 0) -> "TextStream":
         """Tokenizes ``prompt`` (appended to what the session holds) and generates until an
         end token, ``max_tokens`` tokens (0 = no limit), a ``stop`` string (not yielded) or a
         full context. Returns a ``TextStream`` yielding complete UTF-8 text as it comes.
@@ -800,14 +821,16 @@ class Session(_Owned):
         ``parse_special`` lets the prompt name special tokens. Afterwards the session holds
         the prompt and every generated token whose text was delivered (``tokens``), so a
         later call continues exactly after the text; an empty ``prompt`` continues it.
-        ``logprobs=True`` fills the stream's ``tokens`` with each token's log-probability."""
+        ``logprobs=True`` fills the stream's ``tokens`` with each token's log-probability;
+        ``top_logprobs=k`` (at most 20) also gives each token's k most likely alternatives
+        (the stream's ``top_logprobs``)."""
         return self._stream_generate(prompt, max_tokens, sampler, stop, ignore_end_tokens,
-                                     add_special, parse_special, owned=[], logprobs=logprobs)
+                                     add_special, parse_special, owned=[], logprobs=logprobs, top_logprobs=top_logprobs)
 
     def chat(self, messages: Iterable[Message], *, max_tokens: int = 256,
              sampler: Optional["Sampler"] = None, stop: Union[Text, Iterable[Text]] = (),
              ignore_end_tokens: bool = False, parse_special: bool = False,
-             logprobs: bool = False) -> "TextStream":
+             logprobs: bool = False, top_logprobs: int = 0) -> "TextStream":
         """The assistant's reply to the whole conversation ``messages`` (the model's chat
         template applied), as a ``TextStream``. Keep a conversation in one session and pass
         all its messages each turn: the tokens of earlier turns the session still holds are
@@ -818,15 +841,16 @@ class Session(_Owned):
         template's own control tokens are control tokens. ``parse_special=True`` turns this
         off, for messages the program wrote itself."""
         return self._stream_chat(messages, max_tokens, sampler, stop, ignore_end_tokens,
-                                 parse_special, owned=[], logprobs=logprobs)
+                                 parse_special, owned=[], logprobs=logprobs, top_logprobs=top_logprobs)
 
     def _stream_generate(self, prompt: Text, max_tokens: int, sampler: Optional["Sampler"],
                          stop: Union[Text, Iterable[Text]], ignore_end_tokens: bool,
                          add_special: bool, parse_special: bool,
-                         owned: List[_Owned], logprobs: bool = False) -> "TextStream":
+                         owned: List[_Owned], logprobs: bool = False, top_logprobs: int = 0) -> "TextStream":
         data = _utf8(prompt)
         params = _generate_params(max_tokens, stop, ignore_end_tokens, add_special, parse_special)
-        params.logprobs = int(bool(logprobs))
+        params.logprobs = int(bool(logprobs) or top_logprobs > 0)
+        params.top_logprobs = _uint(top_logprobs, "top_logprobs")
         request = _ffi.ember_generation_prompt()
         request.struct_size = ctypes.sizeof(request)
         request.text, request.text_len = data, len(data)
@@ -838,11 +862,12 @@ class Session(_Owned):
     def _stream_chat(self, messages: Iterable[Message], max_tokens: int,
                      sampler: Optional["Sampler"], stop: Union[Text, Iterable[Text]],
                      ignore_end_tokens: bool, parse_special: bool,
-                     owned: List[_Owned], logprobs: bool = False) -> "TextStream":
+                     owned: List[_Owned], logprobs: bool = False, top_logprobs: int = 0) -> "TextStream":
         arr, n, keep = _messages(messages)
         params = _generate_params(max_tokens, stop, ignore_end_tokens,
                                   parse_special=parse_special)
-        params.logprobs = int(bool(logprobs))
+        params.logprobs = int(bool(logprobs) or top_logprobs > 0)
+        params.top_logprobs = _uint(top_logprobs, "top_logprobs")
         request = _ffi.ember_generation_prompt()
         request.struct_size = ctypes.sizeof(request)
         request.messages = ctypes.cast(arr, POINTER(_ffi.ember_chat_message))
@@ -1023,6 +1048,8 @@ class TextStream(_Closing, Iterator[str]):
         self._finished = False
         self._closing = False
         self._token_infos: List[Tuple[int, float]] = []
+        self._top = int(params.top_logprobs)
+        self._alternatives: List[List[Tuple[int, float]]] = []
         #: Why the generation stopped (``None`` until it has).
         self.stop_reason: Optional[StopReason] = None
         #: Tokens generated (``None`` until the generation has stopped).
@@ -1072,11 +1099,18 @@ class TextStream(_Closing, Iterator[str]):
                 _lib.ember_generation_wait(self._handle, 100, None)
 
     def _collect_tokens(self) -> None:
+        k = self._top
         infos = (_ffi.ember_token_info * 64)()
+        top = (_ffi.ember_token_info * (64 * k))()
         n = c_size_t()
         while True:
-            _lib.ember_generation_poll_tokens(self._handle, infos, 64, byref(n))
+            _lib.ember_generation_poll_tokens_top(self._handle, infos, 64, top, 64 * k, byref(n))
             self._token_infos += [(infos[i].token, infos[i].logprob) for i in range(n.value)]
+            if k:
+                self._alternatives += [
+                    [(top[j].token, top[j].logprob) for j in range(i * k, (i + 1) * k)
+                     if top[j].token >= 0]
+                    for i in range(n.value)]
             if n.value < 64:
                 return
 
@@ -1088,6 +1122,18 @@ class TextStream(_Closing, Iterator[str]):
             if self._handle:
                 self._collect_tokens()
             return list(self._token_infos)
+
+    @property
+    def top_logprobs(self) -> List[List[Tuple[int, float]]]:
+        """For every token generated so far, its ``top_logprobs`` most likely alternatives
+        as ``(token, logprob)``, best first (empty lists unless ``top_logprobs`` was asked
+        for)."""
+        with self._lock:
+            if self._handle:
+                self._collect_tokens()
+            if not self._top:
+                return [[] for _ in self._token_infos]
+            return [list(a) for a in self._alternatives]
 
     @property
     def progress(self) -> Tuple[int, int]:

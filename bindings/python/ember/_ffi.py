@@ -99,6 +99,7 @@ class ember_generate_params(Structure):
         ("parse_special", c_uint32),
         ("logprobs", c_uint32),
         ("max_ahead", c_uint32),
+        ("top_logprobs", c_uint32),
     ]
 
 
@@ -208,6 +209,7 @@ class ember_session_params(Structure):
         ("n_threads", c_uint32),
         ("n_ubatch", c_uint32),
         ("pool", POINTER(ember_pool)),
+        ("kv_type", c_uint32),
     ]
 
 
@@ -287,6 +289,9 @@ SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
     "ember_generation_poll": (ember_status, [_generation_p, _chars, c_size_t, _size_p, _enum_p]),
     "ember_generation_poll_tokens": (
         ember_status, [_generation_p, POINTER(ember_token_info), c_size_t, _size_p]),
+    "ember_generation_poll_tokens_top": (
+        ember_status, [_generation_p, POINTER(ember_token_info), c_size_t,
+                       POINTER(ember_token_info), c_size_t, _size_p]),
     "ember_generation_wait": (ember_status, [_generation_p, c_uint32, _enum_p]),
     "ember_generation_progress": (ember_status, [_generation_p, _size_p, _size_p]),
     "ember_generation_cancel": (ember_status, [_generation_p]),

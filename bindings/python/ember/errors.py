@@ -37,6 +37,13 @@ class StopReason(enum.IntEnum):
     CANCELLED = 5
 
 
+class KvType(enum.IntEnum):
+    """``enum ember_kv_type``: the element type of a session's KV cache."""
+
+    F32 = 0
+    F16 = 1
+
+
 class LogLevel(enum.IntEnum):
     """``enum ember_log_level``: severity of a log message."""
 

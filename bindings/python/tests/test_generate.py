@@ -309,3 +309,26 @@ def test_streams_report_tokens_logprobs_and_progress(llama):
         plain = session.generate(" more", max_tokens=2, add_special=False)
         plain.read()
         assert all(math.isnan(lp) for _, lp in plain.tokens)
+        assert plain.top_logprobs == [[], []]
+
+
+def test_streams_give_the_top_alternatives_of_each_token(llama):
+    import math
+    with llama.session(n_ctx=64) as session:
+        stream = session.generate(PROMPT, max_tokens=5, ignore_end_tokens=True, top_logprobs=3)
+        stream.read()
+        tokens, top = stream.tokens, stream.top_logprobs
+        assert len(top) == 5 and all(len(alts) == 3 for alts in top)
+        for (token, lp), alts in zip(tokens, top):
+            assert alts[0] == (token, lp)  # greedy: the best alternative is the token
+            assert alts[0][1] >= alts[1][1] >= alts[2][1]
+        # The alternatives are the three largest logits of the first step, normalised.
+        with llama.session(n_ctx=64) as check:
+            logits = list(check.step(llama.tokenize(PROMPT)))
+            m = max(logits)
+            log_z = m + math.log(sum(math.exp(x - m) for x in logits))
+            best = sorted(range(len(logits)), key=lambda i: -logits[i])[:3]
+            assert [t for t, _ in top[0]] == best
+            assert all(abs(lp - (logits[t] - log_z)) < 1e-4 for t, lp in top[0])
+        with pytest.raises(ember.InvalidArgumentError):
+            session.generate(" more", max_tokens=1, top_logprobs=21).read()

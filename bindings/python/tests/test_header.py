@@ -194,6 +194,7 @@ def test_callbacks_match_the_header():
     ("ember_status", "EMBER_", ember.Status),
     ("ember_stop_reason", "EMBER_STOP_REASON_", ember.StopReason),
     ("ember_log_level", "EMBER_LOG_LEVEL_", ember.LogLevel),
+    ("ember_kv_type", "EMBER_KV_", ember.KvType),
 ])
 def test_enums_match_the_header(enum_name, prefix, python):
     body = re.search(r"typedef enum %s \{(.*?)\} %s;" % (enum_name, enum_name), CODE, re.S).group(1)

@@ -180,6 +180,25 @@ def test_fork_and_copy_prefix(llama):
         other.copy_prefix(base, len(system) + 1)
 
 
+def test_an_f16_cache_takes_half_the_memory_and_keeps_its_type(llama):
+    tokens = llama.tokenize("Once upon a time")
+    exact, half = llama.session(n_ctx=64), llama.session(n_ctx=64, kv_type="f16")
+    assert half.kv_type == ember.KvType.F16 and exact.kv_type == ember.KvType.F32
+    a, b = list(exact.step(tokens)), list(half.step(tokens))
+    assert a != b and max(abs(x - y) for x, y in zip(a, b)) < 0.05
+    # The cache is half as large: the saving grows with the context, the rest does not.
+    saved = [llama.session_memory(n) - llama.session_memory(n, kv_type="f16") for n in (32, 64)]
+    assert saved[0] > 0 and saved[1] == 2 * saved[0]
+    # Forks, saved states and copies keep the type; a state of the other type is refused.
+    fork = half.fork(n_ctx=32)
+    assert fork.kv_type == ember.KvType.F16 and list(fork.logits()) == b
+    with pytest.raises(ember.InvalidArgumentError, match="cache types must match"):
+        exact.load_state(half.save_state())
+    assert list(exact.logits()) == a
+    with pytest.raises(ValueError):
+        llama.session(kv_type="q4")
+
+
 def test_perf_and_memory_estimate(llama):
     s = llama.session(n_ctx=64)
     s.step([1, 2, 3, 4])

@@ -111,6 +111,7 @@ pub fn bench(args: &[String]) -> Result<(), String> {
             n_ctx: (pp.max(depth) + tg).max(1),
             n_threads,
             ubatch: 512,
+            kv_type: args.kv_type()?,
         };
         let mut session = Session::new(model.clone(), &options).map_err(|e| e.to_string())?;
         // Warm-up: page the weights in and start the workers.

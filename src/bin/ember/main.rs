@@ -5,8 +5,9 @@
 //! - `ember convert MODEL.gguf OUT_DIR [--dtype f32|f16|bf16]`: writes a Hugging Face folder.
 //! - `ember info MODEL`: architecture, sizes, weight dtype, special tokens.
 //! - `ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--depth 0] [--reps 3] [--json]
-//!   [--bandwidth]`: load time, resident memory, prompt-processing and generation speed, and (with
-//!   `--bandwidth`) the memory read bandwidth and the generation speed it allows.
+//!   [--bandwidth] [--kv f32|f16]`: load time, resident memory, prompt-processing and generation
+//!   speed, and (with `--bandwidth`) the memory read bandwidth and the generation speed it
+//!   allows; `--kv` picks the KV cache's element type.
 //!
 //! - `ember tokenize MODEL (TEXT | --file FILE) [--bench]`: token ids of a text with the
 //!   model's tokenizer, or (with `--bench`) single-thread tokenization speed.
@@ -43,7 +44,7 @@ const USAGE: &str = "usage:
   ember convert MODEL.gguf OUT_DIR [--dtype f32|f16|bf16]
   ember info MODEL
   ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--depth 0] [--reps 3] [--json]
-              [--bandwidth]
+              [--bandwidth] [--kv f32|f16]
   ember tokenize MODEL (TEXT | --file FILE) [--bench] [--add-special] [--parse-special]
 MODEL is a GGUF file or a Hugging Face model folder; --q8_0 (run, chat, bench, info,
 tokenize) quantizes F32/F16/BF16 weights to Q8_0 at load. Options of run and chat:";
@@ -132,6 +133,14 @@ impl Args {
             Some(v) => v
                 .parse()
                 .map_err(|_| format!("--{name} takes a whole number, not {v:?}")),
+        }
+    }
+
+    /// The KV cache type `--kv f32|f16` names (default f32).
+    fn kv_type(&self) -> Result<ember::KvType, String> {
+        match self.get("kv") {
+            None => Ok(ember::KvType::default()),
+            Some(v) => ember::KvType::from_name(v).ok_or_else(|| format!("--kv {v}: f32 or f16")),
         }
     }
 

@@ -15,7 +15,8 @@ use crate::{load, Args};
 pub const OPTIONS_HELP: &str =
     "  sampling: --temp 0.8 --top-k 40 --top-p 0.95 --min-p 0.05 --repeat-penalty 1.0
             --seed N (default: from the clock); --temp 0 is greedy
-  limits:   --max-tokens 256 --ctx 2048 --threads N (default: half the cores) --stop TEXT";
+  limits:   --max-tokens 256 --ctx 2048 --threads N (default: half the cores) --stop TEXT
+  memory:   --kv f32|f16 (the KV cache's element type; f16 takes half the memory)";
 
 fn float(args: &Args, name: &str, default: f32) -> Result<f32, String> {
     match args.get(name) {
@@ -54,6 +55,7 @@ fn session(args: &Args, model: &Arc<Model>) -> Result<Session, String> {
             .min(model.config().max_position_embeddings),
         n_threads: ember::defaults::threads(args.number("threads", 0)?),
         ubatch: ember::defaults::UBATCH,
+        kv_type: args.kv_type()?,
     };
     Session::new(model.clone(), &options).map_err(|e| e.to_string())
 }
