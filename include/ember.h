@@ -116,6 +116,28 @@ typedef enum ember_status {
 } ember_status;
 
 /**
+ * Where a sampler's constraint stands (`ember_sampler_constraint_state`).
+ */
+typedef enum ember_constraint_state {
+  /**
+   * The sampler has no constraint.
+   */
+  EMBER_CONSTRAINT_STATE_NONE = 0,
+  /**
+   * The tokens drawn so far start a valid output, which is not complete yet.
+   */
+  EMBER_CONSTRAINT_STATE_INCOMPLETE = 1,
+  /**
+   * The output is valid as it is (the grammar may allow more).
+   */
+  EMBER_CONSTRAINT_STATE_COMPLETE = 2,
+  /**
+   * The output is valid and nothing may follow it but an end token.
+   */
+  EMBER_CONSTRAINT_STATE_FINISHED = 3,
+} ember_constraint_state;
+
+/**
  * Why generation stopped.
  */
 typedef enum ember_stop_reason {
@@ -144,6 +166,16 @@ typedef enum ember_stop_reason {
    * `EMBER_ERR_CANCELLED`, and still writes this reason and the token count).
    */
   EMBER_STOP_REASON_CANCELLED = 5,
+  /**
+   * The sampler's constraint (`ember_sampler_set_constraint`) is satisfied and allows
+   * nothing more, or only an end token, which was drawn: the output is complete.
+   */
+  EMBER_STOP_REASON_CONSTRAINT_COMPLETE = 6,
+  /**
+   * `max_tokens` or the context ran out before the sampler's constraint was satisfied:
+   * the text is only the start of a valid output (raise `max_tokens` or `n_ctx`).
+   */
+  EMBER_STOP_REASON_CONSTRAINT_INCOMPLETE = 7,
 } ember_stop_reason;
 
 /**
@@ -174,6 +206,28 @@ typedef enum ember_kv_type {
    */
   EMBER_KV_F16 = 1,
 } ember_kv_type;
+
+/**
+ * What `ember_sampler_set_constraint`'s text is.
+ */
+typedef enum ember_constraint_kind {
+  /**
+   * No constraint: removes the sampler's (the text is not read).
+   */
+  EMBER_CONSTRAINT_NONE = 0,
+  /**
+   * A JSON schema, as JSON text: the output is one JSON value valid against it.
+   */
+  EMBER_CONSTRAINT_JSON_SCHEMA = 1,
+  /**
+   * A regular expression (Rust `regex` syntax) that the whole output matches.
+   */
+  EMBER_CONSTRAINT_REGEX = 2,
+  /**
+   * A context-free grammar in Lark syntax, as llguidance defines it (rule `start`).
+   */
+  EMBER_CONSTRAINT_LARK = 3,
+} ember_constraint_kind;
 
 /**
  * An incremental detokenizer: feed tokens one by one, get only complete UTF-8 text. Used by
@@ -1199,7 +1253,8 @@ enum ember_status ember_sampler_new(const struct ember_sampler_params *params,
 void ember_sampler_free(struct ember_sampler *sampler);
 
 /**
- * Picks a token from `n_vocab` logits into `*out_token`, and remembers it for the penalties.
+ * Picks a token from `n_vocab` logits into `*out_token`, and remembers it for the penalties
+ * (with a constraint: only among the tokens it allows, and feeds the token to it).
  *
  * # Safety
  * `logits` valid for `n_vocab` floats; `out_token` valid for writing.
@@ -1218,12 +1273,49 @@ enum ember_status ember_sample(struct ember_sampler *sampler,
 enum ember_status ember_sampler_accept(struct ember_sampler *sampler, int32_t token);
 
 /**
- * Restarts the random sequence from the seed and forgets recent tokens.
+ * Restarts the random sequence from the seed, forgets recent tokens, and starts the
+ * constraint's output over.
  *
  * # Safety
  * `sampler` must be NULL or a live sampler.
  */
 enum ember_status ember_sampler_reset(struct ember_sampler *sampler);
+
+/**
+ * Constrains the tokens `sampler` draws to those that keep the output valid for `kind`'s
+ * `text_len` bytes of UTF-8 at `text` (a JSON schema, a regular expression or a Lark
+ * grammar) over `model`'s vocabulary; `EMBER_CONSTRAINT_NONE` removes the constraint (`model`
+ * and `text` are then not read). Every `ember_sample` then draws only among the allowed
+ * tokens and feeds the token to the constraint; `ember_generate`, `ember_chat` and
+ * `ember_generation_start` start its output over for each new prompt and end with
+ * `EMBER_STOP_REASON_CONSTRAINT_COMPLETE` (or `_INCOMPLETE` when `max_tokens` or the
+ * context runs out first). Use the sampler with sessions of `model` only.
+ *
+ * An invalid schema, expression or grammar, or one over llguidance's limits (text up to
+ * 1 MiB, grammar size, lexer states, per-step work: a hostile grammar cannot hang the
+ * host) is `EMBER_ERR_INVALID_ARGUMENT` with llguidance's message; the sampler keeps its
+ * previous constraint. The first constraint of a model builds its vocabulary's token trie
+ * (tens of milliseconds). The text is read during the call only.
+ *
+ * # Safety
+ * `sampler` a live sampler; `model` a live model; `text` valid for `text_len` bytes.
+ */
+enum ember_status ember_sampler_set_constraint(struct ember_sampler *sampler,
+                                               const struct ember_model *model,
+                                               uint32_t kind,
+                                               const char *text_ptr,
+                                               size_t text_len);
+
+/**
+ * Writes where `sampler`'s constraint stands to `*state` (`EMBER_CONSTRAINT_STATE_NONE`
+ * without one): a host drawing tokens itself with `ember_sample` stops at `_FINISHED` and
+ * may stop at `_COMPLETE`.
+ *
+ * # Safety
+ * `sampler` a live sampler; `state` valid for writing.
+ */
+enum ember_status ember_sampler_constraint_state(struct ember_sampler *sampler,
+                                                 enum ember_constraint_state *state);
 
 /**
  * Fills `*params` (a struct of `struct_size` bytes) with the defaults. Use the

@@ -10,9 +10,11 @@
 use std::ffi::{c_char, c_void};
 use std::sync::{Arc, OnceLock};
 
+use crate::constraint::{ConstraintKind, ConstraintState};
 use crate::ffi::*;
 use crate::loader::gguf::GgufFile;
 use crate::model::{LoadOptions, Model};
+use crate::sampler::{Sampler, SamplerOptions};
 use crate::session::{Session, SessionOptions};
 use crate::tensor::Storage;
 use crate::tokenizer::{ChatMessage, ChatTemplate, StreamDecoder, Tokenizer, TokenizerSettings};
@@ -735,4 +737,59 @@ pub fn c_api(data: &[u8]) {
         panics,
         "a call panicked inside the library"
     );
+}
+
+/// A constraint over the tiny Llama fixture's vocabulary, then tokens sampled under it. The
+/// first byte picks the kind (JSON schema, regex, Lark grammar), the first part of the rest
+/// is the constraint's text and the second drives sampling (one draw per byte, from logits
+/// made of it). A constraint is made or refused with an error; sampling under it gives
+/// allowed tokens until it finishes, without panics or hangs.
+pub fn constraint(data: &[u8]) {
+    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
+    let model = MODEL.get_or_init(|| {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama");
+        Arc::new(Model::load(path).expect("the fuzz fixture must load"))
+    });
+    let Some((&kind, rest)) = data.split_first() else {
+        return;
+    };
+    let kind = [
+        ConstraintKind::JsonSchema,
+        ConstraintKind::Regex,
+        ConstraintKind::Lark,
+    ][kind as usize % 3];
+    let [text, drive] = parts(rest, 2)[..] else {
+        return;
+    };
+    let constraint = match model.constraint(kind, &String::from_utf8_lossy(text)) {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                matches!(e, crate::Error::InvalidArgument(_)),
+                "a bad constraint is an invalid argument: {e}"
+            );
+            return;
+        }
+    };
+    let mut sampler = Sampler::new(SamplerOptions {
+        temperature: 1.0,
+        ..Default::default()
+    })
+    .expect("a sampler");
+    sampler.set_constraint(Some(constraint));
+    let n_vocab = model.n_vocab();
+    let mut logits = vec![0.0f32; n_vocab];
+    for (i, &b) in drive.iter().take(48).enumerate() {
+        for (t, l) in logits.iter_mut().enumerate() {
+            let h = (t as u32).wrapping_mul(2_654_435_761) ^ (b as u32) << 8 ^ i as u32;
+            *l = (h % 1000) as f32 / 100.0;
+        }
+        match sampler.sample(&logits) {
+            Ok(token) => assert!((token as usize) < n_vocab),
+            Err(_) => return,
+        }
+        if sampler.constraint_state().ok().flatten() == Some(ConstraintState::Finished) {
+            return;
+        }
+    }
 }

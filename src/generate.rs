@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::constraint::ConstraintState;
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::sampler::Sampler;
@@ -46,6 +47,12 @@ pub enum StopReason {
     ContextFull,
     /// [`crate::CancelHandle::cancel`] stopped the generation.
     Cancelled,
+    /// The sampler's constraint is satisfied and allows nothing more (or only an end
+    /// token, which was drawn): the output is complete.
+    ConstraintComplete,
+    /// `max_tokens` or the context ran out before the sampler's constraint was satisfied:
+    /// the text is only the start of a valid output.
+    ConstraintIncomplete,
 }
 
 /// The outcome of a generation.
@@ -164,6 +171,10 @@ impl<'s> Generator<'s> {
             for &t in prompt {
                 sampler.accept(t);
             }
+            if !prompt.is_empty() {
+                // A new output (an empty prompt continues the last one).
+                sampler.restart_constraint();
+            }
         }
         Ok(Generator {
             session,
@@ -213,7 +224,7 @@ impl<'s> Generator<'s> {
         if self.reason.is_none() && self.delivered {
             self.delivered = false;
             if self.n_tokens == self.options.max_tokens {
-                self.reason = Some(StopReason::MaxTokens);
+                self.reason = Some(self.ran_out(StopReason::MaxTokens)?);
             } else if self.call.cancelled() {
                 self.reason = Some(StopReason::Cancelled);
             } else {
@@ -238,12 +249,17 @@ impl<'s> Generator<'s> {
         } else {
             (f32::NAN, Vec::new())
         };
+        let finished = self.sampler.constraint_state()? == Some(ConstraintState::Finished);
         if !self.options.ignore_end_tokens && tokenizer.stop_tokens().contains(&token) {
-            self.reason = Some(StopReason::EndToken);
+            self.reason = Some(if finished {
+                StopReason::ConstraintComplete
+            } else {
+                StopReason::EndToken
+            });
             return self.flush();
         }
         if self.session.position() == self.session.n_ctx() {
-            self.reason = Some(StopReason::ContextFull);
+            self.reason = Some(self.ran_out(StopReason::ContextFull)?);
             return self.flush();
         }
         // Held from here on: its text is about to be delivered.
@@ -257,6 +273,8 @@ impl<'s> Generator<'s> {
         );
         if stopped {
             self.stop(StopReason::StopString);
+        } else if finished {
+            self.stop(StopReason::ConstraintComplete);
         }
         Ok(Some(Piece {
             text,
@@ -286,6 +304,15 @@ impl<'s> Generator<'s> {
             logprob: f32::NAN,
             top_logprobs: Vec::new(),
         }))
+    }
+
+    /// The reason to report when `limit` (tokens or context) ends the generation: the
+    /// constraint's, when one is set and not yet satisfied.
+    fn ran_out(&mut self, limit: StopReason) -> Result<StopReason> {
+        Ok(match self.sampler.constraint_state()? {
+            Some(ConstraintState::Incomplete) => StopReason::ConstraintIncomplete,
+            _ => limit,
+        })
     }
 
     /// Stops now for `reason`; the text held back is dropped.

@@ -27,6 +27,7 @@
 //! ```
 
 mod checksum;
+pub mod constraint;
 pub mod convert;
 pub mod defaults;
 pub mod error;
@@ -43,6 +44,7 @@ pub mod tensor;
 pub mod threading;
 pub mod tokenizer;
 
+pub use constraint::{Constraint, ConstraintKind, ConstraintState};
 pub use error::{Error, Result};
 pub use generate::{chat, generate, GenerateOptions, Generation, Generator, Piece, StopReason};
 pub use model::{Architecture, ModelConfig};

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 
+use crate::constraint::{Constraint, ConstraintState};
 use crate::error::{Error, Result};
 
 /// How to sample. The defaults give greedy decoding without penalties.
@@ -128,6 +129,8 @@ pub struct Sampler {
     recent: VecDeque<u32>,
     /// (logit, token) candidates, reused between calls.
     candidates: Vec<(f32, u32)>,
+    /// The grammar every drawn token must keep satisfiable, if any.
+    constraint: Option<Constraint>,
 }
 
 impl Sampler {
@@ -138,6 +141,7 @@ impl Sampler {
             rng: Rng(options.seed),
             recent: VecDeque::with_capacity(options.penalty_window),
             candidates: Vec::new(),
+            constraint: None,
             options,
         })
     }
@@ -147,10 +151,37 @@ impl Sampler {
         &self.options
     }
 
-    /// Restarts the random sequence from the seed and forgets recent tokens.
+    /// Restarts the random sequence from the seed, forgets recent tokens, and restarts the
+    /// constraint's output.
     pub fn reset(&mut self) {
         self.rng = Rng(self.options.seed);
         self.recent.clear();
+        self.restart_constraint();
+    }
+
+    /// Sets (or, with `None`, removes) the constraint every drawn token must satisfy; make
+    /// one with [`crate::Model::constraint`]. Each [`Sampler::sample`] then draws only among
+    /// the tokens that keep the output valid, and feeds the token drawn to it.
+    pub fn set_constraint(&mut self, constraint: Option<Constraint>) {
+        self.constraint = constraint;
+    }
+
+    /// The constraint, if one is set.
+    pub fn constraint(&self) -> Option<&Constraint> {
+        self.constraint.as_ref()
+    }
+
+    /// Where the constraint's output stands (`None` without a constraint).
+    pub fn constraint_state(&mut self) -> Result<Option<ConstraintState>> {
+        self.constraint.as_mut().map(|c| c.state()).transpose()
+    }
+
+    /// Starts the constraint's output over (a new generation). A constraint that failed
+    /// stays failed: the next draw reports it.
+    pub fn restart_constraint(&mut self) {
+        if let Some(c) = &mut self.constraint {
+            let _ = c.reset();
+        }
     }
 
     /// Records a token (of the prompt, or generated) for the penalties.
@@ -180,6 +211,9 @@ impl Sampler {
             ));
         }
         let token = self.choose(logits)?;
+        if let Some(c) = &mut self.constraint {
+            c.accept(token)?;
+        }
         self.accept(token);
         Ok(token)
     }
@@ -191,6 +225,7 @@ impl Sampler {
             rng,
             recent,
             candidates: c,
+            constraint,
         } = self;
         c.clear();
         c.extend(
@@ -199,6 +234,9 @@ impl Sampler {
                 .enumerate()
                 .map(|(i, &l)| (if l.is_nan() { f32::NEG_INFINITY } else { l }, i as u32)),
         );
+        if let Some(constraint) = constraint {
+            constraint.mask_candidates(c)?;
+        }
         for &(t, bias) in &o.logit_bias {
             match c.get_mut(t as usize) {
                 // Biases add up (a token may be listed twice) but never to +inf.
@@ -239,7 +277,11 @@ impl Sampler {
                 }
             });
             return best.1.ok_or_else(|| {
-                Error::InvalidArgument("sampler: every logit is -inf or NaN".into())
+                Error::InvalidArgument(
+                    "sampler: every logit is -inf or NaN (or the constraint allows none of the \
+                     tokens left)"
+                        .into(),
+                )
             });
         }
         // Sort the candidates that can matter, most likely first (only when a filter needs

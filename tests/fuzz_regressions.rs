@@ -7,7 +7,7 @@ use std::path::Path;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 7] = [
+const TARGETS: [(&str, Target); 8] = [
     ("gguf", ember::fuzzing::gguf),
     ("gguf_tokenizer", ember::fuzzing::gguf_tokenizer),
     ("safetensors", ember::fuzzing::safetensors),
@@ -15,6 +15,7 @@ const TARGETS: [(&str, Target); 7] = [
     ("chat_template", ember::fuzzing::chat_template),
     ("c_api", ember::fuzzing::c_api),
     ("session_state", ember::fuzzing::session_state),
+    ("constraint", ember::fuzzing::constraint),
 ];
 
 fn root() -> &'static Path {
@@ -44,7 +45,7 @@ fn every_input_a_campaign_found_is_handled() {
 fn every_target_handles_its_seeds() {
     let fixtures = root().join("tests/fixtures");
     let read = |p: &str| std::fs::read(fixtures.join(p)).unwrap();
-    let seeds: [(&str, Vec<u8>); 7] = [
+    let seeds: [(&str, Vec<u8>); 8] = [
         ("gguf", read("gguf/llama.Q4_0.gguf")),
         ("gguf_tokenizer", read("gguf/gpt2.F32.gguf")),
         (
@@ -67,6 +68,14 @@ fn every_target_handles_its_seeds() {
         ),
         ("c_api", (0..=255u8).step_by(3).collect()),
         ("session_state", session_state_seed()),
+        (
+            "constraint",
+            [
+                &[1u8][..],
+                &ember::fuzzing::join(&[b"[a-z]{2,5}-[0-9]+", &[7; 30]]),
+            ]
+            .concat(),
+        ),
     ];
     for ((name, target), (seed_name, seed)) in TARGETS.iter().zip(seeds) {
         assert_eq!(*name, seed_name);

@@ -77,6 +77,24 @@ enum class StopReason : int32_t {
   callback = EMBER_STOP_REASON_CALLBACK,
   context_full = EMBER_STOP_REASON_CONTEXT_FULL,
   cancelled = EMBER_STOP_REASON_CANCELLED,
+  constraint_complete = EMBER_STOP_REASON_CONSTRAINT_COMPLETE,
+  constraint_incomplete = EMBER_STOP_REASON_CONSTRAINT_INCOMPLETE,
+};
+
+/// What a sampler's constraint text is (`Sampler::try_set_constraint`).
+enum class ConstraintKind : uint32_t {
+  none = EMBER_CONSTRAINT_NONE,
+  json_schema = EMBER_CONSTRAINT_JSON_SCHEMA,
+  regex = EMBER_CONSTRAINT_REGEX,
+  lark = EMBER_CONSTRAINT_LARK,
+};
+
+/// Where a sampler's constraint stands.
+enum class ConstraintState : int32_t {
+  none = EMBER_CONSTRAINT_STATE_NONE,
+  incomplete = EMBER_CONSTRAINT_STATE_INCOMPLETE,
+  complete = EMBER_CONSTRAINT_STATE_COMPLETE,
+  finished = EMBER_CONSTRAINT_STATE_FINISHED,
 };
 
 /// The C name of a status, e.g. "EMBER_ERR_CONTEXT_FULL".
@@ -533,8 +551,20 @@ class Sampler : public detail::Handle<ember_sampler, ember_sampler_free> {
   }
   /// Remembers `token` for the penalties.
   Result<void> try_accept(int32_t token) { return detail::check(ember_sampler_accept(get(), token)); }
-  /// Restarts the random sequence from the seed and forgets recent tokens.
+  /// Restarts the random sequence from the seed, forgets recent tokens and starts the
+  /// constraint's output over.
   Result<void> try_reset() { return detail::check(ember_sampler_reset(get())); }
+  /// Draws only tokens that keep the output valid for a JSON schema, a regex or a Lark
+  /// grammar over `model`'s vocabulary (ConstraintKind::none removes the constraint).
+  Result<void> try_set_constraint(const class Model &model, ConstraintKind kind,
+                                  std::string_view text);
+  /// Where the constraint's output stands.
+  Result<ConstraintState> try_constraint_state() {
+    ember_constraint_state state = EMBER_CONSTRAINT_STATE_NONE;
+    ember_status st = ember_sampler_constraint_state(get(), &state);
+    if (st != EMBER_OK) return detail::failure(st);
+    return static_cast<ConstraintState>(state);
+  }
 
 #if EMBER_HPP_EXCEPTIONS
   /// try_sample, throwing ember::Error on failure.
@@ -545,11 +575,22 @@ class Sampler : public detail::Handle<ember_sampler, ember_sampler_free> {
   void accept(int32_t token) { try_accept(token).value(); }
   /// try_reset, throwing ember::Error on failure.
   void reset() { try_reset().value(); }
+  /// try_set_constraint, throwing ember::Error on failure.
+  void set_constraint(const class Model &model, ConstraintKind kind, std::string_view text) {
+    try_set_constraint(model, kind, text).value();
+  }
 #endif
 
  private:
   explicit Sampler(ember_sampler *handle) noexcept : Handle(handle) {}
 };
+
+inline Result<void> Sampler::try_set_constraint(const Model &model, ConstraintKind kind,
+                                                std::string_view text) {
+  return detail::check(ember_sampler_set_constraint(get(), model.get(),
+                                                    static_cast<uint32_t>(kind), text.data(),
+                                                    text.size()));
+}
 
 /// Turns tokens fed one by one into complete UTF-8 text (a character split across tokens
 /// comes out whole).

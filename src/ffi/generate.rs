@@ -36,6 +36,12 @@ pub enum ember_stop_reason {
     /// `ember_session_cancel` stopped the generation (the call returns
     /// `EMBER_ERR_CANCELLED`, and still writes this reason and the token count).
     EMBER_STOP_REASON_CANCELLED = 5,
+    /// The sampler's constraint (`ember_sampler_set_constraint`) is satisfied and allows
+    /// nothing more, or only an end token, which was drawn: the output is complete.
+    EMBER_STOP_REASON_CONSTRAINT_COMPLETE = 6,
+    /// `max_tokens` or the context ran out before the sampler's constraint was satisfied:
+    /// the text is only the start of a valid output (raise `max_tokens` or `n_ctx`).
+    EMBER_STOP_REASON_CONSTRAINT_INCOMPLETE = 7,
 }
 
 /// Options for `ember_generate` and `ember_chat`. Fill with `ember_generate_params_default`.
@@ -165,6 +171,12 @@ impl ember_stop_reason {
             StopReason::Callback => ember_stop_reason::EMBER_STOP_REASON_CALLBACK,
             StopReason::ContextFull => ember_stop_reason::EMBER_STOP_REASON_CONTEXT_FULL,
             StopReason::Cancelled => ember_stop_reason::EMBER_STOP_REASON_CANCELLED,
+            StopReason::ConstraintComplete => {
+                ember_stop_reason::EMBER_STOP_REASON_CONSTRAINT_COMPLETE
+            }
+            StopReason::ConstraintIncomplete => {
+                ember_stop_reason::EMBER_STOP_REASON_CONSTRAINT_INCOMPLETE
+            }
         }
     }
 }

@@ -1,6 +1,12 @@
 //! Samplers: choosing tokens from logits.
 
-use super::{borrow, ember_status, read_params, run, slice, write_out, write_params, Exclusive};
+use std::ffi::c_char;
+
+use super::{
+    borrow, ember_model, ember_status, read_params, run, slice, text, write_out, write_params,
+    Exclusive,
+};
+use crate::constraint::{ConstraintKind, ConstraintState};
 use crate::error::Error;
 use crate::sampler::{Sampler, SamplerOptions};
 
@@ -151,7 +157,8 @@ pub unsafe extern "C" fn ember_sampler_free(sampler: *mut ember_sampler) {
     unsafe { super::free_unless_in_use(sampler, |s| &s.sampler) }
 }
 
-/// Picks a token from `n_vocab` logits into `*out_token`, and remembers it for the penalties.
+/// Picks a token from `n_vocab` logits into `*out_token`, and remembers it for the penalties
+/// (with a constraint: only among the tokens it allows, and feeds the token to it).
 ///
 /// # Safety
 /// `logits` valid for `n_vocab` floats; `out_token` valid for writing.
@@ -202,7 +209,8 @@ pub unsafe extern "C" fn ember_sampler_accept(
     })
 }
 
-/// Restarts the random sequence from the seed and forgets recent tokens.
+/// Restarts the random sequence from the seed, forgets recent tokens, and starts the
+/// constraint's output over.
 ///
 /// # Safety
 /// `sampler` must be NULL or a live sampler.
@@ -214,5 +222,129 @@ pub unsafe extern "C" fn ember_sampler_reset(sampler: *mut ember_sampler) -> emb
             s.reset();
             Ok(())
         })
+    })
+}
+
+/// What `ember_sampler_set_constraint`'s text is.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ember_constraint_kind {
+    /// No constraint: removes the sampler's (the text is not read).
+    EMBER_CONSTRAINT_NONE = 0,
+    /// A JSON schema, as JSON text: the output is one JSON value valid against it.
+    EMBER_CONSTRAINT_JSON_SCHEMA = 1,
+    /// A regular expression (Rust `regex` syntax) that the whole output matches.
+    EMBER_CONSTRAINT_REGEX = 2,
+    /// A context-free grammar in Lark syntax, as llguidance defines it (rule `start`).
+    EMBER_CONSTRAINT_LARK = 3,
+}
+
+/// Where a sampler's constraint stands (`ember_sampler_constraint_state`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ember_constraint_state {
+    /// The sampler has no constraint.
+    EMBER_CONSTRAINT_STATE_NONE = 0,
+    /// The tokens drawn so far start a valid output, which is not complete yet.
+    EMBER_CONSTRAINT_STATE_INCOMPLETE = 1,
+    /// The output is valid as it is (the grammar may allow more).
+    EMBER_CONSTRAINT_STATE_COMPLETE = 2,
+    /// The output is valid and nothing may follow it but an end token.
+    EMBER_CONSTRAINT_STATE_FINISHED = 3,
+}
+
+/// Constrains the tokens `sampler` draws to those that keep the output valid for `kind`'s
+/// `text_len` bytes of UTF-8 at `text` (a JSON schema, a regular expression or a Lark
+/// grammar) over `model`'s vocabulary; `EMBER_CONSTRAINT_NONE` removes the constraint (`model`
+/// and `text` are then not read). Every `ember_sample` then draws only among the allowed
+/// tokens and feeds the token to the constraint; `ember_generate`, `ember_chat` and
+/// `ember_generation_start` start its output over for each new prompt and end with
+/// `EMBER_STOP_REASON_CONSTRAINT_COMPLETE` (or `_INCOMPLETE` when `max_tokens` or the
+/// context runs out first). Use the sampler with sessions of `model` only.
+///
+/// An invalid schema, expression or grammar, or one over llguidance's limits (text up to
+/// 1 MiB, grammar size, lexer states, per-step work: a hostile grammar cannot hang the
+/// host) is `EMBER_ERR_INVALID_ARGUMENT` with llguidance's message; the sampler keeps its
+/// previous constraint. The first constraint of a model builds its vocabulary's token trie
+/// (tens of milliseconds). The text is read during the call only.
+///
+/// # Safety
+/// `sampler` a live sampler; `model` a live model; `text` valid for `text_len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn ember_sampler_set_constraint(
+    sampler: *mut ember_sampler,
+    model: *const ember_model,
+    kind: u32,
+    text_ptr: *const c_char,
+    text_len: usize,
+) -> ember_status {
+    run(|| {
+        // SAFETY: caller's contract.
+        let sampler = unsafe { borrow(sampler, "sampler") }?;
+        let kind = match kind {
+            k if k == ember_constraint_kind::EMBER_CONSTRAINT_NONE as u32 => None,
+            k if k == ember_constraint_kind::EMBER_CONSTRAINT_JSON_SCHEMA as u32 => {
+                Some(ConstraintKind::JsonSchema)
+            }
+            k if k == ember_constraint_kind::EMBER_CONSTRAINT_REGEX as u32 => {
+                Some(ConstraintKind::Regex)
+            }
+            k if k == ember_constraint_kind::EMBER_CONSTRAINT_LARK as u32 => {
+                Some(ConstraintKind::Lark)
+            }
+            k => {
+                return Err(Error::InvalidArgument(format!(
+                    "constraint kind {k} (must be an ember_constraint_kind)"
+                )))
+            }
+        };
+        let constraint = match kind {
+            None => None,
+            Some(kind) => {
+                // SAFETY: caller's contract.
+                let (model, text) =
+                    unsafe { (borrow(model, "model")?, text(text_ptr, text_len, "text")?) };
+                Some(model.model.constraint(kind, text)?)
+            }
+        };
+        sampler.sampler.with(|s| {
+            s.set_constraint(constraint);
+            Ok(())
+        })
+    })
+}
+
+/// Writes where `sampler`'s constraint stands to `*state` (`EMBER_CONSTRAINT_STATE_NONE`
+/// without one): a host drawing tokens itself with `ember_sample` stops at `_FINISHED` and
+/// may stop at `_COMPLETE`.
+///
+/// # Safety
+/// `sampler` a live sampler; `state` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn ember_sampler_constraint_state(
+    sampler: *mut ember_sampler,
+    state: *mut ember_constraint_state,
+) -> ember_status {
+    run(|| {
+        // SAFETY: caller's contract.
+        let sampler = unsafe { borrow(sampler, "sampler") }?;
+        if state.is_null() {
+            return Err(Error::InvalidArgument("state is NULL".into()));
+        }
+        let now = sampler.sampler.with(|s| s.constraint_state())?;
+        let value = match now {
+            None => ember_constraint_state::EMBER_CONSTRAINT_STATE_NONE,
+            Some(ConstraintState::Incomplete) => {
+                ember_constraint_state::EMBER_CONSTRAINT_STATE_INCOMPLETE
+            }
+            Some(ConstraintState::Complete) => {
+                ember_constraint_state::EMBER_CONSTRAINT_STATE_COMPLETE
+            }
+            Some(ConstraintState::Finished) => {
+                ember_constraint_state::EMBER_CONSTRAINT_STATE_FINISHED
+            }
+        };
+        // SAFETY: checked non-NULL; valid by the caller's contract.
+        unsafe { write_out(state, value, "state") }
     })
 }

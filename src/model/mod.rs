@@ -22,6 +22,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::constraint::{Constraint, ConstraintFactory, ConstraintKind};
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::loader::{self, gguf::GgufFile};
@@ -52,6 +53,9 @@ pub struct Model {
     pub(crate) type_counts: BTreeMap<&'static str, usize>,
     /// [`Model::fingerprint`], computed on first use.
     pub(crate) fingerprint: std::sync::OnceLock<u64>,
+    /// The token trie of constraints ([`Model::constraint`]), built on first use.
+    /// (The error of building it is kept as its message.)
+    pub(crate) constraints: std::sync::OnceLock<std::result::Result<ConstraintFactory, String>>,
 }
 
 /// How a model is loaded.
@@ -294,6 +298,7 @@ impl Model {
             tokenizer: LazyTokenizer::default(),
             type_counts,
             fingerprint: std::sync::OnceLock::new(),
+            constraints: std::sync::OnceLock::new(),
         })
     }
 
@@ -347,6 +352,21 @@ impl Model {
                 "this model has no tokenizer (no tokenizer.json or tokenizer.ggml metadata)".into(),
             )
         })
+    }
+
+    /// A constraint on this model's output ([`crate::SamplerOptions`] has none: set it with
+    /// [`crate::Sampler::set_constraint`]). The first call builds the vocabulary's token
+    /// trie (tens of milliseconds for a 49k vocabulary); later ones reuse it.
+    pub fn constraint(&self, kind: ConstraintKind, text: &str) -> Result<Constraint> {
+        let factory = self.constraints.get_or_init(|| {
+            self.tokenizer()
+                .and_then(|t| ConstraintFactory::new(t, self.config.vocab_size))
+                .map_err(|e| e.to_string())
+        });
+        match factory {
+            Ok(f) => f.constraint(kind, text),
+            Err(e) => Err(Error::Unsupported(e.clone())),
+        }
     }
 
     /// The model's hyper-parameters.

@@ -50,6 +50,7 @@ pub const MAX_TEMPLATE_BYTES: usize = 1 << 20;
 /// recursion depth and output size; exceeding a bound is an error naming the template. What
 /// minijinja does not account for is the memory of strings a template builds without
 /// writing them out.
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     /// Where the template came from, for messages.

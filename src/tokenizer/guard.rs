@@ -24,6 +24,7 @@ const FIRST: u32 = 0x10_0000;
 const CAPACITY: usize = 0xFFFE;
 
 /// The special tokens' texts, for finding them in caller strings.
+#[derive(Clone)]
 pub(crate) struct SpecialMatcher {
     /// Every special token's text (leftmost-longest matcher).
     finder: Option<AhoCorasick>,

@@ -44,6 +44,7 @@ pub const MAX_MERGES: usize = 1 << 22;
 /// ([`MAX_TOKENIZER_JSON_BYTES`], [`MAX_VOCAB`], [`MAX_MERGES`]) before the `tokenizers`
 /// crate builds anything, so building takes time and memory linear in bounded input, and a
 /// panic inside that crate (it has some on malformed input) is an error, never a crash.
+#[derive(Clone)]
 pub struct Tokenizer {
     /// Recognises added/special tokens written in the text.
     parsing: tokenizers::Tokenizer,
@@ -302,6 +303,16 @@ impl Tokenizer {
             stop_tokens,
             chat_template,
         })
+    }
+
+    /// The tokenizer as Hugging Face's `tokenizer.json` would hold it (for llguidance's
+    /// token bytes).
+    pub(crate) fn to_json_value(&self) -> Result<Value> {
+        let text = self
+            .parsing
+            .to_string(false)
+            .map_err(|e| Error::Internal(format!("tokenizer to JSON: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| Error::Internal(format!("tokenizer JSON: {e}")))
     }
 
     /// Number of token ids the tokenizer knows (added tokens included).

@@ -847,6 +847,58 @@ static void test_sampler(void) {
   CHECK_STATUS(ember_sampler_new(&b, &s), EMBER_ERR_INVALID_ARGUMENT);
   b.logit_bias = NULL;
   CHECK_STATUS(ember_sampler_new(&b, &s), EMBER_ERR_INVALID_ARGUMENT);
+
+  /* A constraint: a regex over the model's vocabulary; bad ones leave the sampler as it was. */
+  CHECK_STATUS(ember_sampler_new(NULL, &s), EMBER_OK);
+  ember_constraint_state state = EMBER_CONSTRAINT_STATE_FINISHED;
+  CHECK_STATUS(ember_sampler_constraint_state(s, &state), EMBER_OK);
+  CHECK(state == EMBER_CONSTRAINT_STATE_NONE);
+  const char *rx = "(yes|no)!";
+  CHECK_STATUS(ember_sampler_set_constraint(s, model, 9, rx, strlen(rx)), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_sampler_set_constraint(s, NULL, EMBER_CONSTRAINT_REGEX, rx, strlen(rx)),
+               EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_sampler_set_constraint(s, model, EMBER_CONSTRAINT_REGEX, NULL, 3),
+               EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_sampler_set_constraint(s, model, EMBER_CONSTRAINT_REGEX, "(", 1),
+               EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_sampler_set_constraint(s, model, EMBER_CONSTRAINT_JSON_SCHEMA, "{", 1),
+               EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(ember_last_error(), "not JSON") != NULL);
+  CHECK_STATUS(ember_sampler_constraint_state(s, &state), EMBER_OK);
+  CHECK(state == EMBER_CONSTRAINT_STATE_NONE);
+  CHECK_STATUS(ember_sampler_set_constraint(s, model, EMBER_CONSTRAINT_REGEX, rx, strlen(rx)),
+               EMBER_OK);
+  CHECK_STATUS(ember_sampler_constraint_state(s, &state), EMBER_OK);
+  CHECK(state == EMBER_CONSTRAINT_STATE_INCOMPLETE);
+  CHECK_STATUS(ember_sampler_constraint_state(s, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  ember_session *session = new_session(64, 1);
+  struct text_buffer out = {0};
+  ember_stop_reason reason = EMBER_STOP_REASON_END_TOKEN;
+  size_t n = 0;
+  const char *prompt = "Hello";
+  CHECK_STATUS(ember_generate(session, s, prompt, strlen(prompt), NULL, collect, &out, &reason, &n),
+               EMBER_OK);
+  CHECK(reason == EMBER_STOP_REASON_CONSTRAINT_COMPLETE);
+  CHECK((out.len == 4 && memcmp(out.data, "yes!", 4) == 0) ||
+        (out.len == 3 && memcmp(out.data, "no!", 3) == 0));
+  CHECK_STATUS(ember_sampler_constraint_state(s, &state), EMBER_OK);
+  CHECK(state == EMBER_CONSTRAINT_STATE_FINISHED);
+  /* Too few tokens: the reason says the output is incomplete. */
+  const char *long_rx = "[a-z]{40}";
+  CHECK_STATUS(ember_sampler_set_constraint(s, model, EMBER_CONSTRAINT_REGEX, long_rx,
+                                            strlen(long_rx)), EMBER_OK);
+  ember_generate_params gp;
+  CHECK_STATUS(EMBER_GENERATE_PARAMS_DEFAULT(&gp), EMBER_OK);
+  gp.max_tokens = 3;
+  CHECK_STATUS(ember_session_reset(session), EMBER_OK);
+  CHECK_STATUS(ember_generate(session, s, prompt, strlen(prompt), &gp, NULL, NULL, &reason, &n),
+               EMBER_OK);
+  CHECK(reason == EMBER_STOP_REASON_CONSTRAINT_INCOMPLETE && n == 3);
+  CHECK_STATUS(ember_sampler_set_constraint(s, NULL, EMBER_CONSTRAINT_NONE, NULL, 0), EMBER_OK);
+  CHECK_STATUS(ember_sampler_constraint_state(s, &state), EMBER_OK);
+  CHECK(state == EMBER_CONSTRAINT_STATE_NONE);
+  ember_session_free(session);
+  ember_sampler_free(s);
 }
 
 static void test_generate(void) {

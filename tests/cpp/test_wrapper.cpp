@@ -603,6 +603,25 @@ static void test_background_generation(const ember::Model &model) {
   }
 }
 
+static void test_constraint(const ember::Model &model) {
+  ember::Session session = new_session(model, 64, 1);
+  auto sampler = ember::Sampler::try_create();
+  CHECK(sampler.ok());
+  if (!sampler.ok()) return;
+  CHECK(sampler->try_set_constraint(model, ember::ConstraintKind::regex, "[0-9]{2}-[a-z]{2}").ok());
+  CHECK(sampler->try_constraint_state().value() == ember::ConstraintState::incomplete);
+  std::string text;
+  auto done = session.try_generate("Hello", *sampler, ember::GenerateOptions(),
+                                   [&](std::string_view piece) { text += piece; });
+  CHECK(done.ok() && done->reason == ember::StopReason::constraint_complete);
+  CHECK(text.size() == 5 && text[2] == '-');
+  CHECK(sampler->try_constraint_state().value() == ember::ConstraintState::finished);
+  auto bad = sampler->try_set_constraint(model, ember::ConstraintKind::lark, "start: nothing");
+  CHECK(!bad.ok() && bad.error().status == ember::Status::invalid_argument);
+  CHECK(sampler->try_set_constraint(model, ember::ConstraintKind::none, "").ok());
+  CHECK(sampler->try_constraint_state().value() == ember::ConstraintState::none);
+}
+
 int main(int argc, char **argv) {
   if (argc != 3) {
     std::fprintf(stderr, "usage: %s LLAMA_FIXTURE_DIR GPT2_FIXTURE_DIR\n", argv[0]);
@@ -623,6 +642,7 @@ int main(int argc, char **argv) {
   test_session(model);
   test_state_and_fork(model);
   test_background_generation(model);
+  test_constraint(model);
   test_pool(model);
   test_sampler();
   test_detokenizer(model);

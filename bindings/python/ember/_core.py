@@ -7,6 +7,7 @@ from __future__ import annotations
 import array
 import atexit
 import ctypes
+import json
 import operator
 import os
 import sys
@@ -32,6 +33,8 @@ from .errors import (
     BusyError,
     CancelledError,
     EmberError,
+    ConstraintKind,
+    ConstraintState,
     InvalidArgumentError,
     KvType,
     LogLevel,
@@ -552,26 +555,32 @@ class Model(_Owned):
     def generate(self, prompt: Text, *, max_tokens: int = 256, sampler: Optional["Sampler"] = None,
                  stop: Union[Text, Iterable[Text]] = (), ignore_end_tokens: bool = False,
                  add_special: bool = True, parse_special: bool = False, n_ctx: int = 0,
-                 threads: Optional[int] = None, logprobs: bool = False, top_logprobs: int = 0) -> "TextStream":
+                 threads: Optional[int] = None, logprobs: bool = False, top_logprobs: int = 0,
+                 json_schema: Union[None, str, dict] = None, regex: Optional[str] = None,
+                 grammar: Optional[str] = None) -> "TextStream":
         """Generates a continuation of ``prompt`` in a session of its own (made for this
         call, closed when the stream ends), yielding text as it comes. See
         ``Session.generate`` for the options; ``n_ctx`` and ``threads`` size the session."""
         session = self.session(n_ctx=n_ctx, threads=threads)
         return session._stream_generate(prompt, max_tokens, sampler, stop, ignore_end_tokens,
                                         add_special, parse_special, owned=[session],
-                                        logprobs=logprobs, top_logprobs=top_logprobs)
+                                        logprobs=logprobs, top_logprobs=top_logprobs,
+                                 json_schema=json_schema, regex=regex, grammar=grammar)
 
     def chat(self, messages: Iterable[Message], *, max_tokens: int = 256,
              sampler: Optional["Sampler"] = None, stop: Union[Text, Iterable[Text]] = (),
              ignore_end_tokens: bool = False, parse_special: bool = False, n_ctx: int = 0,
-             threads: Optional[int] = None, logprobs: bool = False, top_logprobs: int = 0) -> "TextStream":
+             threads: Optional[int] = None, logprobs: bool = False, top_logprobs: int = 0,
+                 json_schema: Union[None, str, dict] = None, regex: Optional[str] = None,
+                 grammar: Optional[str] = None) -> "TextStream":
         """The assistant's reply to ``messages`` (the chat template applied), in a session of
         its own, yielding text as it comes. To keep a conversation, use ``Session.chat`` on
         one session: earlier turns are then not computed again. See ``Session.chat`` for
         ``parse_special``."""
         session = self.session(n_ctx=n_ctx, threads=threads)
         return session._stream_chat(messages, max_tokens, sampler, stop, ignore_end_tokens,
-                                    parse_special, owned=[session], logprobs=logprobs, top_logprobs=top_logprobs)
+                                    parse_special, owned=[session], logprobs=logprobs, top_logprobs=top_logprobs,
+                                 json_schema=json_schema, regex=regex, grammar=grammar)
 
 
 # ---- session ----
@@ -811,7 +820,9 @@ class Session(_Owned):
     def generate(self, prompt: Text, *, max_tokens: int = 256, sampler: Optional["Sampler"] = None,
                  stop: Union[Text, Iterable[Text]] = (), ignore_end_tokens: bool = False,
                  add_special: bool = True, parse_special: bool = False,
-                 logprobs: bool = False, top_logprobs: int = 0) -> "TextStream":
+                 logprobs: bool = False, top_logprobs: int = 0,
+                 json_schema: Union[None, str, dict] = None, regex: Optional[str] = None,
+                 grammar: Optional[str] = None) -> "TextStream":
         """Tokenizes ``prompt`` (appended to what the session holds) and generates until an
         end token, ``max_tokens`` tokens (0 = no limit), a ``stop`` string (not yielded) or a
         full context. Returns a ``TextStream`` yielding complete UTF-8 text as it comes.
@@ -825,12 +836,15 @@ class Session(_Owned):
         ``top_logprobs=k`` (at most 20) also gives each token's k most likely alternatives
         (the stream's ``top_logprobs``)."""
         return self._stream_generate(prompt, max_tokens, sampler, stop, ignore_end_tokens,
-                                     add_special, parse_special, owned=[], logprobs=logprobs, top_logprobs=top_logprobs)
+                                     add_special, parse_special, owned=[], logprobs=logprobs, top_logprobs=top_logprobs,
+                                 json_schema=json_schema, regex=regex, grammar=grammar)
 
     def chat(self, messages: Iterable[Message], *, max_tokens: int = 256,
              sampler: Optional["Sampler"] = None, stop: Union[Text, Iterable[Text]] = (),
              ignore_end_tokens: bool = False, parse_special: bool = False,
-             logprobs: bool = False, top_logprobs: int = 0) -> "TextStream":
+             logprobs: bool = False, top_logprobs: int = 0,
+                 json_schema: Union[None, str, dict] = None, regex: Optional[str] = None,
+                 grammar: Optional[str] = None) -> "TextStream":
         """The assistant's reply to the whole conversation ``messages`` (the model's chat
         template applied), as a ``TextStream``. Keep a conversation in one session and pass
         all its messages each turn: the tokens of earlier turns the session still holds are
@@ -841,12 +855,15 @@ class Session(_Owned):
         template's own control tokens are control tokens. ``parse_special=True`` turns this
         off, for messages the program wrote itself."""
         return self._stream_chat(messages, max_tokens, sampler, stop, ignore_end_tokens,
-                                 parse_special, owned=[], logprobs=logprobs, top_logprobs=top_logprobs)
+                                 parse_special, owned=[], logprobs=logprobs, top_logprobs=top_logprobs,
+                                 json_schema=json_schema, regex=regex, grammar=grammar)
 
     def _stream_generate(self, prompt: Text, max_tokens: int, sampler: Optional["Sampler"],
                          stop: Union[Text, Iterable[Text]], ignore_end_tokens: bool,
                          add_special: bool, parse_special: bool,
-                         owned: List[_Owned], logprobs: bool = False, top_logprobs: int = 0) -> "TextStream":
+                         owned: List[_Owned], logprobs: bool = False, top_logprobs: int = 0,
+                 json_schema: Union[None, str, dict] = None, regex: Optional[str] = None,
+                 grammar: Optional[str] = None) -> "TextStream":
         data = _utf8(prompt)
         params = _generate_params(max_tokens, stop, ignore_end_tokens, add_special, parse_special)
         params.logprobs = int(bool(logprobs) or top_logprobs > 0)
@@ -854,15 +871,20 @@ class Session(_Owned):
         request = _ffi.ember_generation_prompt()
         request.struct_size = ctypes.sizeof(request)
         request.text, request.text_len = data, len(data)
+        sampler, owned, clear = self._constrained(sampler, owned, json_schema, regex, grammar)
         if not data:  # an empty prompt is an error here, as ember_generate makes it
             request.text, request.text_len = None, 0
-            return TextStream(self, sampler, request, params, owned, keep=[data], empty=True)
-        return TextStream(self, sampler, request, params, owned, keep=[data])
+            return TextStream(self, sampler, request, params, owned, keep=[data], empty=True,
+                              clear_constraint=clear)
+        return TextStream(self, sampler, request, params, owned, keep=[data],
+                          clear_constraint=clear)
 
     def _stream_chat(self, messages: Iterable[Message], max_tokens: int,
                      sampler: Optional["Sampler"], stop: Union[Text, Iterable[Text]],
                      ignore_end_tokens: bool, parse_special: bool,
-                     owned: List[_Owned], logprobs: bool = False, top_logprobs: int = 0) -> "TextStream":
+                     owned: List[_Owned], logprobs: bool = False, top_logprobs: int = 0,
+                 json_schema: Union[None, str, dict] = None, regex: Optional[str] = None,
+                 grammar: Optional[str] = None) -> "TextStream":
         arr, n, keep = _messages(messages)
         params = _generate_params(max_tokens, stop, ignore_end_tokens,
                                   parse_special=parse_special)
@@ -872,7 +894,24 @@ class Session(_Owned):
         request.struct_size = ctypes.sizeof(request)
         request.messages = ctypes.cast(arr, POINTER(_ffi.ember_chat_message))
         request.n_messages = n
-        return TextStream(self, sampler, request, params, owned, keep=[arr, keep])
+        sampler, owned, clear = self._constrained(sampler, owned, json_schema, regex, grammar)
+        return TextStream(self, sampler, request, params, owned, keep=[arr, keep],
+                          clear_constraint=clear)
+
+    def _constrained(self, sampler: Optional["Sampler"], owned: List[_Owned],
+                     json_schema: Union[None, str, dict], regex: Optional[str],
+                     grammar: Optional[str]) -> Tuple[Optional["Sampler"], List[_Owned], bool]:
+        """The sampler of a stream with the constraint asked for (a new greedy one if none
+        was given), what the stream owns, and whether to remove the constraint at its end."""
+        if json_schema is None and regex is None and grammar is None:
+            return sampler, owned, False
+        clear = sampler is not None
+        if sampler is None:
+            sampler = Sampler()
+            owned = owned + [sampler]
+        sampler.set_constraint(self.model, json_schema=json_schema, regex=regex,
+                               grammar=grammar)
+        return sampler, owned, clear
 
 
 # ---- sampler ----
@@ -950,9 +989,49 @@ class Sampler(_Owned):
             _lib.ember_sampler_accept(h, _token(token))
 
     def reset(self) -> None:
-        """Restarts the random sequence from the seed and forgets recent tokens."""
+        """Restarts the random sequence from the seed, forgets recent tokens and starts the
+        constraint's output over."""
         with self._use() as h:
             _lib.ember_sampler_reset(h)
+
+    def set_constraint(self, model: Model, *, json_schema: Union[None, str, dict] = None,
+                       regex: Optional[str] = None, grammar: Optional[str] = None) -> None:
+        """Constrains the tokens drawn to those that keep the output valid: one JSON value
+        valid against ``json_schema`` (a dict or JSON text), text matching ``regex``, or a
+        Lark ``grammar`` (llguidance's syntax), over ``model``'s vocabulary. With none of
+        them, removes the constraint. Invalid ones raise ``InvalidArgumentError``."""
+        kind, text = _constraint_of(json_schema, regex, grammar)
+        data = _utf8(text)
+        with self._use() as h, model._use() as m:
+            _lib.ember_sampler_set_constraint(h, m, kind, data, len(data))
+
+    def clear_constraint(self) -> None:
+        """Removes the constraint."""
+        with self._use() as h:
+            _lib.ember_sampler_set_constraint(h, None, ConstraintKind.NONE, None, 0)
+
+    @property
+    def constraint_state(self) -> ConstraintState:
+        """Where the constraint's output stands (``NONE`` without a constraint)."""
+        out = c_int()
+        with self._use() as h:
+            _lib.ember_sampler_constraint_state(h, byref(out))
+        return ConstraintState(out.value)
+
+
+def _constraint_of(json_schema: Union[None, str, dict], regex: Optional[str],
+                   grammar: Optional[str]) -> Tuple[ConstraintKind, str]:
+    given = [(k, v) for k, v in ((ConstraintKind.JSON_SCHEMA, json_schema),
+                                 (ConstraintKind.REGEX, regex),
+                                 (ConstraintKind.LARK, grammar)) if v is not None]
+    if len(given) > 1:
+        raise ValueError("give one of json_schema, regex and grammar")
+    if not given:
+        return ConstraintKind.NONE, ""
+    kind, value = given[0]
+    if kind == ConstraintKind.JSON_SCHEMA and not isinstance(value, str):
+        value = json.dumps(value)
+    return kind, value
 
 
 # ---- detokenizer ----
@@ -1033,13 +1112,14 @@ class TextStream(_Closing, Iterator[str]):
 
     def __init__(self, session: Session, sampler: Optional[Sampler], request: Any,
                  params: Any, owned: List[_Owned], keep: List[Any],
-                 empty: bool = False) -> None:
+                 empty: bool = False, clear_constraint: bool = False) -> None:
         if sampler is None:
             sampler = Sampler()
             owned = owned + [sampler]
         self._session, self._sampler = session, sampler
         self._request, self._params, self._keep, self._empty = request, params, keep, empty
         self._owned = owned
+        self._clear_constraint = clear_constraint
         self._handle: Any = None
         self._uses: List[_Use] = []
         self._lock = threading.Lock()  # one C call on the handle at a time
@@ -1196,6 +1276,9 @@ class TextStream(_Closing, Iterator[str]):
             use.__exit__(None, None, None)
         self._uses = []
         self._session._streams.discard(self)
+        if self._clear_constraint:  # the caller's sampler: back as it was given
+            self._clear_constraint = False
+            self._sampler.clear_constraint()
         for owned in self._owned:
             owned.close()
 

@@ -334,6 +334,9 @@ SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
     "ember_sampler_free": (None, [_sampler_p]),
     "ember_sample": (ember_status, [_sampler_p, _floats, c_size_t, _tokens]),
     "ember_sampler_accept": (ember_status, [_sampler_p, c_int32]),
+    "ember_sampler_set_constraint": (
+        ember_status, [_sampler_p, _model_p, c_uint32, c_char_p, c_size_t]),
+    "ember_sampler_constraint_state": (ember_status, [_sampler_p, _enum_p]),
     "ember_sampler_reset": (ember_status, [_sampler_p]),
     "ember_session_params_default": (ember_status, [c_size_t, POINTER(ember_session_params)]),
     "ember_session_new": (

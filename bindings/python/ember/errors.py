@@ -35,6 +35,26 @@ class StopReason(enum.IntEnum):
     CALLBACK = 3
     CONTEXT_FULL = 4
     CANCELLED = 5
+    CONSTRAINT_COMPLETE = 6
+    CONSTRAINT_INCOMPLETE = 7
+
+
+class ConstraintKind(enum.IntEnum):
+    """``enum ember_constraint_kind``: what a sampler's constraint text is."""
+
+    NONE = 0
+    JSON_SCHEMA = 1
+    REGEX = 2
+    LARK = 3
+
+
+class ConstraintState(enum.IntEnum):
+    """``enum ember_constraint_state``: where a sampler's constraint stands."""
+
+    NONE = 0
+    INCOMPLETE = 1
+    COMPLETE = 2
+    FINISHED = 3
 
 
 class KvType(enum.IntEnum):

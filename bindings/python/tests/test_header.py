@@ -195,6 +195,8 @@ def test_callbacks_match_the_header():
     ("ember_stop_reason", "EMBER_STOP_REASON_", ember.StopReason),
     ("ember_log_level", "EMBER_LOG_LEVEL_", ember.LogLevel),
     ("ember_kv_type", "EMBER_KV_", ember.KvType),
+    ("ember_constraint_kind", "EMBER_CONSTRAINT_", ember.ConstraintKind),
+    ("ember_constraint_state", "EMBER_CONSTRAINT_STATE_", ember.ConstraintState),
 ])
 def test_enums_match_the_header(enum_name, prefix, python):
     body = re.search(r"typedef enum %s \{(.*?)\} %s;" % (enum_name, enum_name), CODE, re.S).group(1)
