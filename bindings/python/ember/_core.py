@@ -834,7 +834,11 @@ class Session(_Owned):
         later call continues exactly after the text; an empty ``prompt`` continues it.
         ``logprobs=True`` fills the stream's ``tokens`` with each token's log-probability;
         ``top_logprobs=k`` (at most 20) also gives each token's k most likely alternatives
-        (the stream's ``top_logprobs``)."""
+        (the stream's ``top_logprobs``). ``json_schema`` (a dict or JSON text), ``regex`` or
+        ``grammar`` (Lark, llguidance's syntax) constrain the output to be valid: the stream
+        then ends with ``StopReason.CONSTRAINT_COMPLETE`` (``CONSTRAINT_INCOMPLETE`` when
+        ``max_tokens`` ran out first); a ``sampler`` given gets the constraint for this
+        call only."""
         return self._stream_generate(prompt, max_tokens, sampler, stop, ignore_end_tokens,
                                      add_special, parse_special, owned=[], logprobs=logprobs, top_logprobs=top_logprobs,
                                  json_schema=json_schema, regex=regex, grammar=grammar)
