@@ -593,7 +593,7 @@ pub fn c_api(data: &[u8]) {
                         let len = if c.flag() {
                             written
                         } else {
-                            c.small(written + 1)
+                            c.small(written)
                         };
                         if let (Some(at), true) = (c.byte(), len > 0) {
                             state[at as usize % len] ^= c.byte().unwrap_or(1);
