@@ -590,11 +590,7 @@ pub fn c_api(data: &[u8]) {
                     let saved =
                         ember_session_state_save(session, state.as_mut_ptr(), cap, &mut written);
                     if saved == ember_status::EMBER_OK {
-                        let len = if c.flag() {
-                            written
-                        } else {
-                            c.small(written)
-                        };
+                        let len = if c.flag() { written } else { c.small(written) };
                         if let (Some(at), true) = (c.byte(), len > 0) {
                             state[at as usize % len] ^= c.byte().unwrap_or(1);
                         }
