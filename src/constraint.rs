@@ -4,8 +4,8 @@
 //!
 //! A [`Constraint`] lives in a [`crate::Sampler`]: before each draw it gives the set of tokens
 //! that can continue a valid output (the others' logits become -inf), and each token drawn
-//! is fed back to it. Its token trie and lexer tables are built once per tokenizer, on the
-//! first constraint (the [`ConstraintFactory`] the tokenizer keeps).
+//! is fed back to it. Its token trie and lexer tables are built once per model, on the
+//! first constraint (the [`ConstraintFactory`] the model keeps).
 //!
 //! Hostile input is bounded: the grammar text is limited to [`MAX_CONSTRAINT_TEXT`] bytes, and
 //! llguidance's own limits (grammar size, lexer states, per-step lexer fuel and Earley items)
@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 
-use llguidance::api::{ParserLimits, TopLevelGrammar};
+use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{
     ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv,
 };
@@ -88,6 +88,13 @@ impl ConstraintFactory {
     /// The factory for `tokenizer`'s vocabulary padded to `n_vocab` tokens (the model's
     /// logits; ids past the tokenizer's vocabulary are never allowed).
     pub(crate) fn new(tokenizer: &Tokenizer, n_vocab: usize) -> Result<ConstraintFactory> {
+        // The tokenizer may come from a hostile file: a panic of llguidance's on its
+        // vocabulary is an error.
+        catch_dependency_panic(|| ConstraintFactory::build(tokenizer, n_vocab))
+            .map_err(|p| Error::Unsupported(format!("constraints for this tokenizer: {p}")))?
+    }
+
+    fn build(tokenizer: &Tokenizer, n_vocab: usize) -> Result<ConstraintFactory> {
         let json = tokenizer.to_json_value()?;
         let mut words = llguidance::token_bytes_from_tokenizer_json(&json)
             .map_err(|e| Error::Unsupported(format!("constraints for this tokenizer: {e}")))?;
@@ -120,9 +127,9 @@ impl ConstraintFactory {
         };
         let mut factory = ParserFactory::new_simple(&env)
             .map_err(|e| Error::Internal(format!("constraints: {e}")))?;
-        // Never print: a library inside a host is silent.
+        // Never print: a library inside a host is silent. The default ParserLimits bound each
+        // grammar's size and each step's work.
         factory.quiet();
-        *factory.limits_mut() = ParserLimits::default();
         Ok(ConstraintFactory { factory, n_vocab })
     }
 
@@ -209,22 +216,29 @@ impl Constraint {
         self.kind
     }
 
-    fn failed(&self, what: &str) -> Error {
-        let why = self
-            .matcher
-            .get_error()
-            .unwrap_or_else(|| "unknown error".into());
-        Error::InvalidArgument(format!("constraint {what}: {why}"))
+    /// Calls the matcher: its errors (kept in it) and panics become [`Error::InvalidArgument`].
+    fn call<T, E>(
+        &mut self,
+        f: impl FnOnce(&mut Matcher) -> std::result::Result<T, E>,
+    ) -> Result<T> {
+        let m = &mut self.matcher;
+        match catch_dependency_panic(|| f(m)) {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(_)) => {
+                let why = self
+                    .matcher
+                    .get_error()
+                    .unwrap_or_else(|| "unknown error".into());
+                Err(Error::InvalidArgument(format!("constraint failed: {why}")))
+            }
+            Err(panic) => Err(Error::InvalidArgument(format!("constraint: {panic}"))),
+        }
     }
 
     /// The tokens that may come next (the end tokens when the output is complete).
     pub(crate) fn allowed(&mut self) -> Result<&SimpleVob> {
         if self.mask.is_none() {
-            let m = &mut self.matcher;
-            let mask = catch_dependency_panic(|| m.compute_mask_or_eos())
-                .map_err(|p| Error::InvalidArgument(format!("constraint: {p}")))?
-                .map_err(|_| self.failed("failed"))?;
-            self.mask = Some(mask);
+            self.mask = Some(self.call(|m| m.compute_mask_or_eos())?);
         }
         Ok(self.mask.as_ref().expect("computed above"))
     }
@@ -258,10 +272,7 @@ impl Constraint {
             // An end token after a finished output: nothing more to follow.
             return Ok(());
         }
-        let m = &mut self.matcher;
-        catch_dependency_panic(|| m.consume_token(token))
-            .map_err(|p| Error::InvalidArgument(format!("constraint: {p}")))?
-            .map_err(|_| self.failed("failed"))?;
+        self.call(|m| m.consume_token(token))?;
         self.mask = None;
         Ok(())
     }
@@ -271,11 +282,7 @@ impl Constraint {
         if self.matcher.is_stopped() {
             return Ok(ConstraintState::Finished);
         }
-        let m = &mut self.matcher;
-        let accepting = catch_dependency_panic(|| m.is_accepting())
-            .map_err(|p| Error::InvalidArgument(format!("constraint: {p}")))?
-            .map_err(|_| self.failed("failed"))?;
-        Ok(if accepting {
+        Ok(if self.call(|m| m.is_accepting())? {
             ConstraintState::Complete
         } else {
             ConstraintState::Incomplete
@@ -284,7 +291,7 @@ impl Constraint {
 
     /// Back to the start of the output.
     pub fn reset(&mut self) -> Result<()> {
-        self.matcher.reset().map_err(|_| self.failed("reset"))?;
+        self.call(|m| m.reset())?;
         self.mask = None;
         Ok(())
     }

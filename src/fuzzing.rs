@@ -144,6 +144,11 @@ pub fn tokenizer(data: &[u8]) {
     let settings = TokenizerSettings::from_configs(&config, &serde_json::Value::Null);
     if let Ok(tok) = Tokenizer::from_json_bytes(p[0], settings) {
         exercise_tokenizer(&tok);
+        // Constraints read the same vocabulary (llguidance's token bytes and trie): an
+        // error is fine, a panic is a bug.
+        if let Ok(factory) = crate::constraint::ConstraintFactory::new(&tok, tok.n_vocab()) {
+            let _ = factory.constraint(ConstraintKind::Regex, "[a-z]{1,8}");
+        }
     }
 }
 
