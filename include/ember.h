@@ -613,8 +613,8 @@ typedef bool (*ember_text_callback)(const char *piece, size_t len, void *user);
 
 /**
  * What to generate from (`ember_generation_start`): set `struct_size = sizeof` and one of
- * text, tokens or messages (a zeroed struct with all three empty continues after the tokens
- * a generation left pending). Read during `ember_generation_start` only.
+ * text, tokens, messages or conversation (a zeroed struct with all of them empty continues
+ * after the tokens a generation left pending). Read during `ember_generation_start` only.
  */
 typedef struct ember_generation_prompt {
   /**
@@ -647,6 +647,16 @@ typedef struct ember_generation_prompt {
    * Number of `messages`.
    */
   size_t n_messages;
+  /**
+   * A whole conversation as JSON (as `ember_chat_json` takes it: tools, tool calls and
+   * results, `tool_choice`, template variables), instead of `messages`. (Added after
+   * `n_messages`: a smaller struct has none.)
+   */
+  const char *conversation;
+  /**
+   * Bytes of `conversation`.
+   */
+  size_t conversation_len;
 } ember_generation_prompt;
 
 /**
@@ -908,6 +918,57 @@ enum ember_status ember_chat_apply(const struct ember_model *model,
                                    char *out,
                                    size_t out_cap,
                                    size_t *n_out);
+
+/**
+ * Applies a chat template to a conversation given as JSON (`conversation_len` bytes of
+ * UTF-8), as transformers' `apply_chat_template(messages, tools=..., chat_template=...,
+ * **variables)` renders it: an object with `messages` (each an object with a `role`, its
+ * `content` as text or typed parts, and what templates read besides: `tool_calls` as
+ * `[{"type": "function", "function": {"name": ..., "arguments": {...}}}]`, `name`,
+ * `reasoning_content`; tool results as messages of role `tool`), optionally `tools` (a
+ * list of `{"type": "function", "function": {"name", "description", "parameters"}}`),
+ * `chat_template` (Jinja source used instead of the model's), `tool_choice` and
+ * `parallel_tool_calls` (read by `ember_chat_json`), and any other key as a template variable (`enable_thinking`, ...).
+ * Writes the prompt text as `ember_detokenize` writes text. Fails with
+ * `EMBER_ERR_INVALID_ARGUMENT` for JSON that is not such a conversation, a model without a
+ * template, tools given to a template that does not read them, or a template that rejects
+ * the conversation.
+ *
+ * # Safety
+ * `conversation` valid for `conversation_len` bytes; `out` for `out_cap` bytes; `n_out`
+ * for writing.
+ */
+enum ember_status ember_chat_apply_json(const struct ember_model *model,
+                                        const char *conversation,
+                                        size_t conversation_len,
+                                        bool add_generation_prompt,
+                                        char *out,
+                                        size_t out_cap,
+                                        size_t *n_out);
+
+/**
+ * Parses an assistant's reply (`text_len` bytes of UTF-8) to a conversation into the
+ * message to append to it, written as JSON like `ember_detokenize` writes text:
+ * `{"role": "assistant", "content": TEXT}`, with `"reasoning_content"` when the reply
+ * opened with a `<think>` block and `"tool_calls": [{"type": "function", "function":
+ * {"name": ..., "arguments": {...}}}, ...]` when it called tools in the format of the
+ * conversation's template (the model's, or the conversation's `chat_template`).
+ * `conversation` (JSON as `ember_chat_apply_json` takes it) may be NULL for the model's
+ * template. A tool call that is not valid JSON with a name is `EMBER_ERR_INVALID_ARGUMENT`
+ * naming it (a reply generated with a `tool_choice` other than `"none"` always parses).
+ *
+ * # Safety
+ * `conversation` NULL or valid for `conversation_len` bytes; `text` for `text_len` bytes;
+ * `out` for `out_cap` bytes; `n_out` for writing.
+ */
+enum ember_status ember_chat_parse_reply(const struct ember_model *model,
+                                         const char *conversation,
+                                         size_t conversation_len,
+                                         const char *text,
+                                         size_t text_len,
+                                         char *out,
+                                         size_t out_cap,
+                                         size_t *n_out);
 
 /**
  * Creates a detokenizer for `model`'s tokenizer (it keeps the model alive).
@@ -1383,6 +1444,34 @@ enum ember_status ember_chat(struct ember_session *session,
                              void *user,
                              enum ember_stop_reason *out_reason,
                              size_t *out_n_tokens);
+
+/**
+ * `ember_chat` for a conversation given as JSON (`conversation_len` bytes, as
+ * `ember_chat_apply_json` takes it): tool calls and tool results in its messages, `tools`,
+ * template variables, a `chat_template` of its own. With `tools`, the reply follows the
+ * template's tool-call format (`<tool_call>` blocks for Qwen-style templates, one JSON
+ * object for Llama-style ones) as the conversation's `tool_choice` says: `"auto"` (the
+ * default: text, or tool calls that are valid for the tools' argument schemas), `"required"`
+ * (one or more calls), `{"type": "function", "function": {"name": NAME}}` (one call of that
+ * tool) or `"none"` (text only); `"parallel_tool_calls": false` allows one call per reply
+ * (small models that do not know when to stop calling need it). For that reply a constraint built from the tools stands in
+ * for the sampler's own (which is back when the call returns), and the generation ends with
+ * `EMBER_STOP_REASON_CONSTRAINT_COMPLETE` when the calls are complete. Read the reply's calls
+ * with `ember_chat_parse_reply`. Strings in the conversation are plain text as in
+ * `ember_chat` (unless `params->parse_special`).
+ *
+ * # Safety
+ * `conversation` valid for `conversation_len` bytes; the rest as `ember_generate`.
+ */
+enum ember_status ember_chat_json(struct ember_session *session,
+                                  struct ember_sampler *sampler,
+                                  const char *conversation,
+                                  size_t conversation_len,
+                                  const struct ember_generate_params *params,
+                                  ember_text_callback on_text,
+                                  void *user,
+                                  enum ember_stop_reason *out_reason,
+                                  size_t *out_n_tokens);
 
 /**
  * Starts generating on `session` with `sampler` from `prompt` (NULL: continue after pending

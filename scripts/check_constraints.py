@@ -7,7 +7,12 @@ that are not Ember's:
    Lark grammar checked by a small recursive parser, likewise;
 2. greedy parity: greedy constrained output equals, token for token, a reference made by
    masking Ember's raw logits with llguidance's own Python package (PyPI `llguidance`);
-3. overhead: generation speed with and without a constraint, 1 and 2 threads.
+3. overhead: generation speed with and without a constraint, 1 and 2 threads;
+4. tool calls: SAMPLES replies at temperature 1.0 with tool_choice "required" under a
+   Qwen-style (<tool_call> blocks) and a Llama-style (one JSON object) template (those of
+   tests/fixtures/tokenizers/chat_features.json), each parsed by Ember and every call's
+   arguments validated by `jsonschema` against its tool's parameters (Qwen-style with and
+   without parallel calls: a small model may keep calling until max_tokens cuts a call).
 
     python3 scripts/check_constraints.py [--samples 200] [--threads 2]
 
@@ -75,6 +80,24 @@ PROMPT = [{"role": "system", "content": "You are an NPC in a fantasy game. Answe
           {"role": "user", "content": "What do you do next?"}]
 
 
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "trade", "description": "Offer an item for a price in gold.",
+        "parameters": {"type": "object", "properties": {
+            "item": {"type": "string", "enum": ["sword", "shield", "potion"]},
+            "price": {"type": "integer", "minimum": 1, "maximum": 500}},
+            "required": ["item", "price"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "move", "description": "Walk somewhere.",
+        "parameters": {"type": "object", "properties": {
+            "to": {"type": "string", "maxLength": 20},
+            "steps": {"type": "integer", "minimum": 1, "maximum": 99}},
+            "required": ["to", "steps"], "additionalProperties": False}}},
+]
+TOOL_PROMPT = [{"role": "system", "content": "You are a merchant NPC in a fantasy game."},
+               {"role": "user", "content": "I want to buy a sword. What is your price?"}]
+
+
 def grammar_ok(text: str) -> bool:
     return all(re.fullmatch(r"[1-9][0-9]?(\*[1-9][0-9]?)*", p) for p in text.split("+"))
 
@@ -127,6 +150,36 @@ def main() -> None:
         dt = time.perf_counter() - start
         print(f"  {name:<22} {valid}/{args.samples} valid; stop reasons {reasons}; "
               f"{tokens / args.samples:.1f} tokens each, {tokens / dt:.1f} tok/s")
+
+    print(f"== tool calls: {args.samples} replies per template at temperature 1.0, tool_choice required")
+    features = json.loads((ROOT / "tests" / "fixtures" / "tokenizers" / "chat_features.json").read_text())
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    tool_session = model.session(n_ctx=1024)
+    styles = [("Qwen-style <tool_call>", "tool_thinking", True),
+              ("Qwen-style, one call", "tool_thinking", False),
+              ("Llama-style JSON", "dated_tools", True)]
+    for style, template, parallel in styles:
+        valid, calls, names, reasons = 0, 0, {}, {}
+        for i in range(args.samples):
+            sampler = ember.Sampler(temperature=1.0, seed=i)
+            stream = tool_session.chat(TOOL_PROMPT, tools=TOOLS, tool_choice="required",
+                                       parallel_tool_calls=parallel,
+                                       chat_template=features["templates"][template],
+                                       variables={"enable_thinking": False},
+                                       max_tokens=200, sampler=sampler)
+            try:
+                message = stream.message()
+                reasons[stream.stop_reason.name] = reasons.get(stream.stop_reason.name, 0) + 1
+                for call in message["tool_calls"]:
+                    jsonschema.validate(call["function"]["arguments"], schemas[call["function"]["name"]])
+                    names[call["function"]["name"]] = names.get(call["function"]["name"], 0) + 1
+                    calls += 1
+                valid += 1
+            except Exception as e:  # noqa: BLE001 - any failure is a finding
+                print(f"  INVALID {style} #{i}: ({e})")
+            sampler.close()
+        print(f"  {style:<24} {valid}/{args.samples} replies parse with valid calls; "
+              f"{calls} calls {names}; stop reasons {reasons}")
 
     print("== greedy parity with llguidance's Python package (masking Ember's logits)")
     ends = [t for t in range(model.n_vocab) if model.is_end_token(t)]

@@ -17,7 +17,10 @@ use crate::model::{LoadOptions, Model};
 use crate::sampler::{Sampler, SamplerOptions};
 use crate::session::{Session, SessionOptions};
 use crate::tensor::Storage;
-use crate::tokenizer::{ChatMessage, ChatTemplate, StreamDecoder, Tokenizer, TokenizerSettings};
+use crate::tokenizer::{
+    ChatMessage, ChatTemplate, Conversation, StreamDecoder, Tokenizer, TokenizerSettings,
+};
+use crate::tools::{reply_grammar, ReplyShape, ToolChoice};
 
 /// Separates the parts of a multi-part input.
 pub const SEPARATOR: &[u8] = b"\n\0--ember--\0\n";
@@ -171,6 +174,45 @@ pub fn chat_template(data: &[u8]) {
     for add_generation_prompt in [false, true] {
         let _ = template.render(&messages, add_generation_prompt, "<s>", "</s>");
     }
+}
+
+/// A conversation as JSON (messages, tools, tool_choice, chat_template, variables), then an
+/// assistant's reply: the conversation read, rendered and tokenized (caller text as plain
+/// text, and trusted) with the tiny Llama fixture's tokenizer, the constraint of its tool
+/// calls built, and the reply parsed. Each step succeeds or fails with an error.
+pub fn conversation(data: &[u8]) {
+    static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
+    let model = MODEL.get_or_init(|| {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama");
+        Arc::new(Model::load(path).expect("the fuzz fixture must load"))
+    });
+    let p = parts(data, 2);
+    let (Ok(json), Ok(reply)) = (std::str::from_utf8(p[0]), std::str::from_utf8(p[1])) else {
+        return;
+    };
+    let Ok(conversation) = Conversation::from_json(json) else {
+        return;
+    };
+    let tokenizer = model.tokenizer().expect("the fixture has a tokenizer");
+    let _ = tokenizer.render_conversation(&conversation, true);
+    for parse_special in [false, true] {
+        if let Ok(ids) = tokenizer.encode_conversation(&conversation, false, parse_special) {
+            assert!(ids.iter().all(|&t| (t as usize) < model.n_vocab()));
+        }
+    }
+    if let Ok(template) = tokenizer.conversation_template(&conversation) {
+        if let Some(format) = template.tool_format() {
+            let choice = conversation.tool_choice.clone().unwrap_or(ToolChoice::Auto);
+            let shape = ReplyShape {
+                thinking: true,
+                parallel: conversation.parallel_tool_calls.unwrap_or(true),
+            };
+            if let Ok(Some(grammar)) = reply_grammar(format, conversation.tools(), &choice, shape) {
+                let _ = model.constraint(ConstraintKind::Lark, &grammar);
+            }
+        }
+    }
+    let _ = tokenizer.parse_reply(&conversation, reply);
 }
 
 /// Reads the bytes of an input as a sequence of small numbers.

@@ -6,12 +6,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::constraint::ConstraintState;
+use crate::constraint::{Constraint, ConstraintKind, ConstraintState};
 use crate::error::{Error, Result};
 use crate::model::Model;
 use crate::sampler::Sampler;
 use crate::session::{CallScope, PerfCounts, Session};
-use crate::tokenizer::{ChatMessage, StreamDecoder};
+use crate::tokenizer::{ChatMessage, Conversation, StreamDecoder};
+use crate::tools::{reply_grammar, ReplyShape, ToolChoice};
 
 /// When generation stops.
 #[derive(Debug, Clone, Default)]
@@ -141,6 +142,17 @@ pub struct Generator<'s> {
     n_prompt: u64,
     prompt_seconds: f64,
     generating: Instant,
+    /// The sampler's own constraint while a tool-call constraint stands in for it (put back
+    /// when the generator is dropped).
+    saved_constraint: Option<Option<Constraint>>,
+}
+
+impl Drop for Generator<'_> {
+    fn drop(&mut self) {
+        if let Some(own) = self.saved_constraint.take() {
+            self.sampler.set_constraint(own);
+        }
+    }
 }
 
 impl<'s> Generator<'s> {
@@ -191,6 +203,7 @@ impl<'s> Generator<'s> {
             n_prompt,
             prompt_seconds: started.elapsed().as_secs_f64(),
             generating: Instant::now(),
+            saved_constraint: None,
         })
     }
 
@@ -205,6 +218,36 @@ impl<'s> Generator<'s> {
         let (keep, ids) = chat_tokens(session, messages, options.parse_special)?;
         session.rewind(keep)?;
         Generator::new(session, sampler, &ids[keep..], options)
+    }
+
+    /// [`Generator::chat`] for a whole [`Conversation`] (tools, tool calls and results,
+    /// template variables, a template of its own). With tools, the reply follows the
+    /// template's tool-call format ([`crate::tools`]) as `tool_choice` asks: a constraint
+    /// built from the tools' argument schemas takes the sampler's own constraint's place
+    /// for this reply (it is put back when the generator is dropped). Parse the reply with
+    /// [`crate::Tokenizer::parse_reply`].
+    pub fn chat_conversation(
+        session: &'s mut Session,
+        sampler: &'s mut Sampler,
+        conversation: &Conversation,
+        options: &GenerateOptions,
+    ) -> Result<Generator<'s>> {
+        let (keep, ids, constraint) =
+            conversation_tokens(session, conversation, options.parse_special)?;
+        session.rewind(keep)?;
+        let mut g = Generator::new(session, sampler, &ids[keep..], options)?;
+        if let Some(c) = constraint {
+            g.stand_in_constraint(c);
+        }
+        Ok(g)
+    }
+
+    /// Follows `constraint` instead of the sampler's own until the generator is dropped.
+    pub(crate) fn stand_in_constraint(&mut self, constraint: Constraint) {
+        let own = self.sampler.replace_constraint(Some(constraint));
+        if self.saved_constraint.is_none() {
+            self.saved_constraint = Some(own);
+        }
     }
 
     /// Tokens generated and held so far.
@@ -351,13 +394,60 @@ pub(crate) fn chat_tokens(
         .model()
         .tokenizer()?
         .encode_chat(messages, true, parse_special)?;
+    Ok((common_prefix(session, &ids), ids))
+}
+
+/// [`chat_tokens`] for a [`Conversation`], with the constraint its reply follows for its tools
+/// and `tool_choice`, if any.
+pub(crate) fn conversation_tokens(
+    session: &Session,
+    conversation: &Conversation,
+    parse_special: bool,
+) -> Result<(usize, Vec<u32>, Option<Constraint>)> {
+    let model = session.model();
+    let constraint = tool_constraint(model, conversation)?;
+    let ids = model
+        .tokenizer()?
+        .encode_conversation(conversation, true, parse_special)?;
+    Ok((common_prefix(session, &ids), ids, constraint))
+}
+
+/// The constraint a conversation's reply follows for its tools and `tool_choice`, if any.
+fn tool_constraint(model: &Model, conversation: &Conversation) -> Result<Option<Constraint>> {
+    let template = model.tokenizer()?.conversation_template(conversation)?;
+    let Some(format) = template.tool_format() else {
+        if conversation.tool_choice.is_some() {
+            return Err(Error::InvalidArgument(format!(
+                "{} does not read `tools`: tool_choice cannot apply",
+                template.origin()
+            )));
+        }
+        return Ok(None);
+    };
+    let choice = conversation.tool_choice.clone().unwrap_or(ToolChoice::Auto);
+    // A reply may open with a `<think>` block when the template knows of them and the
+    // conversation does not turn thinking off.
+    let shape = ReplyShape {
+        thinking: template.thinks()
+            && conversation.variables.get("enable_thinking")
+                != Some(&serde_json::Value::Bool(false)),
+        parallel: conversation.parallel_tool_calls.unwrap_or(true),
+    };
+    reply_grammar(format, conversation.tools(), &choice, shape)?
+        .map(|grammar| model.constraint(ConstraintKind::Lark, &grammar))
+        .transpose()
+}
+
+/// How many of a prompt's `ids` the session holds already and can keep (at least one is
+/// stepped again, for fresh logits).
+fn common_prefix(session: &Session, ids: &[u32]) -> usize {
     let common = session
         .tokens()
         .iter()
-        .zip(&ids)
+        .zip(ids)
         .take_while(|(a, b)| a == b)
         .count();
-    Ok((common.min(ids.len().saturating_sub(1)), ids))
+    common.min(ids.len().saturating_sub(1))
 }
 
 /// The log-probability of `token` under `softmax(logits)`, and the `top` best tokens'.
@@ -430,6 +520,20 @@ pub fn chat(
 ) -> Result<Generation> {
     drive(
         Generator::chat(session, sampler, messages, options)?,
+        on_text,
+    )
+}
+
+/// [`chat`] for a whole [`Conversation`] (see [`Generator::chat_conversation`]).
+pub fn chat_conversation(
+    session: &mut Session,
+    sampler: &mut Sampler,
+    conversation: &Conversation,
+    options: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<Generation> {
+    drive(
+        Generator::chat_conversation(session, sampler, conversation, options)?,
         on_text,
     )
 }

@@ -43,16 +43,20 @@ pub mod session;
 pub mod tensor;
 pub mod threading;
 pub mod tokenizer;
+pub mod tools;
 
 pub use constraint::{Constraint, ConstraintKind, ConstraintState};
 pub use error::{Error, Result};
-pub use generate::{chat, generate, GenerateOptions, Generation, Generator, Piece, StopReason};
+pub use generate::{
+    chat, chat_conversation, generate, GenerateOptions, Generation, Generator, Piece, StopReason,
+};
 pub use model::{Architecture, ModelConfig};
 pub use model::{KvType, LoadOptions, Model, ModelInfo};
 pub use sampler::{Sampler, SamplerOptions};
 pub use session::{CancelHandle, Perf, PerfCounts, Session, SessionOptions};
 pub use threading::ThreadPool;
-pub use tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
+pub use tokenizer::{ChatMessage, Conversation, StreamDecoder, Tokenizer};
+pub use tools::{ToolChoice, ToolFormat};
 
 /// The README's Rust examples, compiled by `cargo test` (as doctests) so that they cannot rot.
 #[cfg(doctest)]

@@ -7,7 +7,7 @@ use std::path::Path;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 8] = [
+const TARGETS: [(&str, Target); 9] = [
     ("gguf", ember::fuzzing::gguf),
     ("gguf_tokenizer", ember::fuzzing::gguf_tokenizer),
     ("safetensors", ember::fuzzing::safetensors),
@@ -16,6 +16,7 @@ const TARGETS: [(&str, Target); 8] = [
     ("c_api", ember::fuzzing::c_api),
     ("session_state", ember::fuzzing::session_state),
     ("constraint", ember::fuzzing::constraint),
+    ("conversation", ember::fuzzing::conversation),
 ];
 
 fn root() -> &'static Path {
@@ -45,7 +46,7 @@ fn every_input_a_campaign_found_is_handled() {
 fn every_target_handles_its_seeds() {
     let fixtures = root().join("tests/fixtures");
     let read = |p: &str| std::fs::read(fixtures.join(p)).unwrap();
-    let seeds: [(&str, Vec<u8>); 8] = [
+    let seeds: [(&str, Vec<u8>); 9] = [
         ("gguf", read("gguf/llama.Q4_0.gguf")),
         ("gguf_tokenizer", read("gguf/gpt2.F32.gguf")),
         (
@@ -75,6 +76,15 @@ fn every_target_handles_its_seeds() {
                 &ember::fuzzing::join(&[b"[a-z]{2,5}-[0-9]+", &[7; 30]]),
             ]
             .concat(),
+        ),
+        (
+            "conversation",
+            ember::fuzzing::join(&[
+                br#"{"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
+                    "tools": [{"type": "function", "function": {"name": "go"}}],
+                    "chat_template": "{{ messages[0].content }}{% if tools %}<tool_call>{% endif %}"}"#,
+                b"<tool_call>\n{\"name\": \"go\", \"arguments\": {}}\n</tool_call>",
+            ]),
         ),
     ];
     for ((name, target), (seed_name, seed)) in TARGETS.iter().zip(seeds) {

@@ -161,7 +161,7 @@ fn templates_with_tools_thinking_namespaces_and_exceptions_match_transformers() 
         let source = data["templates"][name].as_str().unwrap();
         let template = ChatTemplate::from_source(source, name).unwrap();
         let got = template.render_json(
-            &case["messages"],
+            case["messages"].as_array().unwrap(),
             case["variables"].as_object().unwrap(),
             case["add_generation_prompt"].as_bool().unwrap(),
             bos,

@@ -495,6 +495,27 @@ class Model : public detail::Handle<ember_model, ember_model_free> {
     });
   }
 
+  /// The prompt of a conversation given as JSON (messages with tool calls and tool results,
+  /// `tools`, `chat_template`, template variables; see ember_chat_apply_json).
+  Result<std::string> try_apply_chat_template_json(std::string_view conversation,
+                                                   bool add_generation_prompt = true) const {
+    return detail::read_text([&](char *out, size_t cap, size_t *n_out) {
+      return ember_chat_apply_json(get(), conversation.data(), conversation.size(),
+                                   add_generation_prompt, out, cap, n_out);
+    });
+  }
+
+  /// An assistant's `reply` to `conversation` (JSON; empty for the model's own template) as
+  /// the message to append to it, as JSON: content, reasoning_content and tool_calls (see
+  /// ember_chat_parse_reply).
+  Result<std::string> try_parse_reply(std::string_view conversation, std::string_view reply) const {
+    return detail::read_text([&](char *out, size_t cap, size_t *n_out) {
+      return ember_chat_parse_reply(get(), conversation.empty() ? nullptr : conversation.data(),
+                                    conversation.size(), reply.data(), reply.size(), out, cap,
+                                    n_out);
+    });
+  }
+
 #if EMBER_HPP_EXCEPTIONS
   /// try_tokenize, throwing ember::Error on failure.
   std::vector<int32_t> tokenize(std::string_view text, bool add_special = true,
@@ -854,6 +875,25 @@ class Session : public detail::Handle<ember_session, ember_session_free> {
     size_t n = 0;
     ember_status st = ember_chat(get(), sampler.get(), c.data(), c.size(), &p,
                                  &decltype(sink)::call, &sink, &reason, &n);
+    sink.rethrow();
+    return finish(st, reason, n);
+  }
+
+  /// The assistant's reply to a conversation given as JSON (see ember_chat_json: tools,
+  /// tool_choice, tool calls and results, template variables), streamed as try_chat does.
+  /// Parse the reply's tool calls with Model::try_parse_reply.
+  template <class F>
+  Result<Generation> try_chat_json(std::string_view conversation, Sampler &sampler,
+                                   const GenerateOptions &options, F &&on_text) {
+    std::vector<const char *> stops;
+    ember_generate_params p;
+    if (auto r = detail::c_params(options, p, stops); !r) return r.error();
+    detail::TextSink<std::remove_reference_t<F>> sink{on_text};
+    ember_stop_reason reason = EMBER_STOP_REASON_END_TOKEN;
+    size_t n = 0;
+    ember_status st = ember_chat_json(get(), sampler.get(), conversation.data(),
+                                      conversation.size(), &p, &decltype(sink)::call, &sink,
+                                      &reason, &n);
     sink.rethrow();
     return finish(st, reason, n);
   }

@@ -3,7 +3,7 @@
 use std::ffi::{c_char, c_void};
 
 use super::session::with_session;
-use super::tokenizer::chat_messages;
+use super::tokenizer::{chat_messages, conversation_json};
 use super::{
     borrow, c_text, ember_chat_message, ember_sampler, ember_session, ember_status, read_params,
     run, slice, text, write_params,
@@ -291,6 +291,52 @@ pub unsafe extern "C" fn ember_chat(
                 // SAFETY: caller's contract for the messages.
                 let messages = chat_messages(messages, n_messages)?;
                 crate::generate::chat(s, sampler, &messages, options, on_text)
+            },
+        )
+    }
+}
+
+/// `ember_chat` for a conversation given as JSON (`conversation_len` bytes, as
+/// `ember_chat_apply_json` takes it): tool calls and tool results in its messages, `tools`,
+/// template variables, a `chat_template` of its own. With `tools`, the reply follows the
+/// template's tool-call format (`<tool_call>` blocks for Qwen-style templates, one JSON
+/// object for Llama-style ones) as the conversation's `tool_choice` says: `"auto"` (the
+/// default: text, or tool calls that are valid for the tools' argument schemas), `"required"`
+/// (one or more calls), `{"type": "function", "function": {"name": NAME}}` (one call of that
+/// tool) or `"none"` (text only); `"parallel_tool_calls": false` allows one call per reply
+/// (small models that do not know when to stop calling need it). For that reply a constraint built from the tools stands in
+/// for the sampler's own (which is back when the call returns), and the generation ends with
+/// `EMBER_STOP_REASON_CONSTRAINT_COMPLETE` when the calls are complete. Read the reply's calls
+/// with `ember_chat_parse_reply`. Strings in the conversation are plain text as in
+/// `ember_chat` (unless `params->parse_special`).
+///
+/// # Safety
+/// `conversation` valid for `conversation_len` bytes; the rest as `ember_generate`.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn ember_chat_json(
+    session: *mut ember_session,
+    sampler: *mut ember_sampler,
+    conversation: *const c_char,
+    conversation_len: usize,
+    params: *const ember_generate_params,
+    on_text: ember_text_callback,
+    user: *mut c_void,
+    out_reason: *mut ember_stop_reason,
+    out_n_tokens: *mut usize,
+) -> ember_status {
+    // SAFETY: forwarded contract.
+    unsafe {
+        run_generation(
+            session,
+            sampler,
+            params,
+            (on_text, user),
+            (out_reason, out_n_tokens),
+            |s, sampler, _, options, on_text| {
+                // SAFETY: caller's contract for the conversation.
+                let conversation = conversation_json(conversation, conversation_len)?;
+                crate::generate::chat_conversation(s, sampler, &conversation, options, on_text)
             },
         )
     }

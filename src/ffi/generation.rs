@@ -6,19 +6,22 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::generate::{options, report};
-use super::tokenizer::chat_messages;
+use super::tokenizer::{chat_messages, conversation_json};
 use super::{
     borrow, ember_chat_message, ember_generate_params, ember_sampler, ember_session, ember_status,
     ember_stop_reason, read_params, run, slice, text, token_ids, write_out, Lease,
 };
+use crate::constraint::Constraint;
 use crate::error::{Error, Result};
-use crate::generate::{chat_tokens, GenerateOptions, Generation, Generator, StopReason};
+use crate::generate::{
+    chat_tokens, conversation_tokens, GenerateOptions, Generation, Generator, StopReason,
+};
 use crate::sampler::Sampler;
 use crate::session::{Session, SessionShared};
 
 /// What to generate from (`ember_generation_start`): set `struct_size = sizeof` and one of
-/// text, tokens or messages (a zeroed struct with all three empty continues after the tokens
-/// a generation left pending). Read during `ember_generation_start` only.
+/// text, tokens, messages or conversation (a zeroed struct with all of them empty continues
+/// after the tokens a generation left pending). Read during `ember_generation_start` only.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub struct ember_generation_prompt {
@@ -38,6 +41,12 @@ pub struct ember_generation_prompt {
     pub messages: *const ember_chat_message,
     /// Number of `messages`.
     pub n_messages: usize,
+    /// A whole conversation as JSON (as `ember_chat_json` takes it: tools, tool calls and
+    /// results, `tool_choice`, template variables), instead of `messages`. (Added after
+    /// `n_messages`: a smaller struct has none.)
+    pub conversation: *const c_char,
+    /// Bytes of `conversation`.
+    pub conversation_len: usize,
 }
 
 const PROMPT_EMPTY: ember_generation_prompt = ember_generation_prompt {
@@ -48,6 +57,8 @@ const PROMPT_EMPTY: ember_generation_prompt = ember_generation_prompt {
     n_tokens: 0,
     messages: std::ptr::null(),
     n_messages: 0,
+    conversation: std::ptr::null(),
+    conversation_len: 0,
 };
 
 /// Where a background generation is (`ember_generation_poll`, `ember_generation_wait`).
@@ -129,6 +140,8 @@ pub struct ember_generation {
 struct Input {
     keep: usize,
     ids: Vec<u32>,
+    /// The constraint of a conversation's tool calls, standing in for the sampler's own.
+    constraint: Option<Constraint>,
 }
 
 /// Starts generating on `session` with `sampler` from `prompt` (NULL: continue after pending
@@ -169,22 +182,38 @@ pub unsafe extern "C" fn ember_generation_start(
         };
         // SAFETY: the caller's contract.
         let q = unsafe { read_params(prompt, PROMPT_EMPTY, "prompt") }?;
-        let kinds = [q.text_len > 0, q.n_tokens > 0, q.n_messages > 0];
+        let kinds = [
+            q.text_len > 0,
+            q.n_tokens > 0,
+            q.n_messages > 0,
+            !q.conversation.is_null(),
+        ];
         if kinds.iter().filter(|&&k| k).count() > 1 {
             return Err(Error::InvalidArgument(
-                "prompt: give text, tokens or messages, not several".into(),
+                "prompt: give text, tokens, messages or a conversation, not several".into(),
             ));
         }
         // SAFETY: the caller's contract: the session outlives the generation.
         let mut lease = unsafe { session.session.lease() }?;
         let model = lease.with(|s| Ok(s.model().clone()))?;
-        let input = if q.n_messages > 0 {
+        let input = if !q.conversation.is_null() {
+            // SAFETY: the caller's contract for the conversation.
+            let conversation = unsafe { conversation_json(q.conversation, q.conversation_len) }?;
+            let (keep, ids, constraint) =
+                lease.with(|s| conversation_tokens(s, &conversation, options.parse_special))?;
+            Input {
+                keep,
+                ids: ids[keep..].to_vec(),
+                constraint,
+            }
+        } else if q.n_messages > 0 {
             // SAFETY: the caller's contract for the messages.
             let messages = unsafe { chat_messages(q.messages, q.n_messages) }?;
             let (keep, ids) = lease.with(|s| chat_tokens(s, &messages, options.parse_special))?;
             Input {
                 keep,
                 ids: ids[keep..].to_vec(),
+                constraint: None,
             }
         } else {
             let ids = if q.n_tokens > 0 {
@@ -204,6 +233,7 @@ pub unsafe extern "C" fn ember_generation_start(
             Input {
                 keep: session.shared.position(),
                 ids,
+                constraint: None,
             }
         };
         let (before, total) = (input.keep, input.ids.len());
@@ -314,6 +344,9 @@ fn generate_into(
         session.with(|s| {
             s.rewind(input.keep)?;
             let mut g = Generator::new(s, sampler, &input.ids, options)?;
+            if let Some(c) = input.constraint {
+                g.stand_in_constraint(c);
+            }
             let shared = ahead.shared;
             while let Some(piece) = g.next_piece()? {
                 let mut outbox = shared.lock();

@@ -9,7 +9,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::tokenizer::{ChatMessage, StreamDecoder};
+use crate::tokenizer::{ChatMessage, Conversation, StreamDecoder};
 
 /// A message of a conversation for chat templates: NUL-terminated UTF-8 strings, borrowed
 /// for the duration of the call.
@@ -120,6 +120,99 @@ pub unsafe extern "C" fn ember_chat_apply(
         // SAFETY: caller's contract for out and n_out.
         unsafe { write_text(&text, out, out_cap, n_out) }
     })
+}
+
+/// Applies a chat template to a conversation given as JSON (`conversation_len` bytes of
+/// UTF-8), as transformers' `apply_chat_template(messages, tools=..., chat_template=...,
+/// **variables)` renders it: an object with `messages` (each an object with a `role`, its
+/// `content` as text or typed parts, and what templates read besides: `tool_calls` as
+/// `[{"type": "function", "function": {"name": ..., "arguments": {...}}}]`, `name`,
+/// `reasoning_content`; tool results as messages of role `tool`), optionally `tools` (a
+/// list of `{"type": "function", "function": {"name", "description", "parameters"}}`),
+/// `chat_template` (Jinja source used instead of the model's), `tool_choice` and
+/// `parallel_tool_calls` (read by `ember_chat_json`), and any other key as a template variable (`enable_thinking`, ...).
+/// Writes the prompt text as `ember_detokenize` writes text. Fails with
+/// `EMBER_ERR_INVALID_ARGUMENT` for JSON that is not such a conversation, a model without a
+/// template, tools given to a template that does not read them, or a template that rejects
+/// the conversation.
+///
+/// # Safety
+/// `conversation` valid for `conversation_len` bytes; `out` for `out_cap` bytes; `n_out`
+/// for writing.
+#[no_mangle]
+pub unsafe extern "C" fn ember_chat_apply_json(
+    model: *const ember_model,
+    conversation: *const c_char,
+    conversation_len: usize,
+    add_generation_prompt: bool,
+    out: *mut c_char,
+    out_cap: usize,
+    n_out: *mut usize,
+) -> ember_status {
+    run(|| {
+        // SAFETY: caller's contract.
+        let (model, conversation) = unsafe {
+            (
+                borrow(model, "model")?,
+                conversation_json(conversation, conversation_len)?,
+            )
+        };
+        let text = model
+            .tokenizer()?
+            .render_conversation(&conversation, add_generation_prompt)?;
+        // SAFETY: caller's contract for out and n_out.
+        unsafe { write_text(&text, out, out_cap, n_out) }
+    })
+}
+
+/// Parses an assistant's reply (`text_len` bytes of UTF-8) to a conversation into the
+/// message to append to it, written as JSON like `ember_detokenize` writes text:
+/// `{"role": "assistant", "content": TEXT}`, with `"reasoning_content"` when the reply
+/// opened with a `<think>` block and `"tool_calls": [{"type": "function", "function":
+/// {"name": ..., "arguments": {...}}}, ...]` when it called tools in the format of the
+/// conversation's template (the model's, or the conversation's `chat_template`).
+/// `conversation` (JSON as `ember_chat_apply_json` takes it) may be NULL for the model's
+/// template. A tool call that is not valid JSON with a name is `EMBER_ERR_INVALID_ARGUMENT`
+/// naming it (a reply generated with a `tool_choice` other than `"none"` always parses).
+///
+/// # Safety
+/// `conversation` NULL or valid for `conversation_len` bytes; `text` for `text_len` bytes;
+/// `out` for `out_cap` bytes; `n_out` for writing.
+#[no_mangle]
+#[allow(clippy::too_many_arguments)]
+pub unsafe extern "C" fn ember_chat_parse_reply(
+    model: *const ember_model,
+    conversation: *const c_char,
+    conversation_len: usize,
+    text: *const c_char,
+    text_len: usize,
+    out: *mut c_char,
+    out_cap: usize,
+    n_out: *mut usize,
+) -> ember_status {
+    run(|| {
+        // SAFETY: caller's contract.
+        let (model, reply) =
+            unsafe { (borrow(model, "model")?, self::text(text, text_len, "text")?) };
+        let conversation = if conversation.is_null() {
+            Conversation::default()
+        } else {
+            // SAFETY: caller's contract.
+            unsafe { conversation_json(conversation, conversation_len) }?
+        };
+        let message = model.tokenizer()?.parse_reply(&conversation, reply)?;
+        // SAFETY: caller's contract for out and n_out.
+        unsafe { write_text(&message.to_string(), out, out_cap, n_out) }
+    })
+}
+
+/// Reads a conversation given as JSON text.
+///
+/// # Safety
+/// `ptr` valid for `len` bytes.
+pub(crate) unsafe fn conversation_json(ptr: *const c_char, len: usize) -> Result<Conversation> {
+    // SAFETY: forwarded contract.
+    Conversation::from_json(unsafe { text(ptr, len, "conversation") }?)
 }
 
 /// Copies C chat messages into Rust ones, checking every string.

@@ -10,6 +10,7 @@ use minijinja::{Environment, ErrorKind};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::tools::{ToolChoice, ToolFormat};
 
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -26,6 +27,101 @@ impl ChatMessage {
         ChatMessage {
             role: role.into(),
             content: content.into(),
+        }
+    }
+}
+
+/// The largest conversation accepted as JSON text, in bytes.
+pub const MAX_CONVERSATION_BYTES: usize = 16 << 20;
+
+/// A conversation as transformers' `apply_chat_template(messages, tools=..., chat_template=...,
+/// **variables)` takes it, with OpenAI's `tool_choice` for the reply.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Conversation {
+    /// The messages: objects with `role`, `content` (text, or a list of typed parts) and
+    /// whatever else templates read (`tool_calls`, `name`, `reasoning_content`, ...).
+    pub messages: Vec<serde_json::Value>,
+    /// The template's other inputs: `tools` (a list of tool definitions), `documents`,
+    /// `enable_thinking`, `date_string`, ...
+    pub variables: serde_json::Map<String, serde_json::Value>,
+    /// A template to use instead of the model's (Jinja source).
+    pub chat_template: Option<String>,
+    /// What the reply may do with the tools (`None`: [`ToolChoice::Auto`] when tools are
+    /// given).
+    pub tool_choice: Option<ToolChoice>,
+    /// A reply may call more than one tool (OpenAI's `parallel_tool_calls`; `None`: yes).
+    pub parallel_tool_calls: Option<bool>,
+}
+
+impl Conversation {
+    /// A conversation of plain messages.
+    pub fn from_messages(messages: &[ChatMessage]) -> Conversation {
+        Conversation {
+            messages: messages
+                .iter()
+                .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+                .collect(),
+            ..Conversation::default()
+        }
+    }
+
+    /// Reads a conversation from JSON text: an object with `messages` (a list of objects,
+    /// each with a string `role`), optionally `tools`, `tool_choice`, `parallel_tool_calls`,
+    /// `chat_template`, and any other key as a template variable (`enable_thinking`, ...).
+    pub fn from_json(text: &str) -> Result<Conversation> {
+        if text.len() > MAX_CONVERSATION_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "conversation of {} bytes (at most {MAX_CONVERSATION_BYTES})",
+                text.len()
+            )));
+        }
+        let bad = |why: String| Error::InvalidArgument(format!("conversation: {why}"));
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let serde_json::Value::Object(mut variables) = value else {
+            return Err(bad("expected an object with \"messages\"".into()));
+        };
+        let messages = match variables.remove("messages") {
+            Some(serde_json::Value::Array(messages)) => messages,
+            _ => return Err(bad("\"messages\" must be a list of messages".into())),
+        };
+        for (i, m) in messages.iter().enumerate() {
+            if !m.get("role").is_some_and(serde_json::Value::is_string) {
+                return Err(bad(format!("message {} has no string \"role\"", i + 1)));
+            }
+        }
+        let chat_template = match variables.remove("chat_template") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(source)) => Some(source),
+            Some(_) => return Err(bad("\"chat_template\" must be a string".into())),
+        };
+        let tool_choice = match variables.remove("tool_choice") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(choice) => Some(ToolChoice::from_json(&choice)?),
+        };
+        let parallel_tool_calls = match variables.remove("parallel_tool_calls") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Bool(b)) => Some(b),
+            Some(_) => return Err(bad("\"parallel_tool_calls\" must be true or false".into())),
+        };
+        match variables.get("tools") {
+            None | Some(serde_json::Value::Null) | Some(serde_json::Value::Array(_)) => {}
+            Some(_) => return Err(bad("\"tools\" must be a list".into())),
+        }
+        Ok(Conversation {
+            messages,
+            variables,
+            chat_template,
+            tool_choice,
+            parallel_tool_calls,
+        })
+    }
+
+    /// The tool definitions (`tools`), if any.
+    pub fn tools(&self) -> &[serde_json::Value] {
+        match self.variables.get("tools") {
+            Some(serde_json::Value::Array(tools)) => tools,
+            _ => &[],
         }
     }
 }
@@ -55,6 +151,10 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     /// Where the template came from, for messages.
     origin: String,
+    /// How its model writes tool calls (`None`: the template does not read `tools`).
+    tool_format: Option<ToolFormat>,
+    /// It writes or reads `<think>` blocks (its model may open a reply with one).
+    thinks: bool,
 }
 
 /// Collects the rendered text, failing once it passes `cap` bytes.
@@ -207,7 +307,25 @@ impl ChatTemplate {
         Ok(ChatTemplate {
             env,
             origin: origin.to_string(),
+            tool_format: ToolFormat::of_template(source),
+            thinks: source.contains("<think>"),
         })
+    }
+
+    /// How the template's model writes tool calls; `None` when the template does not read
+    /// `tools`.
+    pub fn tool_format(&self) -> Option<ToolFormat> {
+        self.tool_format
+    }
+
+    /// True when the template's model may open a reply with a `<think>` block.
+    pub fn thinks(&self) -> bool {
+        self.thinks
+    }
+
+    /// Where the template came from (for messages).
+    pub fn origin(&self) -> &str {
+        &self.origin
     }
 
     /// Renders a conversation. `bos_token` and `eos_token` are the texts templates insert.
@@ -218,8 +336,7 @@ impl ChatTemplate {
         bos_token: &str,
         eos_token: &str,
     ) -> Result<String> {
-        let messages = serde_json::to_value(messages)
-            .map_err(|e| Error::Internal(format!("chat messages: {e}")))?;
+        let messages = Conversation::from_messages(messages).messages;
         let no_variables = serde_json::Map::new();
         self.render_json(
             &messages,
@@ -237,7 +354,7 @@ impl ChatTemplate {
     /// `enable_thinking`, `date_string`, ...). `tools` and `documents` are none unless given.
     pub fn render_json(
         &self,
-        messages: &serde_json::Value,
+        messages: &[serde_json::Value],
         variables: &serde_json::Map<String, serde_json::Value>,
         add_generation_prompt: bool,
         bos_token: &str,
@@ -248,7 +365,7 @@ impl ChatTemplate {
             .get_template("chat")
             .map_err(|e| Error::Internal(format!("chat template missing: {e}")))?;
         let json_len = |v: &serde_json::Value| serde_json::to_string(v).map_or(0, |s| s.len());
-        let input: usize = json_len(messages)
+        let input: usize = messages.iter().map(json_len).sum::<usize>()
             + variables.values().map(json_len).sum::<usize>()
             + bos_token.len()
             + eos_token.len();

@@ -128,6 +128,42 @@ impl Escapes {
         Ok(out)
     }
 
+    /// A JSON value with every string escaped ([`Escapes::escape`]), and every object key
+    /// that holds a whole special-token text or an escape-range character (keys such as
+    /// `role` stay as they are, for the template to look up; a key is written between
+    /// quotes, so only whole special texts in it matter).
+    pub(crate) fn escape_json(
+        &mut self,
+        matcher: &SpecialMatcher,
+        value: &serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        use serde_json::Value;
+        Ok(match value {
+            Value::String(s) => Value::String(self.escape(matcher, s)?),
+            Value::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .map(|v| self.escape_json(matcher, v))
+                    .collect::<Result<_>>()?,
+            ),
+            Value::Object(map) => {
+                let mut out = serde_json::Map::new();
+                for (key, v) in map {
+                    let special = matcher.finder.as_ref().is_some_and(|f| f.is_match(key))
+                        || key.chars().any(is_escape_range);
+                    let key = if special {
+                        self.escape(matcher, key)?
+                    } else {
+                        key.clone()
+                    };
+                    out.insert(key, self.escape_json(matcher, v)?);
+                }
+                Value::Object(out)
+            }
+            other => other.clone(),
+        })
+    }
+
     /// Copies text, escaping the characters that would read as escapes.
     fn copy_plain(&mut self, text: &str, out: &mut String) -> Result<()> {
         for c in text.chars() {

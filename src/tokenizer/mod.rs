@@ -20,7 +20,9 @@ use tokenizers::{Model as _, OffsetReferential, OffsetType, PreTokenizer as _};
 use crate::error::{Error, Result};
 use guard::{Escapes, SpecialMatcher};
 
-pub use chat::{ChatMessage, ChatTemplate, MAX_TEMPLATE_BYTES};
+pub use chat::{
+    ChatMessage, ChatTemplate, Conversation, MAX_CONVERSATION_BYTES, MAX_TEMPLATE_BYTES,
+};
 pub use gguf::{tokenizer_from_gguf, tokenizer_json_from_gguf};
 pub use stream::StreamDecoder;
 
@@ -424,12 +426,58 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String> {
-        let template = self
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| Error::InvalidArgument("the model has no chat template".into()))?;
-        template.render(
-            messages,
+        self.render_conversation(
+            &Conversation::from_messages(messages),
+            add_generation_prompt,
+        )
+    }
+
+    /// The template a conversation is rendered with: its own `chat_template`, else the
+    /// model's. Tools given to a template that does not read them are an error (the model
+    /// would never learn of them).
+    pub fn conversation_template<'a>(
+        &'a self,
+        conversation: &Conversation,
+    ) -> Result<std::borrow::Cow<'a, ChatTemplate>> {
+        let template = match &conversation.chat_template {
+            Some(source) => std::borrow::Cow::Owned(ChatTemplate::from_source(
+                source,
+                "the conversation's chat_template",
+            )?),
+            None => {
+                std::borrow::Cow::Borrowed(self.chat_template.as_ref().ok_or_else(|| {
+                    Error::InvalidArgument("the model has no chat template".into())
+                })?)
+            }
+        };
+        if !conversation.tools().is_empty() && template.tool_format().is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "{} does not read `tools`, so the model would not learn of them (give the \
+                 conversation a chat_template that does)",
+                template.origin()
+            )));
+        }
+        Ok(template)
+    }
+
+    /// The assistant's reply `text` to `conversation` as the message to append to it: its
+    /// text, its `<think>` block's reasoning, and its tool calls in the conversation
+    /// template's format (see [`crate::tools::parse_reply`]).
+    pub fn parse_reply(&self, conversation: &Conversation, text: &str) -> Result<Value> {
+        let format = self.conversation_template(conversation)?.tool_format();
+        crate::tools::parse_reply(format, text)
+    }
+
+    /// The prompt text of a conversation, as transformers' `apply_chat_template(messages,
+    /// tools=..., chat_template=..., **variables, tokenize=False)` renders it.
+    pub fn render_conversation(
+        &self,
+        conversation: &Conversation,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        self.conversation_template(conversation)?.render_json(
+            &conversation.messages,
+            &conversation.variables,
             add_generation_prompt,
             &self.bos_text,
             &self.eos_text,
@@ -451,26 +499,39 @@ impl Tokenizer {
         add_generation_prompt: bool,
         parse_special: bool,
     ) -> Result<Vec<u32>> {
+        self.encode_conversation(
+            &Conversation::from_messages(messages),
+            add_generation_prompt,
+            parse_special,
+        )
+    }
+
+    /// [`Tokenizer::encode_chat`] for a whole [`Conversation`]: every string in its messages
+    /// and variables (tool definitions, tool results, call arguments) is caller text.
+    pub fn encode_conversation(
+        &self,
+        conversation: &Conversation,
+        add_generation_prompt: bool,
+        parse_special: bool,
+    ) -> Result<Vec<u32>> {
         if parse_special {
-            let text = self.apply_chat_template(messages, add_generation_prompt)?;
+            let text = self.render_conversation(conversation, add_generation_prompt)?;
             return self.encode(&text, false, true);
         }
-        let template = self
-            .chat_template
-            .as_ref()
-            .ok_or_else(|| Error::InvalidArgument("the model has no chat template".into()))?;
+        let template = self.conversation_template(conversation)?;
         let mut escapes = Escapes::default();
-        let escaped = messages
+        let messages = conversation
+            .messages
             .iter()
-            .map(|m| {
-                Ok(ChatMessage::new(
-                    escapes.escape(&self.specials, &m.role)?,
-                    escapes.escape(&self.specials, &m.content)?,
-                ))
-            })
+            .map(|m| escapes.escape_json(&self.specials, m))
             .collect::<Result<Vec<_>>>()?;
-        let rendered = template.render(
-            &escaped,
+        let mut variables = serde_json::Map::new();
+        for (name, value) in &conversation.variables {
+            variables.insert(name.clone(), escapes.escape_json(&self.specials, value)?);
+        }
+        let rendered = template.render_json(
+            &messages,
+            &variables,
             add_generation_prompt,
             &self.bos_text,
             &self.eos_text,

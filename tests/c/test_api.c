@@ -901,6 +901,89 @@ static void test_sampler(void) {
   ember_sampler_free(s);
 }
 
+/* A conversation as JSON with a tool and a template of its own that reads tools and names the
+   <tool_call> format. */
+static const char *TOOL_CONVERSATION =
+    "{\"messages\": [{\"role\": \"user\", \"content\": \"Go north.\"}],"
+    " \"tools\": [{\"type\": \"function\", \"function\": {\"name\": \"go\", \"parameters\":"
+    " {\"type\": \"object\", \"properties\": {\"to\": {\"enum\": [\"n\", \"s\"]}},"
+    " \"required\": [\"to\"], \"additionalProperties\": false}}}],"
+    " \"tool_choice\": \"required\","
+    " \"chat_template\": \"{% for m in messages %}{{ m.role }}: {{ m.content }}\\n{% endfor %}"
+    "{% if tools %}{{ tools | length }} tool, as <tool_call>\\n{% endif %}assistant: \"}";
+
+static void test_tools(void) {
+  char text[512];
+  size_t n = 0;
+  const size_t len = strlen(TOOL_CONVERSATION);
+  CHECK_STATUS(ember_chat_apply_json(model, TOOL_CONVERSATION, len, true, text, sizeof text, &n),
+               EMBER_OK);
+  CHECK(strcmp(text, "user: Go north.\n1 tool, as <tool_call>\nassistant: ") == 0);
+  CHECK_STATUS(ember_chat_apply_json(model, "{\"messages\": 1}", 15, true, text, sizeof text, &n),
+               EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(ember_last_error(), "messages") != NULL);
+  CHECK_STATUS(ember_chat_apply_json(model, NULL, 3, true, text, sizeof text, &n),
+               EMBER_ERR_INVALID_ARGUMENT);
+
+  /* Required: the reply is a call of the tool, whatever the sampler draws. */
+  ember_session *session = new_session(128, 1);
+  ember_sampler_params sp;
+  CHECK_STATUS(EMBER_SAMPLER_PARAMS_DEFAULT(&sp), EMBER_OK);
+  sp.temperature = 1.0f;
+  ember_sampler *sampler = NULL;
+  CHECK_STATUS(ember_sampler_new(&sp, &sampler), EMBER_OK);
+  struct text_buffer out = {0};
+  ember_stop_reason reason = EMBER_STOP_REASON_END_TOKEN;
+  CHECK_STATUS(ember_chat_json(session, sampler, TOOL_CONVERSATION, len, NULL, collect, &out,
+                               &reason, &n), EMBER_OK);
+  CHECK(reason == EMBER_STOP_REASON_CONSTRAINT_COMPLETE);
+  CHECK(strncmp(out.data, "<tool_call>\n{\"name\": \"go\", \"arguments\": {\"to\": \"", 48) == 0);
+  char message[512];
+  CHECK_STATUS(ember_chat_parse_reply(model, TOOL_CONVERSATION, len, out.data, out.len, message,
+                                      sizeof message, &n), EMBER_OK);
+  CHECK(strstr(message, "\"tool_calls\":[{\"type\":\"function\",\"function\":{\"name\":\"go\",\"arguments\":{\"to\":") != NULL);
+  CHECK(strstr(message, "\"name\":\"go\"") != NULL);
+  /* The sampler has no constraint of its own afterwards. */
+  ember_constraint_state state = EMBER_CONSTRAINT_STATE_FINISHED;
+  CHECK_STATUS(ember_sampler_constraint_state(sampler, &state), EMBER_OK);
+  CHECK(state == EMBER_CONSTRAINT_STATE_NONE);
+  /* A broken call is an error naming it; the model's own template reads no tools. */
+  const char *broken = "<tool_call>\n{\"name\": 1}\n</tool_call>";
+  CHECK_STATUS(ember_chat_parse_reply(model, TOOL_CONVERSATION, len, broken, strlen(broken),
+                                      message, sizeof message, &n), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(ember_last_error(), "tool call 1") != NULL);
+  CHECK_STATUS(ember_chat_parse_reply(model, NULL, 0, broken, strlen(broken), message,
+                                      sizeof message, &n), EMBER_OK);
+  CHECK(strstr(message, "tool_calls") == NULL);
+
+  /* The same in the background, from the prompt's conversation field. */
+  ember_generation_prompt p;
+  memset(&p, 0, sizeof p);
+  p.struct_size = sizeof p;
+  p.conversation = TOOL_CONVERSATION;
+  p.conversation_len = len;
+  ember_generation *g = NULL;
+  CHECK_STATUS(ember_session_reset(session), EMBER_OK);
+  CHECK_STATUS(ember_generation_start(session, sampler, &p, NULL, &g), EMBER_OK);
+  size_t got = 0;
+  ember_generation_state gs = EMBER_GENERATION_RUNNING;
+  while (gs == EMBER_GENERATION_RUNNING && got + 1 < sizeof text) {
+    CHECK_STATUS(ember_generation_wait(g, 1000, NULL), EMBER_OK);
+    CHECK_STATUS(ember_generation_poll(g, text + got, sizeof text - got, &n, &gs), EMBER_OK);
+    got += n;
+  }
+  CHECK(strncmp(text, "<tool_call>\n{\"name\": \"go\"", 25) == 0);
+  CHECK_STATUS(ember_generation_finish(g, &reason, &n), EMBER_OK);
+  CHECK(reason == EMBER_STOP_REASON_CONSTRAINT_COMPLETE);
+  /* A conversation and messages at once are refused. */
+  ember_chat_message hi = {"user", "hi"};
+  p.messages = &hi;
+  p.n_messages = 1;
+  CHECK_STATUS(ember_generation_start(session, sampler, &p, NULL, &g), EMBER_ERR_INVALID_ARGUMENT);
+  ember_sampler_free(sampler);
+  ember_session_free(session);
+}
+
 static void test_generate(void) {
   ember_session *s = new_session(64, 2);
   ember_sampler *greedy = NULL;
@@ -1530,6 +1613,7 @@ int main(int argc, char **argv) {
   test_state_and_fork();
   test_sampler();
   test_generate();
+  test_tools();
   test_detokenizer();
   test_cancel();
   test_generation();

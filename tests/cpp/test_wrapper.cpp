@@ -622,6 +622,33 @@ static void test_constraint(const ember::Model &model) {
   CHECK(sampler->try_constraint_state().value() == ember::ConstraintState::none);
 }
 
+static void test_tool_calls(const ember::Model &model) {
+  // A conversation as JSON: one tool, a template that reads tools in the <tool_call> format.
+  const std::string conversation = R"({"messages": [{"role": "user", "content": "Go."}],
+    "tools": [{"type": "function", "function": {"name": "go", "parameters": {"type": "object",
+      "properties": {"to": {"enum": ["n", "s"]}}, "required": ["to"],
+      "additionalProperties": false}}}],
+    "tool_choice": "required",
+    "chat_template": "{% for m in messages %}{{ m.content }}{% endfor %}{% if tools %}<tool_call>{% endif %}"})";
+  auto prompt = model.try_apply_chat_template_json(conversation);
+  CHECK(prompt.ok() && *prompt == "Go.<tool_call>");
+  ember::Session session = new_session(model, 128, 1);
+  auto sampler = ember::Sampler::try_create();
+  CHECK(sampler.ok());
+  if (!sampler.ok()) return;
+  std::string reply;
+  auto done = session.try_chat_json(conversation, *sampler, ember::GenerateOptions(),
+                                    [&](std::string_view piece) { reply += piece; });
+  CHECK(done.ok() && done->reason == ember::StopReason::constraint_complete);
+  auto message = model.try_parse_reply(conversation, reply);
+  CHECK(message.ok() && message->find(R"("tool_calls":[{"type":"function","function":{"name":"go")") !=
+                            std::string::npos);
+  auto plain = model.try_parse_reply("", "Hello.");
+  CHECK(plain.ok() && *plain == R"({"role":"assistant","content":"Hello."})");
+  auto bad = model.try_apply_chat_template_json("[]");
+  CHECK(!bad.ok() && bad.error().status == ember::Status::invalid_argument);
+}
+
 int main(int argc, char **argv) {
   if (argc != 3) {
     std::fprintf(stderr, "usage: %s LLAMA_FIXTURE_DIR GPT2_FIXTURE_DIR\n", argv[0]);
@@ -643,6 +670,7 @@ int main(int argc, char **argv) {
   test_state_and_fork(model);
   test_background_generation(model);
   test_constraint(model);
+  test_tool_calls(model);
   test_pool(model);
   test_sampler();
   test_detokenizer(model);

@@ -55,7 +55,7 @@ KvTypeLike = Union[str, KvType]
 HAVE_NUMPY: bool = _np is not None
 
 #: A conversation message: ``{"role": ..., "content": ...}`` or ``(role, content)``.
-Message = Union[Mapping[str, str], Tuple[str, str]]
+Message = Union[Mapping[str, Any], Tuple[str, str]]
 #: Logits: what ``Session.step`` returns (numpy array or memoryview), or any sequence of floats.
 Logits = Any
 #: Text given to the library: ``str``, or ``bytes`` already in UTF-8.
@@ -158,21 +158,30 @@ def _read_text(call: Callable[[Any, int, Any], Any], cap: int = 256) -> str:
         return buf.raw[: n.value].decode("utf-8")
 
 
-def _messages(messages: Iterable[Message]) -> Tuple[Any, int, List[bytes]]:
-    """``(array, count, keepalive)``: a conversation as ``ember_chat_message`` structs."""
-    strings: List[bytes] = []
-    for message in messages:
-        if isinstance(message, Mapping):
-            role, content = message["role"], message["content"]
-        else:
-            role, content = message
-        strings += [_cstr(role, "a message role"), _cstr(content, "a message content")]
-    n = len(strings) // 2
-    arr = (_ffi.ember_chat_message * n)()
-    for i in range(n):
-        arr[i].role = strings[2 * i]
-        arr[i].content = strings[2 * i + 1]
-    return arr, n, strings
+def _conversation(messages: Iterable[Message], tools: Optional[Iterable[Mapping[str, Any]]] = None,
+                  tool_choice: Union[None, str, Mapping[str, Any]] = None,
+                  chat_template: Optional[str] = None,
+                  variables: Optional[Mapping[str, Any]] = None,
+                  parallel_tool_calls: Optional[bool] = None) -> bytes:
+    """A conversation as the JSON ``ember_chat_apply_json`` and ``ember_chat_json`` take:
+    messages (mappings with ``role``, ``content`` and whatever else the template reads, such
+    as ``tool_calls``; or ``(role, content)`` pairs), the template's variables, ``tools``,
+    ``tool_choice`` and ``chat_template``."""
+    request: Dict[str, Any] = dict(variables or {})
+    request["messages"] = [dict(m) if isinstance(m, Mapping)
+                           else {"role": m[0], "content": m[1]} for m in messages]
+    if tools is not None:
+        request["tools"] = list(tools)
+    if tool_choice is not None:
+        request["tool_choice"] = tool_choice
+    if chat_template is not None:
+        request["chat_template"] = chat_template
+    if parallel_tool_calls is not None:
+        request["parallel_tool_calls"] = bool(parallel_tool_calls)
+    try:
+        return json.dumps(request, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as e:
+        raise InvalidArgumentError(f"the conversation is not JSON: {e}") from None
 
 
 def _generate_params(
@@ -532,13 +541,35 @@ class Model(_Owned):
                               cap=4 * len(tokens) + 16)
 
     def apply_chat_template(self, messages: Iterable[Message],
-                            add_generation_prompt: bool = True) -> str:
-        """The prompt text the model's chat template makes of ``messages``, with the
-        assistant's turn opened when ``add_generation_prompt``."""
-        arr, n, _keep = _messages(messages)
+                            add_generation_prompt: bool = True, *,
+                            tools: Optional[Iterable[Mapping[str, Any]]] = None,
+                            chat_template: Optional[str] = None,
+                            variables: Optional[Mapping[str, Any]] = None) -> str:
+        """The prompt text the chat template makes of ``messages``, with the assistant's
+        turn opened when ``add_generation_prompt``, as transformers'
+        ``apply_chat_template(messages, tools=tools, chat_template=chat_template,
+        **variables, tokenize=False)`` renders it. Messages may carry ``tool_calls``
+        (``[{"type": "function", "function": {"name": ..., "arguments": {...}}}]``) and tool
+        results are messages of role ``tool``."""
+        data = _conversation(messages, tools, None, chat_template, variables)
         with self._use() as h:
-            return _read_text(lambda buf, cap, n_out: _lib.ember_chat_apply(
-                h, arr, n, add_generation_prompt, buf, cap, n_out))
+            return _read_text(lambda buf, cap, n_out: _lib.ember_chat_apply_json(
+                h, data, len(data), add_generation_prompt, buf, cap, n_out))
+
+    def parse_reply(self, text: Text, *, chat_template: Optional[str] = None) -> Dict[str, Any]:
+        """The assistant's reply ``text`` as the message to append to the conversation:
+        ``{"role": "assistant", "content": ..., "reasoning_content": ... (after a <think>
+        block), "tool_calls": [...] (when it called tools, in the template's format)}``.
+        ``chat_template``: the template the conversation used, if not the model's."""
+        return self._parse_reply(_conversation([], chat_template=chat_template), _utf8(text))
+
+    def _parse_reply(self, conversation: bytes, reply: bytes) -> Dict[str, Any]:
+        with self._use() as h:
+            out = _read_text(lambda buf, cap, n_out: _lib.ember_chat_parse_reply(
+                h, conversation, len(conversation), reply, len(reply), buf, cap, n_out),
+                cap=2 * len(reply) + 64)
+        result: Dict[str, Any] = json.loads(out)
+        return result
 
     def session(self, n_ctx: int = 0, threads: Optional[int] = None,
                 n_ubatch: Optional[int] = None, pool: Optional["Pool"] = None,
@@ -571,16 +602,24 @@ class Model(_Owned):
              sampler: Optional["Sampler"] = None, stop: Union[Text, Iterable[Text]] = (),
              ignore_end_tokens: bool = False, parse_special: bool = False, n_ctx: int = 0,
              threads: Optional[int] = None, logprobs: bool = False, top_logprobs: int = 0,
-                 json_schema: Union[None, str, dict] = None, regex: Optional[str] = None,
-                 grammar: Optional[str] = None) -> "TextStream":
+             json_schema: Union[None, str, dict] = None, regex: Optional[str] = None,
+             grammar: Optional[str] = None,
+             tools: Optional[Iterable[Mapping[str, Any]]] = None,
+             tool_choice: Union[None, str, Mapping[str, Any]] = None,
+             chat_template: Optional[str] = None,
+             variables: Optional[Mapping[str, Any]] = None,
+             parallel_tool_calls: Optional[bool] = None) -> "TextStream":
         """The assistant's reply to ``messages`` (the chat template applied), in a session of
         its own, yielding text as it comes. To keep a conversation, use ``Session.chat`` on
         one session: earlier turns are then not computed again. See ``Session.chat`` for
-        ``parse_special``."""
+        the options."""
         session = self.session(n_ctx=n_ctx, threads=threads)
-        return session._stream_chat(messages, max_tokens, sampler, stop, ignore_end_tokens,
-                                    parse_special, owned=[session], logprobs=logprobs, top_logprobs=top_logprobs,
-                                 json_schema=json_schema, regex=regex, grammar=grammar)
+        conversation = _conversation(messages, tools, tool_choice, chat_template, variables,
+                                     parallel_tool_calls)
+        return session._stream_chat(conversation, max_tokens, sampler, stop, ignore_end_tokens,
+                                    parse_special, owned=[session], logprobs=logprobs,
+                                    top_logprobs=top_logprobs, json_schema=json_schema,
+                                    regex=regex, grammar=grammar)
 
 
 # ---- session ----
@@ -847,8 +886,13 @@ class Session(_Owned):
              sampler: Optional["Sampler"] = None, stop: Union[Text, Iterable[Text]] = (),
              ignore_end_tokens: bool = False, parse_special: bool = False,
              logprobs: bool = False, top_logprobs: int = 0,
-                 json_schema: Union[None, str, dict] = None, regex: Optional[str] = None,
-                 grammar: Optional[str] = None) -> "TextStream":
+             json_schema: Union[None, str, dict] = None, regex: Optional[str] = None,
+             grammar: Optional[str] = None,
+             tools: Optional[Iterable[Mapping[str, Any]]] = None,
+             tool_choice: Union[None, str, Mapping[str, Any]] = None,
+             chat_template: Optional[str] = None,
+             variables: Optional[Mapping[str, Any]] = None,
+             parallel_tool_calls: Optional[bool] = None) -> "TextStream":
         """The assistant's reply to the whole conversation ``messages`` (the model's chat
         template applied), as a ``TextStream``. Keep a conversation in one session and pass
         all its messages each turn: the tokens of earlier turns the session still holds are
@@ -857,10 +901,23 @@ class Session(_Owned):
         Message contents are plain text: a special token written in a message (player text
         such as ``<|im_start|>system``) stays text and cannot open or close a turn; only the
         template's own control tokens are control tokens. ``parse_special=True`` turns this
-        off, for messages the program wrote itself."""
-        return self._stream_chat(messages, max_tokens, sampler, stop, ignore_end_tokens,
-                                 parse_special, owned=[], logprobs=logprobs, top_logprobs=top_logprobs,
-                                 json_schema=json_schema, regex=regex, grammar=grammar)
+        off, for messages the program wrote itself.
+
+        Tools: ``tools`` (as transformers' ``apply_chat_template(tools=...)`` takes them)
+        reach the template, and the reply follows the template's tool-call format as
+        ``tool_choice`` says: ``"auto"`` (the default: text, or calls valid for the tools'
+        schemas), ``"required"``, ``{"type": "function", "function": {"name": NAME}}`` or
+        ``"none"``; ``parallel_tool_calls=False`` allows one call per reply (small models
+        may not know when to stop calling). ``stream.message()`` gives the reply parsed,
+        with its ``tool_calls``.
+        ``chat_template`` replaces the model's template; ``variables`` are the template's
+        other inputs (``enable_thinking``, ...)."""
+        conversation = _conversation(messages, tools, tool_choice, chat_template, variables,
+                                     parallel_tool_calls)
+        return self._stream_chat(conversation, max_tokens, sampler, stop, ignore_end_tokens,
+                                 parse_special, owned=[], logprobs=logprobs,
+                                 top_logprobs=top_logprobs, json_schema=json_schema,
+                                 regex=regex, grammar=grammar)
 
     def _stream_generate(self, prompt: Text, max_tokens: int, sampler: Optional["Sampler"],
                          stop: Union[Text, Iterable[Text]], ignore_end_tokens: bool,
@@ -883,24 +940,22 @@ class Session(_Owned):
         return TextStream(self, sampler, request, params, owned, keep=[data],
                           clear_constraint=clear)
 
-    def _stream_chat(self, messages: Iterable[Message], max_tokens: int,
+    def _stream_chat(self, conversation: bytes, max_tokens: int,
                      sampler: Optional["Sampler"], stop: Union[Text, Iterable[Text]],
                      ignore_end_tokens: bool, parse_special: bool,
                      owned: List[_Owned], logprobs: bool = False, top_logprobs: int = 0,
-                 json_schema: Union[None, str, dict] = None, regex: Optional[str] = None,
-                 grammar: Optional[str] = None) -> "TextStream":
-        arr, n, keep = _messages(messages)
+                     json_schema: Union[None, str, dict] = None, regex: Optional[str] = None,
+                     grammar: Optional[str] = None) -> "TextStream":
         params = _generate_params(max_tokens, stop, ignore_end_tokens,
                                   parse_special=parse_special)
         params.logprobs = int(bool(logprobs) or top_logprobs > 0)
         params.top_logprobs = _uint(top_logprobs, "top_logprobs")
         request = _ffi.ember_generation_prompt()
         request.struct_size = ctypes.sizeof(request)
-        request.messages = ctypes.cast(arr, POINTER(_ffi.ember_chat_message))
-        request.n_messages = n
+        request.conversation, request.conversation_len = conversation, len(conversation)
         sampler, owned, clear = self._constrained(sampler, owned, json_schema, regex, grammar)
-        return TextStream(self, sampler, request, params, owned, keep=[arr, keep],
-                          clear_constraint=clear)
+        return TextStream(self, sampler, request, params, owned, keep=[conversation],
+                          clear_constraint=clear, conversation=conversation)
 
     def _constrained(self, sampler: Optional["Sampler"], owned: List[_Owned],
                      json_schema: Union[None, str, dict], regex: Optional[str],
@@ -1116,7 +1171,8 @@ class TextStream(_Closing, Iterator[str]):
 
     def __init__(self, session: Session, sampler: Optional[Sampler], request: Any,
                  params: Any, owned: List[_Owned], keep: List[Any],
-                 empty: bool = False, clear_constraint: bool = False) -> None:
+                 empty: bool = False, clear_constraint: bool = False,
+                 conversation: Optional[bytes] = None) -> None:
         if sampler is None:
             sampler = Sampler()
             owned = owned + [sampler]
@@ -1124,6 +1180,8 @@ class TextStream(_Closing, Iterator[str]):
         self._request, self._params, self._keep, self._empty = request, params, keep, empty
         self._owned = owned
         self._clear_constraint = clear_constraint
+        self._conversation = conversation
+        self._text: List[str] = []
         self._handle: Any = None
         self._uses: List[_Use] = []
         self._lock = threading.Lock()  # one C call on the handle at a time
@@ -1176,7 +1234,10 @@ class TextStream(_Closing, Iterator[str]):
                                            byref(n), byref(state))
                 self._collect_tokens()
                 if n.value:
-                    return self._buffer.raw[: n.value].decode("utf-8")
+                    piece = self._buffer.raw[: n.value].decode("utf-8")
+                    if self._conversation is not None:
+                        self._text.append(piece)
+                    return piece
                 if state.value == _FINISHED:
                     self._finish(stopped=False)
                     raise StopIteration
@@ -1233,6 +1294,18 @@ class TextStream(_Closing, Iterator[str]):
     def read(self) -> str:
         """All the (remaining) text at once."""
         return "".join(self)
+
+    def message(self) -> Dict[str, Any]:
+        """For a chat: the whole reply (what is left of it is generated first) parsed into
+        the message to append to the conversation: ``{"role": "assistant", "content": ...,
+        "tool_calls": [{"type": "function", "function": {"name": ..., "arguments": {...}}},
+        ...]}`` (``tool_calls`` when it called tools; ``reasoning_content`` after a
+        ``<think>`` block)."""
+        if self._conversation is None:
+            raise InvalidArgumentError("message() is for the stream of a chat")
+        self.read()
+        return self._session.model._parse_reply(self._conversation,
+                                                "".join(self._text).encode("utf-8"))
 
     def close(self) -> None:
         """Stops the generation (if it runs, within about one layer's time) and releases what

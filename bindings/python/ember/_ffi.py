@@ -120,6 +120,8 @@ class ember_generation_prompt(Structure):
         ("n_tokens", c_size_t),
         ("messages", POINTER(ember_chat_message)),
         ("n_messages", c_size_t),
+        ("conversation", c_char_p),
+        ("conversation_len", c_size_t),
     ]
 
 
@@ -281,6 +283,11 @@ SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
         [_session_p, _sampler_p, POINTER(ember_chat_message), c_size_t,
          POINTER(ember_generate_params), ember_text_callback, c_void_p, _enum_p, _size_p],
     ),
+    "ember_chat_json": (
+        ember_status,
+        [_session_p, _sampler_p, c_char_p, c_size_t, POINTER(ember_generate_params),
+         ember_text_callback, c_void_p, _enum_p, _size_p],
+    ),
     "ember_generation_start": (
         ember_status,
         [_session_p, _sampler_p, POINTER(ember_generation_prompt),
@@ -328,6 +335,14 @@ SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
     "ember_chat_apply": (
         ember_status,
         [_model_p, POINTER(ember_chat_message), c_size_t, c_bool, _chars, c_size_t, _size_p],
+    ),
+    "ember_chat_apply_json": (
+        ember_status,
+        [_model_p, c_char_p, c_size_t, c_bool, _chars, c_size_t, _size_p],
+    ),
+    "ember_chat_parse_reply": (
+        ember_status,
+        [_model_p, c_char_p, c_size_t, c_char_p, c_size_t, _chars, c_size_t, _size_p],
     ),
     "ember_sampler_params_default": (ember_status, [c_size_t, POINTER(ember_sampler_params)]),
     "ember_sampler_new": (ember_status, [POINTER(ember_sampler_params), POINTER(_sampler_p)]),
