@@ -227,6 +227,10 @@ typedef enum ember_constraint_kind {
    * A context-free grammar in Lark syntax, as llguidance defines it (rule `start`).
    */
   EMBER_CONSTRAINT_LARK = 3,
+  /**
+   * A grammar in llama.cpp's GBNF (rule `root`), converted to Lark.
+   */
+  EMBER_CONSTRAINT_GBNF = 4,
 } ember_constraint_kind;
 
 /**

@@ -783,7 +783,7 @@ pub fn c_api(data: &[u8]) {
 }
 
 /// A constraint over the tiny Llama fixture's vocabulary, then tokens sampled under it. The
-/// first byte picks the kind (JSON schema, regex, Lark grammar), the first part of the rest
+/// first byte picks the kind (JSON schema, regex, Lark grammar, GBNF), the first part of the rest
 /// is the constraint's text and the second drives sampling (one draw per byte, from logits
 /// made of it). A constraint is made or refused with an error; sampling under it gives
 /// allowed tokens until it finishes, without panics or hangs.
@@ -800,7 +800,8 @@ pub fn constraint(data: &[u8]) {
         ConstraintKind::JsonSchema,
         ConstraintKind::Regex,
         ConstraintKind::Lark,
-    ][kind as usize % 3];
+        ConstraintKind::Gbnf,
+    ][kind as usize % 4];
     let [text, drive] = parts(rest, 2)[..] else {
         return;
     };

@@ -260,3 +260,82 @@ fn bad_and_hostile_constraints_are_errors_in_bounded_time() {
     // The model is still fine for constraints.
     model.constraint(ConstraintKind::Regex, "[0-9]+").unwrap();
 }
+
+/// JSON objects in GBNF (written for these tests), with bounded strings and numbers so that a
+/// random model completes them.
+const JSON_GBNF: &str = r#"# JSON objects
+root   ::= obj
+obj    ::= "{" sp ( member ( "," sp member )* )? "}"
+member ::= str sp ":" sp val sp
+val    ::= obj | arr | str | num | "true" | "false" | "null"
+arr    ::= "[" sp ( val sp ( "," sp val sp )* )? "]"
+str    ::= "\"" ( [^"\\\x00-\x1F] | "\\" ["\\/nrt] ){0,6} "\""
+num    ::= "-"? ( "0" | [1-9] [0-9]{0,3} ) ( "." [0-9]{1,2} )?
+sp     ::= | " "
+"#;
+
+#[test]
+fn sampled_text_under_a_gbnf_grammar_parses_as_json() {
+    let model = model("llama");
+    let mut complete = 0;
+    for seed in 0..20 {
+        let mut s = sampler(&model, 1.0, seed, ConstraintKind::Gbnf, JSON_GBNF);
+        let (text, reason) = run(&model, &mut s, 120);
+        if reason == StopReason::ConstraintComplete {
+            let value: serde_json::Value =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?} is not JSON: {e}"));
+            assert!(value.is_object(), "{text:?}");
+            complete += 1;
+        } else {
+            assert_eq!(reason, StopReason::ConstraintIncomplete, "{text:?}");
+        }
+    }
+    assert!(complete >= 10, "{complete} of 20 complete");
+}
+
+/// Feeds `text`'s tokens to a fresh `constraint`: true when each is allowed and the output
+/// is then complete.
+fn accepts(model: &Model, grammar: &str, text: &str) -> bool {
+    let mut c = model.constraint(ConstraintKind::Gbnf, grammar).unwrap();
+    let ids = model
+        .tokenizer()
+        .unwrap()
+        .encode(text, false, false)
+        .unwrap();
+    for t in ids {
+        if !c.allows(t).unwrap() {
+            return false;
+        }
+        c.accept(t).unwrap();
+    }
+    c.state().unwrap() != ConstraintState::Incomplete
+}
+
+#[test]
+fn a_gbnf_grammar_accepts_its_language_and_nothing_else() {
+    // Literals, alternatives, classes, bounded repetitions, an optional group, `.`, escapes.
+    let grammar = "root ::= greeting \", \" name tail\n\
+                   greeting ::= \"hi\" | \"hello\"\n\
+                   name ::= [A-Z] [a-z]{1,5} (\"-\" [A-Z] [a-z]{1,5})?\n\
+                   tail ::= \"!\" | \"\\x3F\" . # any one character after a question mark\n";
+    let model = model("llama");
+    for (text, member) in [
+        ("hi, Bob!", true),
+        ("hello, Ann-Marie!", true),
+        ("hi, Zo?\n", true),
+        ("hi, Bo?é", true),
+        ("hey, Bob!", false),
+        ("hi, bob!", false),
+        ("hi, Bobbbbbb!", false),
+        ("hi, Bob", false),
+        ("hi, Bob?", false),
+        ("hi, Ann-!", false),
+        ("hi, Bob!!", false),
+    ] {
+        assert_eq!(accepts(&model, grammar, text), member, "{text:?}");
+    }
+    let err = model
+        .constraint(ConstraintKind::Gbnf, "root ::= undefined-rule\n")
+        .unwrap_err();
+    assert!(err.to_string().contains("undefined-rule"), "{err}");
+}

@@ -237,6 +237,8 @@ pub enum ember_constraint_kind {
     EMBER_CONSTRAINT_REGEX = 2,
     /// A context-free grammar in Lark syntax, as llguidance defines it (rule `start`).
     EMBER_CONSTRAINT_LARK = 3,
+    /// A grammar in llama.cpp's GBNF (rule `root`), converted to Lark.
+    EMBER_CONSTRAINT_GBNF = 4,
 }
 
 /// Where a sampler's constraint stands (`ember_sampler_constraint_state`).
@@ -291,6 +293,9 @@ pub unsafe extern "C" fn ember_sampler_set_constraint(
             }
             k if k == ember_constraint_kind::EMBER_CONSTRAINT_LARK as u32 => {
                 Some(ConstraintKind::Lark)
+            }
+            k if k == ember_constraint_kind::EMBER_CONSTRAINT_GBNF as u32 => {
+                Some(ConstraintKind::Gbnf)
             }
             k => {
                 return Err(Error::InvalidArgument(format!(

@@ -894,6 +894,20 @@ static void test_sampler(void) {
   CHECK_STATUS(ember_generate(session, s, prompt, strlen(prompt), &gp, NULL, NULL, &reason, &n),
                EMBER_OK);
   CHECK(reason == EMBER_STOP_REASON_CONSTRAINT_INCOMPLETE && n == 3);
+  /* GBNF, llama.cpp's grammar format. */
+  const char *gbnf = "root ::= answer \"!\"\nanswer ::= \"yes\" | \"no\"\n";
+  CHECK_STATUS(ember_sampler_set_constraint(s, model, EMBER_CONSTRAINT_GBNF, gbnf, strlen(gbnf)),
+               EMBER_OK);
+  memset(&out, 0, sizeof out);
+  CHECK_STATUS(ember_session_reset(session), EMBER_OK);
+  CHECK_STATUS(ember_generate(session, s, prompt, strlen(prompt), NULL, collect, &out, &reason, &n),
+               EMBER_OK);
+  CHECK(reason == EMBER_STOP_REASON_CONSTRAINT_COMPLETE);
+  CHECK(strcmp(out.data, "yes!") == 0 || strcmp(out.data, "no!") == 0);
+  const char *bad_gbnf = "root ::= nowhere\n";
+  CHECK_STATUS(ember_sampler_set_constraint(s, model, EMBER_CONSTRAINT_GBNF, bad_gbnf,
+                                            strlen(bad_gbnf)), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(ember_last_error(), "nowhere") != NULL);
   CHECK_STATUS(ember_sampler_set_constraint(s, NULL, EMBER_CONSTRAINT_NONE, NULL, 0), EMBER_OK);
   CHECK_STATUS(ember_sampler_constraint_state(s, &state), EMBER_OK);
   CHECK(state == EMBER_CONSTRAINT_STATE_NONE);

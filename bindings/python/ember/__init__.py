@@ -20,6 +20,7 @@ the repository's ``target/release`` and ``target/debug``, then the system).
 from ._core import (
     HAVE_NUMPY,
     Detokenizer,
+    Gbnf,
     Message,
     Model,
     ModelInfo,
@@ -69,6 +70,7 @@ __all__ = [
     "ContextFullError",
     "Detokenizer",
     "EmberError",
+    "Gbnf",
     "InternalError",
     "InvalidArgumentError",
     "IoError",

@@ -874,7 +874,8 @@ class Session(_Owned):
         ``logprobs=True`` fills the stream's ``tokens`` with each token's log-probability;
         ``top_logprobs=k`` (at most 20) also gives each token's k most likely alternatives
         (the stream's ``top_logprobs``). ``json_schema`` (a dict or JSON text), ``regex`` or
-        ``grammar`` (Lark, llguidance's syntax) constrain the output to be valid: the stream
+        ``grammar`` (Lark, llguidance's syntax, or ``ember.Gbnf(text)`` for llama.cpp's GBNF)
+        constrain the output to be valid: the stream
         then ends with ``StopReason.CONSTRAINT_COMPLETE`` (``CONSTRAINT_INCOMPLETE`` when
         ``max_tokens`` ran out first); a ``sampler`` given gets the constraint for this
         call only."""
@@ -1057,7 +1058,8 @@ class Sampler(_Owned):
                        regex: Optional[str] = None, grammar: Optional[str] = None) -> None:
         """Constrains the tokens drawn to those that keep the output valid: one JSON value
         valid against ``json_schema`` (a dict or JSON text), text matching ``regex``, or a
-        Lark ``grammar`` (llguidance's syntax), over ``model``'s vocabulary. With none of
+        Lark ``grammar`` (llguidance's syntax; ``ember.Gbnf(text)`` for GBNF), over
+        ``model``'s vocabulary. With none of
         them, removes the constraint. Invalid ones raise ``InvalidArgumentError``."""
         kind, text = _constraint_of(json_schema, regex, grammar)
         data = _utf8(text)
@@ -1078,11 +1080,17 @@ class Sampler(_Owned):
         return ConstraintState(out.value)
 
 
+class Gbnf(str):
+    """A grammar in llama.cpp's GBNF (start rule ``root``), for ``grammar=``:
+    ``grammar=ember.Gbnf('root ::= "yes" | "no"')``. A plain string there is Lark."""
+
+
 def _constraint_of(json_schema: Union[None, str, dict], regex: Optional[str],
                    grammar: Optional[str]) -> Tuple[ConstraintKind, str]:
     given = [(k, v) for k, v in ((ConstraintKind.JSON_SCHEMA, json_schema),
                                  (ConstraintKind.REGEX, regex),
-                                 (ConstraintKind.LARK, grammar)) if v is not None]
+                                 (ConstraintKind.GBNF if isinstance(grammar, Gbnf)
+                                  else ConstraintKind.LARK, grammar)) if v is not None]
     if len(given) > 1:
         raise ValueError("give one of json_schema, regex and grammar")
     if not given:

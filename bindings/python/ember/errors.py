@@ -46,6 +46,7 @@ class ConstraintKind(enum.IntEnum):
     JSON_SCHEMA = 1
     REGEX = 2
     LARK = 3
+    GBNF = 4
 
 
 class ConstraintState(enum.IntEnum):

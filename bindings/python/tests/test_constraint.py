@@ -113,3 +113,15 @@ def test_states_stop_reasons_and_errors(llama):
     with pytest.raises(ValueError):
         sampler.set_constraint(llama, regex="a", grammar="start: \"a\"")
     assert sampler.constraint_state == ember.ConstraintState.NONE
+
+
+def test_gbnf_grammars_constrain_as_llama_cpp_writes_them(llama):
+    gbnf = ember.Gbnf('root ::= dir " " [1-9] [0-9]? " steps"\ndir ::= "north" | "south"\n')
+    for seed in range(10):
+        stream = llama.generate("Hello", max_tokens=40, grammar=gbnf,
+                                sampler=ember.Sampler(temperature=1.0, seed=seed))
+        text = stream.read()
+        assert stream.stop_reason == ember.StopReason.CONSTRAINT_COMPLETE, text
+        assert re.fullmatch(r"(north|south) [1-9][0-9]? steps", text), text
+    with pytest.raises(ember.InvalidArgumentError, match="no `root` rule"):
+        ember.Sampler().set_constraint(llama, grammar=ember.Gbnf('start ::= "a"\n'))

@@ -14,6 +14,8 @@
 
 use std::sync::Arc;
 
+pub mod gbnf;
+
 use llguidance::api::TopLevelGrammar;
 use llguidance::toktrie::{
     ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv,
@@ -36,6 +38,8 @@ pub enum ConstraintKind {
     Regex,
     /// A context-free grammar in Lark syntax as llguidance defines it (start rule `start`).
     Lark,
+    /// A grammar in llama.cpp's GBNF (start rule `root`), converted to Lark ([`gbnf`]).
+    Gbnf,
 }
 
 /// Where a constraint stands after the tokens fed to it.
@@ -155,6 +159,7 @@ impl ConstraintFactory {
             }
             ConstraintKind::Regex => TopLevelGrammar::from_regex(text),
             ConstraintKind::Lark => TopLevelGrammar::from_lark(text.to_string()),
+            ConstraintKind::Gbnf => TopLevelGrammar::from_lark(gbnf::to_lark(text)?),
         };
         let made = catch_dependency_panic(|| Matcher::new(self.factory.create_parser(grammar)));
         let matcher = made.map_err(|p| Error::InvalidArgument(format!("constraint: {p}")))?;
