@@ -653,7 +653,8 @@ typedef struct ember_generation_prompt {
   size_t n_messages;
   /**
    * A whole conversation as JSON (as `ember_chat_json` takes it: tools, tool calls and
-   * results, `tool_choice`, template variables), instead of `messages`. (Added after
+   * results, `tool_choice`, template variables), instead of `messages`; read when
+   * `conversation_len` is not 0. (Added after
    * `n_messages`: a smaller struct has none.)
    */
   const char *conversation;
@@ -931,7 +932,9 @@ enum ember_status ember_chat_apply(const struct ember_model *model,
  * `[{"type": "function", "function": {"name": ..., "arguments": {...}}}]`, `name`,
  * `reasoning_content`; tool results as messages of role `tool`), optionally `tools` (a
  * list of `{"type": "function", "function": {"name", "description", "parameters"}}`),
- * `chat_template` (Jinja source used instead of the model's), `tool_choice` and
+ * `chat_template` (Jinja source used instead of the model's: it decides which text becomes
+ * control tokens, so never forward a `chat_template` that came from a player or a client),
+ * `tool_choice` and
  * `parallel_tool_calls` (read by `ember_chat_json`), and any other key as a template variable (`enable_thinking`, ...).
  * Writes the prompt text as `ember_detokenize` writes text. Fails with
  * `EMBER_ERR_INVALID_ARGUMENT` for JSON that is not such a conversation, a model without a
@@ -958,8 +961,12 @@ enum ember_status ember_chat_apply_json(const struct ember_model *model,
  * {"name": ..., "arguments": {...}}}, ...]` when it called tools in the format of the
  * conversation's template (the model's, or the conversation's `chat_template`).
  * `conversation` (JSON as `ember_chat_apply_json` takes it) may be NULL for the model's
- * template. A tool call that is not valid JSON with a name is `EMBER_ERR_INVALID_ARGUMENT`
- * naming it (a reply generated with a `tool_choice` other than `"none"` always parses).
+ * template. With `tool_choice` `"none"` the reply holds no calls; a Llama-style JSON object
+ * is a call only when it names one of the `tools`. A tool call that is not valid JSON with a
+ * name is `EMBER_ERR_INVALID_ARGUMENT` naming it: a reply that ended with
+ * `EMBER_STOP_REASON_CONSTRAINT_COMPLETE` always parses, one cut off inside a call (by
+ * `max_tokens` or the context) does not. A reply cut off inside its `<think>` block is all
+ * `reasoning_content`.
  *
  * # Safety
  * `conversation` NULL or valid for `conversation_len` bytes; `text` for `text_len` bytes;

@@ -205,6 +205,7 @@ pub fn conversation(data: &[u8]) {
             let choice = conversation.tool_choice.clone().unwrap_or(ToolChoice::Auto);
             let shape = ReplyShape {
                 thinking: true,
+                think_open: reply.starts_with('1'),
                 parallel: conversation.parallel_tool_calls.unwrap_or(true),
             };
             if let Ok(Some(grammar)) = reply_grammar(format, conversation.tools(), &choice, shape) {

@@ -222,10 +222,11 @@ impl<'s> Generator<'s> {
 
     /// [`Generator::chat`] for a whole [`Conversation`] (tools, tool calls and results,
     /// template variables, a template of its own). With tools, the reply follows the
-    /// template's tool-call format ([`crate::tools`]) as `tool_choice` asks: a constraint
-    /// built from the tools' argument schemas takes the sampler's own constraint's place
-    /// for this reply (it is put back when the generator is dropped). Parse the reply with
-    /// [`crate::Tokenizer::parse_reply`].
+    /// template's tool-call format ([`crate::tools`]) as `tool_choice` asks, under a
+    /// constraint built from the tools' argument schemas that the sampler holds for this
+    /// reply (it must have none of its own; it has none again when the generator is
+    /// dropped, so a continuation with an empty prompt is not constrained: ask again
+    /// with the conversation). Parse the reply with [`crate::Tokenizer::parse_reply`].
     pub fn chat_conversation(
         session: &'s mut Session,
         sampler: &'s mut Sampler,
@@ -234,6 +235,7 @@ impl<'s> Generator<'s> {
     ) -> Result<Generator<'s>> {
         let (keep, ids, constraint) =
             conversation_tokens(session, conversation, options.parse_special)?;
+        check_tool_sampler(sampler, &constraint)?;
         session.rewind(keep)?;
         let mut g = Generator::new(session, sampler, &ids[keep..], options)?;
         if let Some(c) = constraint {
@@ -414,28 +416,64 @@ pub(crate) fn conversation_tokens(
 
 /// The constraint a conversation's reply follows for its tools and `tool_choice`, if any.
 fn tool_constraint(model: &Model, conversation: &Conversation) -> Result<Option<Constraint>> {
-    let template = model.tokenizer()?.conversation_template(conversation)?;
-    let Some(format) = template.tool_format() else {
-        if conversation.tool_choice.is_some() {
+    let tokenizer = model.tokenizer()?;
+    let template = tokenizer.conversation_template(conversation)?;
+    let choice = conversation.tool_choice.clone();
+    if !template.reads_tools() {
+        if choice.is_some() {
             return Err(Error::InvalidArgument(format!(
                 "{} does not read `tools`: tool_choice cannot apply",
                 template.origin()
             )));
         }
         return Ok(None);
+    }
+    let Some(format) = template.tool_format() else {
+        // A template of another format: the model is told of the tools, and its reply is
+        // not constrained.
+        return match choice {
+            Some(ToolChoice::Required | ToolChoice::Function(_)) => {
+                Err(Error::InvalidArgument(format!(
+                    "{} asks for tool calls in a format Ember cannot constrain (it knows \
+                     <tool_call> blocks and JSON objects with \"parameters\"): use \
+                     tool_choice \"auto\"",
+                    template.origin()
+                )))
+            }
+            _ => Ok(None),
+        };
     };
-    let choice = conversation.tool_choice.clone().unwrap_or(ToolChoice::Auto);
+    let choice = choice.unwrap_or(ToolChoice::Auto);
+    let think_open = template.thinks()
+        && tokenizer
+            .render_conversation(conversation, true)?
+            .trim_end()
+            .ends_with("<think>");
     // A reply may open with a `<think>` block when the template knows of them and the
     // conversation does not turn thinking off.
     let shape = ReplyShape {
         thinking: template.thinks()
             && conversation.variables.get("enable_thinking")
                 != Some(&serde_json::Value::Bool(false)),
+        think_open,
         parallel: conversation.parallel_tool_calls.unwrap_or(true),
     };
     reply_grammar(format, conversation.tools(), &choice, shape)?
         .map(|grammar| model.constraint(ConstraintKind::Lark, &grammar))
         .transpose()
+}
+
+/// A reply constrained by its tools needs a sampler without a constraint of its own (which
+/// of the two would it follow?).
+pub(crate) fn check_tool_sampler(sampler: &Sampler, tools: &Option<Constraint>) -> Result<()> {
+    if tools.is_some() && sampler.constraint().is_some() {
+        return Err(Error::InvalidArgument(
+            "the sampler has a constraint of its own, and a reply with tools follows the \
+             tools' format: remove one of them"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// How many of a prompt's `ids` the session holds already and can keep (at least one is

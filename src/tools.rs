@@ -29,16 +29,19 @@ pub enum ToolFormat {
 }
 
 impl ToolFormat {
-    /// The format a template's source asks for; `None` when the template never reads
-    /// `tools` (it cannot tell the model about them).
+    /// The format a template's source asks for; `None` when it is neither (a template that
+    /// does not read `tools`, or one of another format: Mistral's `[TOOL_CALLS]`, ...).
     pub fn of_template(source: &str) -> Option<ToolFormat> {
         if !source.contains("tools") {
             return None;
         }
-        if !source.contains("<tool_call>") && source.contains("\"parameters\"") {
-            return Some(ToolFormat::JsonObject);
+        if source.contains("<tool_call>") {
+            Some(ToolFormat::Tagged)
+        } else if source.contains("\"parameters\"") {
+            Some(ToolFormat::JsonObject)
+        } else {
+            None
         }
-        Some(ToolFormat::Tagged)
     }
 
     /// The key under which a call's arguments are written.
@@ -145,6 +148,9 @@ fn call_schema(format: ToolFormat, tools: &[Value], only: Option<&str>) -> Resul
 pub struct ReplyShape {
     /// The model may open with a `<think>` block.
     pub thinking: bool,
+    /// The prompt ends inside a `<think>` block the template opened: the reply starts with
+    /// the reasoning and must close it.
+    pub think_open: bool,
     /// More than one call per reply (OpenAI's `parallel_tool_calls`, default true).
     pub parallel: bool,
 }
@@ -168,6 +174,7 @@ pub fn reply_grammar(
         ToolChoice::None => String::new(),
         _ => format!("%json {}", call_schema(format, tools, only)?),
     };
+    let think = if shape.think_open { "think" } else { "think?" };
     let more_calls = if shape.parallel {
         "more_calls: (\"\\n<tool_call>\" call_rest)*\n"
     } else {
@@ -179,31 +186,34 @@ pub fn reply_grammar(
     let grammar = match (format, choice) {
         (ToolFormat::JsonObject, ToolChoice::None) => return Ok(None),
         (ToolFormat::JsonObject, ToolChoice::Auto) => {
-            format!("start: TEXT | {call}\nTEXT: /(?s:([^{{].*)?)/\n")
+            format!("start: TEXT | {call}\nTEXT: /(?s:\\s*([^\\s{{].*)?)/\n")
         }
         (ToolFormat::JsonObject, _) => format!("start: {call}\n"),
-        (ToolFormat::Tagged, ToolChoice::None) => "start: think? TEXT\n".to_string(),
+        (ToolFormat::Tagged, ToolChoice::None) => format!("start: {think} TEXT\n"),
         (ToolFormat::Tagged, ToolChoice::Auto) => format!(
-            "start: think? (TEXT | calls | text_then_call call_rest more_calls)\n\
+            "start: {think} (TEXT | calls | text_then_call call_rest more_calls)\n\
              text_then_call[lazy]: /(?s:.*<tool_call>)/\n\
              calls: \"<tool_call>\" call_rest more_calls\n\
              call_rest: \"\\n\" {call} \"\\n</tool_call>\"\n\
              {more_calls}"
         ),
         (ToolFormat::Tagged, ToolChoice::Required) => format!(
-            "start: think? calls\n\
+            "start: {think} calls\n\
              calls: \"<tool_call>\" call_rest more_calls\n\
              call_rest: \"\\n\" {call} \"\\n</tool_call>\"\n\
              {more_calls}"
         ),
         (ToolFormat::Tagged, ToolChoice::Function(_)) => {
-            format!("start: think? \"<tool_call>\\n\" {call} \"\\n</tool_call>\"\n")
+            format!("start: {think} \"<tool_call>\\n\" {call} \"\\n</tool_call>\"\n")
         }
     };
     let mut grammar = grammar;
     if format == ToolFormat::Tagged {
         grammar.push_str("TEXT: /(?s:.*)/ & ~/(?s:.*<tool_call>.*)/\n");
-        if shape.thinking {
+        if shape.think_open {
+            // The template opened the block: the reply starts inside it.
+            grammar.push_str("think: think_body /\\n*/\nthink_body[lazy]: /(?s:.*<\\/think>)/\n");
+        } else if shape.thinking {
             grammar.push_str(
                 "think: think_body /\\n*/\nthink_body[lazy]: /(?s:<think>.*<\\/think>)/\n",
             );
@@ -214,23 +224,68 @@ pub fn reply_grammar(
     Ok(Some(grammar))
 }
 
+/// How a reply is read back ([`parse_reply`]).
+#[derive(Debug, Clone, Default)]
+pub struct ReplyFormat {
+    /// The calls' format; `None`: the reply holds no calls (a template without a known
+    /// format, or `tool_choice` `"none"`).
+    pub calls: Option<ToolFormat>,
+    /// The template knows `<think>` blocks: a reply that closes one it did not open (the
+    /// template opened it in the prompt) starts with reasoning.
+    pub thinks: bool,
+    /// The tools' names: a [`ToolFormat::JsonObject`] reply is a call only when it names
+    /// one of them (empty: any name).
+    pub tools: Vec<String>,
+}
+
+impl ReplyFormat {
+    /// The format of replies to a conversation of `tools` and `choice` under a template
+    /// of `format` that `thinks` or not.
+    pub fn new(
+        format: Option<ToolFormat>,
+        thinks: bool,
+        tools: &[Value],
+        choice: Option<&ToolChoice>,
+    ) -> ReplyFormat {
+        ReplyFormat {
+            calls: format.filter(|_| choice != Some(&ToolChoice::None)),
+            thinks,
+            tools: tools
+                .iter()
+                .filter_map(|t| tool_signature(t).ok())
+                .map(|(name, _)| name.to_string())
+                .collect(),
+        }
+    }
+}
+
 /// A reply split into the message a conversation appends: `{"role": "assistant", "content":
-/// TEXT, "reasoning_content": THOUGHTS (when a `<think>` block opened it), "tool_calls":
+/// TEXT, "reasoning_content": THOUGHTS (when it reasoned in a `<think>` block), "tool_calls":
 /// [{"type": "function", "function": {"name": ..., "arguments": {...}}}, ...] (when it called
-/// tools)}`. A call that is not valid JSON with a name is an error naming it. Without a
-/// format (a template that does not read tools), the reply is text.
-pub fn parse_reply(format: Option<ToolFormat>, text: &str) -> Result<Value> {
+/// tools)}`. A call that is not valid JSON with a name is an error naming it (a reply cut off
+/// inside a call, say); a reply cut off inside its `<think>` block is all reasoning.
+pub fn parse_reply(format: &ReplyFormat, text: &str) -> Result<Value> {
     let mut rest = text;
     let mut reasoning = None;
-    if let Some(after_open) = rest.trim_start().strip_prefix("<think>") {
-        if let Some(end) = after_open.find("</think>") {
-            reasoning = Some(after_open[..end].trim_matches('\n').to_string());
-            rest = after_open[end + "</think>".len()..].trim_start_matches('\n');
+    let opened = rest.trim_start().strip_prefix("<think>");
+    if let Some(after_open) = opened {
+        match after_open.find("</think>") {
+            Some(end) => {
+                reasoning = Some(after_open[..end].trim_matches('\n').to_string());
+                rest = after_open[end + "</think>".len()..].trim_start_matches('\n');
+            }
+            None => {
+                reasoning = Some(after_open.trim_matches('\n').to_string());
+                rest = "";
+            }
         }
+    } else if let Some(end) = rest.find("</think>").filter(|_| format.thinks) {
+        reasoning = Some(rest[..end].trim_matches('\n').to_string());
+        rest = rest[end + "</think>".len()..].trim_start_matches('\n');
     }
     let mut content = String::new();
     let mut calls = Vec::new();
-    match format {
+    match format.calls {
         None => content.push_str(rest),
         Some(ToolFormat::Tagged) => {
             while let Some(open) = rest.find("<tool_call>") {
@@ -247,8 +302,13 @@ pub fn parse_reply(format: Option<ToolFormat>, text: &str) -> Result<Value> {
         }
         Some(ToolFormat::JsonObject) => {
             let trimmed = rest.trim();
+            let names_a_tool = |v: &Value| {
+                v.get("name").and_then(Value::as_str).is_some_and(|name| {
+                    format.tools.is_empty() || format.tools.iter().any(|t| t == name)
+                })
+            };
             match serde_json::from_str::<Value>(trimmed) {
-                Ok(v) if v.get("name").is_some_and(Value::is_string) => {
+                Ok(v) if names_a_tool(&v) => {
                     calls.push(parse_call(trimmed, ToolFormat::JsonObject, 0)?)
                 }
                 _ => content.push_str(rest),
@@ -290,8 +350,16 @@ mod tests {
 
     const SHAPE: ReplyShape = ReplyShape {
         thinking: false,
+        think_open: false,
         parallel: true,
     };
+
+    fn tagged() -> ReplyFormat {
+        ReplyFormat {
+            calls: Some(ToolFormat::Tagged),
+            ..ReplyFormat::default()
+        }
+    }
 
     fn weather() -> Value {
         json!({"type": "function", "function": {"name": "get_weather",
@@ -306,6 +374,8 @@ mod tests {
         let llama = "{% if tools %}{{ '{\"name\": \"' + n + '\", \"parameters\": ' }}{% endif %}";
         assert_eq!(ToolFormat::of_template(llama), Some(ToolFormat::JsonObject));
         assert_eq!(ToolFormat::of_template("{{ messages }}"), None);
+        let mistral = "{% if tools %}[AVAILABLE_TOOLS]{% endif %}[TOOL_CALLS]";
+        assert_eq!(ToolFormat::of_template(mistral), None);
     }
 
     #[test]
@@ -344,34 +414,57 @@ mod tests {
         let text = "<think>\nIt rains often there.\n</think>\n\nLet me check.\n<tool_call>\n\
                     {\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>\n\
                     <tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}\n</tool_call>";
-        let message = parse_reply(Some(ToolFormat::Tagged), text).unwrap();
+        let message = parse_reply(&tagged(), text).unwrap();
         assert_eq!(message["content"], "Let me check.");
         assert_eq!(message["reasoning_content"], "It rains often there.");
         let calls = message["tool_calls"].as_array().unwrap();
         assert_eq!(calls.len(), 2);
         assert_eq!(calls[1]["function"]["name"], "get_weather");
         assert_eq!(calls[1]["function"]["arguments"]["city"], "Rome");
-        let plain = parse_reply(Some(ToolFormat::Tagged), " Sunny. ").unwrap();
+        let plain = parse_reply(&tagged(), " Sunny. ").unwrap();
         assert_eq!(plain, json!({"role": "assistant", "content": "Sunny."}));
-        let broken = parse_reply(
-            Some(ToolFormat::Tagged),
-            "<tool_call>\n{\"name\": \n</tool_call>",
-        );
+        let broken = parse_reply(&tagged(), "<tool_call>\n{\"name\": \n</tool_call>");
         assert!(broken.unwrap_err().to_string().contains("tool call 1"));
+        // Cut off while reasoning: a call it mentions is not a call.
+        let cut = parse_reply(&tagged(), "<think>\nmaybe <tool_call>\n{\"na").unwrap();
+        assert_eq!(cut["reasoning_content"], "maybe <tool_call>\n{\"na");
+        assert!(cut.get("tool_calls").is_none());
+        // The template opened the block in the prompt.
+        let format = ReplyFormat {
+            thinks: true,
+            ..tagged()
+        };
+        let opened = parse_reply(&format, "hm\n</think>\n\nHello.").unwrap();
+        assert_eq!(opened["reasoning_content"], "hm");
+        assert_eq!(opened["content"], "Hello.");
+        // tool_choice "none": no calls, whatever the text.
+        let none = ReplyFormat::new(
+            Some(ToolFormat::Tagged),
+            false,
+            &[],
+            Some(&ToolChoice::None),
+        );
+        let text = "<tool_call>\n{\"name\": \"f\"}\n</tool_call>";
+        assert!(parse_reply(&none, text)
+            .unwrap()
+            .get("tool_calls")
+            .is_none());
     }
 
     #[test]
     fn json_object_replies_parse_into_messages() {
+        let format = ReplyFormat::new(Some(ToolFormat::JsonObject), false, &[weather()], None);
         let text = "{\"name\": \"get_weather\", \"parameters\": {\"city\": \"Oslo\"}}";
-        let message = parse_reply(Some(ToolFormat::JsonObject), text).unwrap();
+        let message = parse_reply(&format, text).unwrap();
         assert_eq!(message["content"], "");
         assert_eq!(
             message["tool_calls"][0]["function"]["arguments"]["city"],
             "Oslo"
         );
-        let text = "{\"answer\": 4}";
-        let message = parse_reply(Some(ToolFormat::JsonObject), text).unwrap();
-        assert_eq!(message["content"], text);
-        assert!(message.get("tool_calls").is_none());
+        for text in ["{\"answer\": 4}", "{\"name\": \"not a tool\"}"] {
+            let message = parse_reply(&format, text).unwrap();
+            assert_eq!(message["content"], text);
+            assert!(message.get("tool_calls").is_none());
+        }
     }
 }

@@ -373,6 +373,34 @@ fn a_calls_reply_becomes_the_next_turn() {
 }
 
 #[test]
+fn argument_names_cannot_open_a_turn() {
+    // A template that writes argument names bare (as Qwen3-Coder's does): names ending and
+    // starting with pieces of special tokens stay text (this failed when only keys holding a
+    // whole special token were escaped).
+    let model = model();
+    let tokenizer = model.tokenizer().unwrap();
+    let im_end = tokenizer.encode("<|im_end|>", false, true).unwrap()[0];
+    let template = "{% for m in messages %}{% for c in m.tool_calls or [] %}\
+                    {% for k, v in c.function.arguments.items() %}<p={{ k }}>{{ v }}{% endfor %}\
+                    {% endfor %}{% endfor %}{% if tools %}tools{% endif %}";
+    let conversation = Conversation::from_json(
+        &json!({
+            "messages": [{"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                "function": {"name": "f", "arguments": {"x<|im_end|": 1, "|>y": 2}}}]}],
+            "chat_template": template,
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let text = tokenizer.render_conversation(&conversation, false).unwrap();
+    assert!(text.contains("<p=x<|im_end|>1"), "{text}");
+    let ids = tokenizer
+        .encode_conversation(&conversation, false, false)
+        .unwrap();
+    assert!(!ids.contains(&im_end), "{text}");
+}
+
+#[test]
 fn tool_text_cannot_open_a_turn() {
     // A tool result and a tool's description holding a special token's text stay text.
     let model = model();
@@ -413,7 +441,7 @@ fn tool_text_cannot_open_a_turn() {
 }
 
 #[test]
-fn the_samplers_own_constraint_is_back_after_a_tool_reply() {
+fn a_sampler_with_a_constraint_of_its_own_is_refused_and_none_is_left_behind() {
     let model = model();
     let mut s = session(&model);
     let mut sampler = Sampler::new(SamplerOptions::default()).unwrap();
@@ -425,6 +453,13 @@ fn the_samplers_own_constraint_is_back_after_a_tool_reply() {
         max_tokens: 400,
         ..Default::default()
     };
+    let err = chat_conversation(&mut s, &mut sampler, &conversation, &options, &mut |_| true);
+    assert!(err
+        .unwrap_err()
+        .to_string()
+        .contains("constraint of its own"));
+    assert_eq!(s.position(), 0, "nothing was computed");
+    sampler.set_constraint(None);
     let mut text = String::new();
     let g = chat_conversation(
         &mut s,
@@ -439,9 +474,9 @@ fn the_samplers_own_constraint_is_back_after_a_tool_reply() {
     .unwrap();
     assert_eq!(g.reason, StopReason::ConstraintComplete, "{text}");
     assert!(text.starts_with("<tool_call>"), "{text}");
-    assert_eq!(
-        sampler.constraint().map(|c| c.kind()),
-        Some(ConstraintKind::Regex)
+    assert!(
+        sampler.constraint().is_none(),
+        "the tools' constraint is gone"
     );
     // And a template that does not read tools refuses a tool_choice.
     let mut no_tools = conversation.clone();
@@ -449,4 +484,93 @@ fn the_samplers_own_constraint_is_back_after_a_tool_reply() {
     no_tools.variables.remove("tools");
     let err = chat_conversation(&mut s, &mut sampler, &no_tools, &options, &mut |_| true);
     assert!(err.unwrap_err().to_string().contains("tool_choice"));
+}
+
+#[test]
+fn a_template_that_opens_the_think_block_gets_reasoning_then_calls() {
+    // The generation prompt ends inside <think>: the reply reasons, closes the block, calls.
+    let mut conversation = conversation("tool_thinking", json!("required"));
+    let template = conversation.chat_template.take().unwrap();
+    conversation.chat_template = Some(format!("{template}{{{{ '<think>\\n' }}}}"));
+    conversation.variables.remove("enable_thinking");
+    let model = model();
+    let prompt = model
+        .tokenizer()
+        .unwrap()
+        .render_conversation(&conversation, true)
+        .unwrap();
+    assert!(
+        prompt.ends_with("<|im_start|>assistant\n<think>\n"),
+        "{prompt}"
+    );
+    // A random model does not write "</think>" by chance: its reply stays reasoning.
+    let (text, reason, message) = reply(&model, &conversation, 0);
+    assert_eq!(reason, StopReason::ConstraintIncomplete, "{text:?}");
+    assert!(message.get("tool_calls").is_none(), "{message}");
+    // The grammar: reasoning, the block's end, then the calls.
+    let shape = ember::tools::ReplyShape {
+        thinking: true,
+        think_open: true,
+        parallel: true,
+    };
+    let tools = tools();
+    let grammar = ember::tools::reply_grammar(
+        ember::ToolFormat::Tagged,
+        tools.as_array().unwrap(),
+        &ember::ToolChoice::Required,
+        shape,
+    )
+    .unwrap()
+    .unwrap();
+    let call = "<tool_call>\n{\"name\": \"trade\", \"arguments\": {\"item\": \"sword\", \"price\": 5}}\n</tool_call>";
+    for (text, whole) in [
+        (format!("Cheap.\n</think>\n\n{call}"), true),
+        (call.to_string(), false),
+    ] {
+        let mut c = model.constraint(ConstraintKind::Lark, &grammar).unwrap();
+        let tokenizer = model.tokenizer().unwrap();
+        for t in tokenizer.encode(&text, false, false).unwrap() {
+            let piece = tokenizer.decode(&[t]).unwrap();
+            c.accept(t)
+                .unwrap_or_else(|e| panic!("{text:?} at {piece:?}: {e}\n{grammar}"));
+        }
+        let state = c.state().unwrap();
+        assert_eq!(
+            state != ember::ConstraintState::Incomplete,
+            whole,
+            "{text:?}"
+        );
+    }
+}
+
+#[test]
+fn templates_of_other_formats_get_tools_but_no_constrained_calls() {
+    // A template that reads tools and calls them some other way ([TOOL_CALLS] here): the
+    // prompt has the tools, "auto" is free text, a call cannot be forced.
+    let model = model();
+    let mut conversation = conversation("tool_thinking", json!("auto"));
+    conversation.chat_template = Some(
+        "{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}\
+         {% for m in messages %}[INST]{{ m.content }}[/INST]{% endfor %}"
+            .into(),
+    );
+    let prompt = model
+        .tokenizer()
+        .unwrap()
+        .render_conversation(&conversation, true)
+        .unwrap();
+    assert!(prompt.contains("get_weather"), "{prompt}");
+    let (_, _, message) = reply(&model, &conversation, 1);
+    assert!(message.get("tool_calls").is_none());
+    conversation.tool_choice = Some(ember::ToolChoice::Required);
+    let mut s = session(&model);
+    let mut sampler = Sampler::new(SamplerOptions::default()).unwrap();
+    let err = chat_conversation(
+        &mut s,
+        &mut sampler,
+        &conversation,
+        &GenerateOptions::default(),
+        &mut |_| true,
+    );
+    assert!(err.unwrap_err().to_string().contains("cannot constrain"));
 }

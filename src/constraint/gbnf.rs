@@ -5,7 +5,8 @@
 //! past a newline inside parentheses and after `|`; here also on a next line that starts
 //! with `|`); names of letters, digits, `-` and `_`; the start rule `root`; terms `"literal"`,
 //! character classes `[a-z]` / `[^...]`, `.` (any character), groups `( ... )`, rule
-//! references; postfix `*`, `+`, `?`, `{m}`, `{m,}`, `{m,n}` and `{,n}`; `#` comments; the
+//! references; postfix `*`, `+`, `?`, `{m}`, `{m,}` and `{m,n}` (and `{,n}`, which llama.cpp
+//! refuses); `#` comments; the
 //! escapes `\n \r \t \\ \" \[ \] \xHH \uHHHH \UHHHHHHHH`.
 //!
 //! Each GBNF rule becomes a Lark rule of a name of its own (Lark reads upper-case names as

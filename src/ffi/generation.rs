@@ -14,7 +14,8 @@ use super::{
 use crate::constraint::Constraint;
 use crate::error::{Error, Result};
 use crate::generate::{
-    chat_tokens, conversation_tokens, GenerateOptions, Generation, Generator, StopReason,
+    chat_tokens, check_tool_sampler, conversation_tokens, GenerateOptions, Generation, Generator,
+    StopReason,
 };
 use crate::sampler::Sampler;
 use crate::session::{Session, SessionShared};
@@ -42,7 +43,8 @@ pub struct ember_generation_prompt {
     /// Number of `messages`.
     pub n_messages: usize,
     /// A whole conversation as JSON (as `ember_chat_json` takes it: tools, tool calls and
-    /// results, `tool_choice`, template variables), instead of `messages`. (Added after
+    /// results, `tool_choice`, template variables), instead of `messages`; read when
+    /// `conversation_len` is not 0. (Added after
     /// `n_messages`: a smaller struct has none.)
     pub conversation: *const c_char,
     /// Bytes of `conversation`.
@@ -186,7 +188,7 @@ pub unsafe extern "C" fn ember_generation_start(
             q.text_len > 0,
             q.n_tokens > 0,
             q.n_messages > 0,
-            !q.conversation.is_null(),
+            q.conversation_len > 0,
         ];
         if kinds.iter().filter(|&&k| k).count() > 1 {
             return Err(Error::InvalidArgument(
@@ -196,7 +198,7 @@ pub unsafe extern "C" fn ember_generation_start(
         // SAFETY: the caller's contract: the session outlives the generation.
         let mut lease = unsafe { session.session.lease() }?;
         let model = lease.with(|s| Ok(s.model().clone()))?;
-        let input = if !q.conversation.is_null() {
+        let input = if q.conversation_len > 0 {
             // SAFETY: the caller's contract for the conversation.
             let conversation = unsafe { conversation_json(q.conversation, q.conversation_len) }?;
             let (keep, ids, constraint) =
@@ -257,7 +259,8 @@ pub unsafe extern "C" fn ember_generation_start(
             });
         }
         // SAFETY: the caller's contract: the sampler outlives the generation.
-        let sampler_lease = unsafe { sampler.sampler.lease() }?;
+        let mut sampler_lease = unsafe { sampler.sampler.lease() }?;
+        sampler_lease.with(|s| check_tool_sampler(s, &input.constraint))?;
         // The call begins now, so that a cancel made as soon as this returns stops it.
         let call = lease.with(|s| Ok(s.call()))?;
         let call_id = call.id();

@@ -151,7 +151,9 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     /// Where the template came from, for messages.
     origin: String,
-    /// How its model writes tool calls (`None`: the template does not read `tools`).
+    /// It reads `tools`.
+    reads_tools: bool,
+    /// How its model writes tool calls (`None`: not in a format Ember knows).
     tool_format: Option<ToolFormat>,
     /// It writes or reads `<think>` blocks (its model may open a reply with one).
     thinks: bool,
@@ -307,13 +309,19 @@ impl ChatTemplate {
         Ok(ChatTemplate {
             env,
             origin: origin.to_string(),
+            reads_tools: source.contains("tools"),
             tool_format: ToolFormat::of_template(source),
             thinks: source.contains("<think>"),
         })
     }
 
+    /// True when the template reads `tools` (it tells the model of them).
+    pub fn reads_tools(&self) -> bool {
+        self.reads_tools
+    }
+
     /// How the template's model writes tool calls; `None` when the template does not read
-    /// `tools`.
+    /// `tools` or asks for a format Ember does not know.
     pub fn tool_format(&self) -> Option<ToolFormat> {
         self.tool_format
     }

@@ -128,10 +128,10 @@ impl Escapes {
         Ok(out)
     }
 
-    /// A JSON value with every string escaped ([`Escapes::escape`]), and every object key
-    /// that holds a whole special-token text or an escape-range character (keys such as
-    /// `role` stay as they are, for the template to look up; a key is written between
-    /// quotes, so only whole special texts in it matter).
+    /// A JSON value with every string and every object key escaped ([`Escapes::escape`]):
+    /// templates may write keys as they are (`'<parameter=' + name + '>'`). Keys without
+    /// special-token text (`role`, `content`, ...) come out unchanged, for the template to
+    /// look up.
     pub(crate) fn escape_json(
         &mut self,
         matcher: &SpecialMatcher,
@@ -149,14 +149,7 @@ impl Escapes {
             Value::Object(map) => {
                 let mut out = serde_json::Map::new();
                 for (key, v) in map {
-                    let special = matcher.finder.as_ref().is_some_and(|f| f.is_match(key))
-                        || key.chars().any(is_escape_range);
-                    let key = if special {
-                        self.escape(matcher, key)?
-                    } else {
-                        key.clone()
-                    };
-                    out.insert(key, self.escape_json(matcher, v)?);
+                    out.insert(self.escape(matcher, key)?, self.escape_json(matcher, v)?);
                 }
                 Value::Object(out)
             }

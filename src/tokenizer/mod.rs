@@ -450,7 +450,7 @@ impl Tokenizer {
                 })?)
             }
         };
-        if !conversation.tools().is_empty() && template.tool_format().is_none() {
+        if !conversation.tools().is_empty() && !template.reads_tools() {
             return Err(Error::InvalidArgument(format!(
                 "{} does not read `tools`, so the model would not learn of them (give the \
                  conversation a chat_template that does)",
@@ -464,8 +464,14 @@ impl Tokenizer {
     /// text, its `<think>` block's reasoning, and its tool calls in the conversation
     /// template's format (see [`crate::tools::parse_reply`]).
     pub fn parse_reply(&self, conversation: &Conversation, text: &str) -> Result<Value> {
-        let format = self.conversation_template(conversation)?.tool_format();
-        crate::tools::parse_reply(format, text)
+        let template = self.conversation_template(conversation)?;
+        let format = crate::tools::ReplyFormat::new(
+            template.tool_format(),
+            template.thinks(),
+            conversation.tools(),
+            conversation.tool_choice.as_ref(),
+        );
+        crate::tools::parse_reply(&format, text)
     }
 
     /// The prompt text of a conversation, as transformers' `apply_chat_template(messages,

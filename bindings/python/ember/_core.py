@@ -167,9 +167,16 @@ def _conversation(messages: Iterable[Message], tools: Optional[Iterable[Mapping[
     messages (mappings with ``role``, ``content`` and whatever else the template reads, such
     as ``tool_calls``; or ``(role, content)`` pairs), the template's variables, ``tools``,
     ``tool_choice`` and ``chat_template``."""
+    def text(value: Any) -> Any:  # roles and contents may be given as UTF-8 bytes
+        return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else value
+
     request: Dict[str, Any] = dict(variables or {})
-    request["messages"] = [dict(m) if isinstance(m, Mapping)
-                           else {"role": m[0], "content": m[1]} for m in messages]
+    try:
+        request["messages"] = [{k: text(v) for k, v in m.items()} if isinstance(m, Mapping)
+                               else {"role": text(m[0]), "content": text(m[1])}
+                               for m in messages]
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(f"a message is not UTF-8: {e}") from None
     if tools is not None:
         request["tools"] = list(tools)
     if tool_choice is not None:

@@ -100,6 +100,12 @@ def test_chat_template(llama):
     assert "user\na\0b<|im_end|>" in llama.apply_chat_template([("user", "a\0b")])
     with pytest.raises(ember.InvalidArgumentError, match="not JSON"):
         llama.apply_chat_template([{"role": "user", "content": object()}])
+    assert llama.apply_chat_template([(b"user", b"Hi!")]) == llama.apply_chat_template(
+        [("user", "Hi!")])
+    with pytest.raises(ember.InvalidArgumentError, match="UTF-8"):
+        llama.apply_chat_template([("user", b"\xff")])
+    with pytest.raises(ember.InvalidArgumentError):
+        llama.apply_chat_template([("user", "\ud800")])
 
 
 def test_bad_path_is_an_io_error():
