@@ -1465,9 +1465,10 @@ enum ember_status ember_chat(struct ember_session *session,
  * default: text, or tool calls that are valid for the tools' argument schemas), `"required"`
  * (one or more calls), `{"type": "function", "function": {"name": NAME}}` (one call of that
  * tool) or `"none"` (text only); `"parallel_tool_calls": false` allows one call per reply
- * (small models that do not know when to stop calling need it). For that reply a constraint built from the tools stands in
- * for the sampler's own (which is back when the call returns), and the generation ends with
- * `EMBER_STOP_REASON_CONSTRAINT_COMPLETE` when the calls are complete. Read the reply's calls
+ * (small models that do not know when to stop calling need it). For that reply the sampler
+ * follows a constraint built from the tools (it must have none of its own:
+ * `EMBER_ERR_INVALID_ARGUMENT` otherwise; it has none again when the call returns), and the
+ * generation ends with `EMBER_STOP_REASON_CONSTRAINT_COMPLETE` when the calls are complete. Read the reply's calls
  * with `ember_chat_parse_reply`. Strings in the conversation are plain text as in
  * `ember_chat` (unless `params->parse_special`).
  *

@@ -142,15 +142,15 @@ pub struct Generator<'s> {
     n_prompt: u64,
     prompt_seconds: f64,
     generating: Instant,
-    /// The sampler's own constraint while a tool-call constraint stands in for it (put back
-    /// when the generator is dropped).
-    saved_constraint: Option<Option<Constraint>>,
+    /// The sampler follows a reply's tool-call constraint, removed when the generator is
+    /// dropped (the sampler had none of its own: [`check_tool_sampler`]).
+    tool_constraint: bool,
 }
 
 impl Drop for Generator<'_> {
     fn drop(&mut self) {
-        if let Some(own) = self.saved_constraint.take() {
-            self.sampler.set_constraint(own);
+        if self.tool_constraint {
+            self.sampler.set_constraint(None);
         }
     }
 }
@@ -203,7 +203,7 @@ impl<'s> Generator<'s> {
             n_prompt,
             prompt_seconds: started.elapsed().as_secs_f64(),
             generating: Instant::now(),
-            saved_constraint: None,
+            tool_constraint: false,
         })
     }
 
@@ -239,17 +239,16 @@ impl<'s> Generator<'s> {
         session.rewind(keep)?;
         let mut g = Generator::new(session, sampler, &ids[keep..], options)?;
         if let Some(c) = constraint {
-            g.stand_in_constraint(c);
+            g.follow_tool_constraint(c);
         }
         Ok(g)
     }
 
-    /// Follows `constraint` instead of the sampler's own until the generator is dropped.
-    pub(crate) fn stand_in_constraint(&mut self, constraint: Constraint) {
-        let own = self.sampler.replace_constraint(Some(constraint));
-        if self.saved_constraint.is_none() {
-            self.saved_constraint = Some(own);
-        }
+    /// Has the sampler (which has no constraint of its own) follow a reply's tool-call
+    /// `constraint` until the generator is dropped.
+    pub(crate) fn follow_tool_constraint(&mut self, constraint: Constraint) {
+        self.sampler.set_constraint(Some(constraint));
+        self.tool_constraint = true;
     }
 
     /// Tokens generated and held so far.

@@ -166,11 +166,6 @@ impl Sampler {
         self.constraint = constraint;
     }
 
-    /// Sets the constraint (or removes it, with `None`) and returns the one it replaces.
-    pub fn replace_constraint(&mut self, constraint: Option<Constraint>) -> Option<Constraint> {
-        std::mem::replace(&mut self.constraint, constraint)
-    }
-
     /// The constraint, if one is set.
     pub fn constraint(&self) -> Option<&Constraint> {
         self.constraint.as_ref()

@@ -142,7 +142,7 @@ pub struct ember_generation {
 struct Input {
     keep: usize,
     ids: Vec<u32>,
-    /// The constraint of a conversation's tool calls, standing in for the sampler's own.
+    /// The constraint of a conversation's tool calls (the sampler has none of its own).
     constraint: Option<Constraint>,
 }
 
@@ -348,7 +348,7 @@ fn generate_into(
             s.rewind(input.keep)?;
             let mut g = Generator::new(s, sampler, &input.ids, options)?;
             if let Some(c) = input.constraint {
-                g.stand_in_constraint(c);
+                g.follow_tool_constraint(c);
             }
             let shared = ahead.shared;
             while let Some(piece) = g.next_piece()? {
