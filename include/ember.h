@@ -1254,6 +1254,54 @@ enum ember_status ember_session_tokens(struct ember_session *session,
                                        size_t *n_out);
 
 /**
+ * Chooses the attention weights the session's following steps keep, for
+ * `ember_session_attention` (the default is none, at no cost). `layers[0..n_layers]` and
+ * `heads[0..n_heads]` are the layers and query heads to keep (NULL with 0 = every one); of
+ * each step, the rows of its last `max_queries` tokens are kept (the whole step up to
+ * that many). `max_queries` 0 turns capture off and frees its buffer. The buffer, of
+ * `layers × heads × max_queries × n_ctx` floats, is allocated here, once (steps allocate
+ * nothing); its size in bytes is written to `*bytes` (NULL: not wanted), and
+ * `ember_session_memory_estimate` does not include it. An index the model does not have
+ * is `EMBER_ERR_INVALID_ARGUMENT` and leaves the previous capture in place.
+ *
+ * # Safety
+ * `session` a live session; `layers` / `heads` valid for their counts (or NULL with 0);
+ * `bytes` NULL or valid for writing. The arrays are read during the call only.
+ */
+enum ember_status ember_session_capture_attention(struct ember_session *session,
+                                                  const int32_t *layers,
+                                                  size_t n_layers,
+                                                  const int32_t *heads,
+                                                  size_t n_heads,
+                                                  size_t max_queries,
+                                                  size_t *bytes);
+
+/**
+ * Copies the attention weights of layer `layer`'s query head `head` from the session's last
+ * step into `out[0..cap]`: `n_queries × n_positions` floats, row by row, row `i` being the
+ * query at position `n_positions - n_queries + i` (the step's last tokens, up to the
+ * capture's `max_queries`) over positions `0..n_positions` (every token held after the
+ * step). Each row sums to 1; keys a query does not see (later ones, and ones outside a
+ * sliding window) are exactly 0. The sizes go to `*n_queries` and `*n_positions`; when `cap`
+ * is too small nothing goes to `out`, the sizes are still written and the status is
+ * `EMBER_ERR_BUFFER_TOO_SMALL` (call with `cap` 0 to size the buffer). Fails with
+ * `EMBER_ERR_INVALID_ARGUMENT` when the pair is not captured
+ * (`ember_session_capture_attention`) or no step has been captured since (a rewind before
+ * the step, a reset and a loaded state forget the rows).
+ *
+ * # Safety
+ * `session` a live session; `out` valid for writing `cap` floats (or NULL with `cap` 0);
+ * `n_queries` and `n_positions` valid for writing.
+ */
+enum ember_status ember_session_attention(struct ember_session *session,
+                                          int32_t layer,
+                                          int32_t head,
+                                          float *out,
+                                          size_t cap,
+                                          size_t *n_queries,
+                                          size_t *n_positions);
+
+/**
  * Asks the call running on `session` (a step or a whole generation, on another thread) to
  * stop. A step returns `EMBER_ERR_CANCELLED` within about one layer's time and leaves the
  * session as it was; a generation returns `EMBER_ERR_CANCELLED` with its stop reason

@@ -7,7 +7,7 @@ use super::{
     write_params, Exclusive,
 };
 use crate::error::{Error, Result};
-use crate::model::KvType;
+use crate::model::{AttentionSelection, KvType};
 use crate::session::{CancelHandle, Session, SessionOptions, SessionShared};
 use crate::threading::ThreadPool;
 
@@ -626,6 +626,126 @@ pub unsafe extern "C" fn ember_session_tokens(
         let tokens: Vec<u32> = unsafe { with_session(session, |s| Ok(s.tokens().to_vec())) }?;
         // SAFETY: caller's contract for out and n_out.
         unsafe { super::write_tokens(&tokens, out, out_cap, n_out) }
+    })
+}
+
+/// Chooses the attention weights the session's following steps keep, for
+/// `ember_session_attention` (the default is none, at no cost). `layers[0..n_layers]` and
+/// `heads[0..n_heads]` are the layers and query heads to keep (NULL with 0 = every one); of
+/// each step, the rows of its last `max_queries` tokens are kept (the whole step up to
+/// that many). `max_queries` 0 turns capture off and frees its buffer. The buffer, of
+/// `layers × heads × max_queries × n_ctx` floats, is allocated here, once (steps allocate
+/// nothing); its size in bytes is written to `*bytes` (NULL: not wanted), and
+/// `ember_session_memory_estimate` does not include it. An index the model does not have
+/// is `EMBER_ERR_INVALID_ARGUMENT` and leaves the previous capture in place.
+///
+/// # Safety
+/// `session` a live session; `layers` / `heads` valid for their counts (or NULL with 0);
+/// `bytes` NULL or valid for writing. The arrays are read during the call only.
+#[no_mangle]
+pub unsafe extern "C" fn ember_session_capture_attention(
+    session: *mut ember_session,
+    layers: *const i32,
+    n_layers: usize,
+    heads: *const i32,
+    n_heads: usize,
+    max_queries: usize,
+    bytes: *mut usize,
+) -> ember_status {
+    run(|| {
+        let indices = |v: &[i32], what: &str| -> Result<Vec<usize>> {
+            v.iter()
+                .map(|&i| {
+                    usize::try_from(i)
+                        .map_err(|_| Error::InvalidArgument(format!("{what} {i} is negative")))
+                })
+                .collect()
+        };
+        // SAFETY: caller's contract for the arrays.
+        let (layers, heads) = unsafe {
+            (
+                indices(slice(layers, n_layers, "layers")?, "layer")?,
+                indices(slice(heads, n_heads, "heads")?, "head")?,
+            )
+        };
+        let selection = (max_queries > 0).then(|| AttentionSelection {
+            layers,
+            heads,
+            max_queries,
+        });
+        // SAFETY: caller's contract.
+        let n = unsafe {
+            with_session(session, |s| {
+                if let Some(selection) = &selection {
+                    // Checked first, so a bad selection leaves the old capture in place.
+                    Session::attention_capture_bytes(s.model(), s.n_ctx(), selection)?;
+                }
+                s.capture_attention(selection.as_ref())
+            })
+        }?;
+        if !bytes.is_null() {
+            // SAFETY: non-NULL; validity is the caller's contract.
+            unsafe { bytes.write(n) };
+        }
+        Ok(())
+    })
+}
+
+/// Copies the attention weights of layer `layer`'s query head `head` from the session's last
+/// step into `out[0..cap]`: `n_queries × n_positions` floats, row by row, row `i` being the
+/// query at position `n_positions - n_queries + i` (the step's last tokens, up to the
+/// capture's `max_queries`) over positions `0..n_positions` (every token held after the
+/// step). Each row sums to 1; keys a query does not see (later ones, and ones outside a
+/// sliding window) are exactly 0. The sizes go to `*n_queries` and `*n_positions`; when `cap`
+/// is too small nothing goes to `out`, the sizes are still written and the status is
+/// `EMBER_ERR_BUFFER_TOO_SMALL` (call with `cap` 0 to size the buffer). Fails with
+/// `EMBER_ERR_INVALID_ARGUMENT` when the pair is not captured
+/// (`ember_session_capture_attention`) or no step has been captured since (a rewind before
+/// the step, a reset and a loaded state forget the rows).
+///
+/// # Safety
+/// `session` a live session; `out` valid for writing `cap` floats (or NULL with `cap` 0);
+/// `n_queries` and `n_positions` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn ember_session_attention(
+    session: *mut ember_session,
+    layer: i32,
+    head: i32,
+    out: *mut f32,
+    cap: usize,
+    n_queries: *mut usize,
+    n_positions: *mut usize,
+) -> ember_status {
+    run(|| {
+        if n_queries.is_null() || n_positions.is_null() {
+            return Err(Error::InvalidArgument(
+                "n_queries and n_positions must not be NULL".into(),
+            ));
+        }
+        let index = |i: i32, what: &str| {
+            usize::try_from(i)
+                .map_err(|_| Error::InvalidArgument(format!("{what} {i} is negative")))
+        };
+        let (layer, head) = (index(layer, "layer")?, index(head, "head")?);
+        // SAFETY: caller's contract.
+        unsafe {
+            with_session(session, |s| {
+                let rows = s.attention(layer, head)?;
+                let needed = rows.n_queries * rows.n_positions;
+                // SAFETY: both checked non-NULL; validity is the caller's contract.
+                n_queries.write(rows.n_queries);
+                n_positions.write(rows.n_positions);
+                if cap < needed {
+                    return Err(Error::BufferTooSmall { needed });
+                }
+                if out.is_null() {
+                    return Err(Error::InvalidArgument("out is NULL".into()));
+                }
+                // SAFETY: out holds cap >= needed floats (caller's contract).
+                rows.copy_to(std::slice::from_raw_parts_mut(out, needed));
+                Ok(())
+            })
+        }
     })
 }
 

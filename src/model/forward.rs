@@ -12,6 +12,8 @@ use crate::kernels;
 use crate::kernels::quant::{QuantActs, BLOCK};
 use crate::threading::{DisjointSlice, Par};
 
+pub(crate) use super::capture::AttentionCapture;
+use super::capture::LayerRows;
 pub(crate) use super::kv_cache::KvCache;
 use super::kv_cache::{with_planes, KvElement};
 
@@ -261,6 +263,8 @@ pub(crate) struct Workspace {
     pub(crate) cache: KvCache,
     /// Activation buffers and output logits.
     pub(crate) scratch: ForwardScratch,
+    /// The attention weights the host asked to see, if any.
+    pub(crate) capture: Option<AttentionCapture>,
 }
 
 /// Which logits a forward pass must produce.
@@ -293,14 +297,18 @@ impl Model {
         progress: Progress<'_>,
         mut wanted: LogitsWanted<'_>,
     ) -> Result<()> {
-        let Workspace { cache, scratch } = ws;
+        let Workspace {
+            cache,
+            scratch,
+            capture,
+        } = ws;
         let vocab = self.config.vocab_size;
         let ubatch = scratch.ubatch;
         for (chunk_index, chunk) in tokens.chunks(ubatch).enumerate() {
             let first = chunk_index * ubatch;
             // Every layer boundary reports the tokens of the chunks before this one as done.
             let at_layer = || progress(first);
-            self.forward_chunk(par, cache, scratch, chunk, pos0 + first, &at_layer)?;
+            self.forward_chunk(par, cache, scratch, capture, chunk, pos0 + first, &at_layer)?;
             let n = chunk.len();
             let h = self.config.hidden_size;
             match &mut wanted {
@@ -369,11 +377,13 @@ impl Model {
         });
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn forward_chunk(
         &self,
         par: Par,
         cache: &mut KvCache,
         s: &mut ForwardScratch,
+        capture: &mut Option<AttentionCapture>,
         tokens: &[u32],
         pos0: usize,
         stop: &dyn Fn() -> bool,
@@ -443,6 +453,7 @@ impl Model {
                 pos0,
                 &mut s.scores,
                 &mut s.att[..n * q_dim],
+                capture.as_mut().and_then(|c| c.layer_writer(layer)),
             );
             block.o.forward(par, &s.att, n, &mut s.out, &mut s.act);
             add_residual(par, c, &block.post_attn_norm, s, n);
@@ -507,7 +518,8 @@ fn add_residual(par: Par, c: &ModelConfig, norm: &Option<Norm>, s: &mut ForwardS
 
 /// Causal attention of `n` query rows (positions `pos0..pos0 + n`) over the cache of `layer`,
 /// one (token, head) pair per work item. Grouped-query heads share key/value heads. A sliding
-/// layer attends to the last `window` positions only (the token's own included).
+/// layer attends to the last `window` positions only (the token's own included). The weights
+/// go to `captured` too, for the rows it keeps.
 #[allow(clippy::too_many_arguments)]
 fn attention(
     par: Par,
@@ -519,6 +531,7 @@ fn attention(
     pos0: usize,
     scores: &mut [f32],
     out: &mut [f32],
+    captured: Option<LayerRows<'_>>,
 ) {
     let range = cache.layer_range(layer);
     with_planes!(&cache.data, p => attention_over(
@@ -530,7 +543,8 @@ fn attention(
         q,
         pos0,
         scores,
-        out
+        out,
+        captured.as_ref()
     ))
 }
 
@@ -546,6 +560,7 @@ fn attention_over<T: KvElement>(
     pos0: usize,
     scores: &mut [f32],
     out: &mut [f32],
+    captured: Option<&LayerRows<'_>>,
 ) {
     let (hd, n_heads, kv_dim) = (c.head_dim, c.n_heads, c.kv_dim());
     let group = n_heads / c.n_kv_heads;
@@ -566,6 +581,10 @@ fn attention_over<T: KvElement>(
             kernels::softcap(scores, cap);
         }
         kernels::softmax(scores);
+        if let Some(rows) = captured {
+            // SAFETY: this item alone handles (pos, head).
+            unsafe { rows.record(pos, head, first, scores) };
+        }
         // SAFETY: item (t, head) owns output elements item*hd..(item+1)*hd alone.
         let o = unsafe { out.range_mut(item * hd..(item + 1) * hd) };
         kernels::weighted_sum(scores, &values[kv_off..], kv_dim, o);

@@ -5,11 +5,13 @@
 //! - `layers.rs`: projections, norms, feed-forward networks and blocks;
 //! - `arch/`: one file per architecture family (what it changes relative to Llama);
 //! - `forward.rs`: the forward pass, reading features rather than family names;
+//! - `capture.rs`: attention weights kept for the host to read, when it asks;
 //! - `probe.rs`: describing a model file without loading it.
 //!
 //! A [`Model`] is immutable once loaded and is shared between threads and sessions (`Arc`).
 
 pub(crate) mod arch;
+mod capture;
 pub(crate) mod config;
 mod forward;
 pub(crate) mod kv_cache;
@@ -32,10 +34,13 @@ use arch::{Family, Format};
 use layers::{Block, Norm, Projection, ProjectionWeight};
 use names::Weights;
 
+pub use capture::{AttentionRows, AttentionSelection};
 pub use config::{
     Activation, Architecture, LayerKind, Llama3RopeScaling, ModelConfig, Rope, RopeScaling,
 };
-pub(crate) use forward::{rope_signature, ForwardScratch, KvCache, LogitsWanted, Workspace};
+pub(crate) use forward::{
+    rope_signature, AttentionCapture, ForwardScratch, KvCache, LogitsWanted, Workspace,
+};
 pub use kv_cache::KvType;
 pub use probe::ModelInfo;
 

@@ -16,7 +16,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::error::{Error, Result};
-use crate::model::{ForwardScratch, KvCache, KvType, LogitsWanted, Model, Workspace};
+use crate::model::{
+    AttentionCapture, AttentionRows, AttentionSelection, ForwardScratch, KvCache, KvType,
+    LogitsWanted, Model, Workspace,
+};
 use crate::threading::ThreadPool;
 
 /// How to create a [`Session`].
@@ -251,6 +254,7 @@ impl Session {
     pub fn memory_bytes(&self) -> usize {
         self.ws.cache.heap_bytes()
             + self.ws.scratch.heap_bytes()
+            + self.ws.capture.as_ref().map_or(0, |c| c.heap_bytes())
             + self.history.capacity() * std::mem::size_of::<u32>()
     }
 
@@ -277,7 +281,11 @@ impl Session {
         Ok(Session {
             model,
             pool,
-            ws: Workspace { cache, scratch },
+            ws: Workspace {
+                cache,
+                scratch,
+                capture: None,
+            },
             history,
             computed: 0,
             logits_current: false,
@@ -449,6 +457,9 @@ impl Session {
             ..
         } = self;
         let pos0 = *computed;
+        if let Some(capture) = &mut ws.capture {
+            capture.begin_step(pos0, history.len());
+        }
         let result = pool.install(|par| {
             model.forward(
                 par,
@@ -467,6 +478,9 @@ impl Session {
             Ok(()) => {
                 let n = (self.history.len() - self.computed) as u64;
                 self.computed = self.history.len();
+                if let Some(capture) = &mut self.ws.capture {
+                    capture.finish_step();
+                }
                 self.logits_current = matches!(wanted_kind, WantedKind::Last);
                 if outermost {
                     let seconds = started.elapsed().as_secs_f64();
@@ -544,6 +558,9 @@ impl Session {
         if n_past < self.history.len() {
             self.logits_current = false;
         }
+        if n_past < self.computed {
+            self.forget_attention();
+        }
         self.history.truncate(n_past);
         self.computed = self.computed.min(n_past);
         self.shared.set_position(n_past);
@@ -552,9 +569,66 @@ impl Session {
 
     /// Forgets every token.
     pub fn reset(&mut self) {
+        self.forget_attention();
         self.history.clear();
         self.computed = 0;
         self.logits_current = false;
         self.shared.set_position(0);
+    }
+
+    /// Chooses the attention weights the following steps keep (`None` stops keeping them and
+    /// frees the buffer): for the chosen layers and query heads, the softmax weights of each
+    /// step's last `max_queries` tokens over every position they see. The buffer is allocated
+    /// here, once; returns its size in bytes (what [`Session::memory_bytes`] then adds).
+    pub fn capture_attention(&mut self, selection: Option<&AttentionSelection>) -> Result<usize> {
+        let Some(selection) = selection else {
+            self.ws.capture = None;
+            return Ok(0);
+        };
+        let c = &self.model.config;
+        // The old buffer goes first, so the two never need memory at once.
+        self.ws.capture = None;
+        let capture = AttentionCapture::new(selection, c.layers.len(), c.n_heads, self.n_ctx())?;
+        let bytes = capture.heap_bytes();
+        self.ws.capture = Some(capture);
+        Ok(bytes)
+    }
+
+    /// Bytes a capture of `selection` would take in a session of `n_ctx` positions of `model`
+    /// (the selection checked), without allocating.
+    pub fn attention_capture_bytes(
+        model: &Model,
+        n_ctx: usize,
+        selection: &AttentionSelection,
+    ) -> Result<usize> {
+        let c = &model.config;
+        AttentionCapture::bytes_for(selection, c.layers.len(), c.n_heads, n_ctx)
+    }
+
+    /// The capture chosen, with every layer and head listed (`None` when off).
+    pub fn attention_selection(&self) -> Option<&AttentionSelection> {
+        self.ws.capture.as_ref().map(|c| c.selection())
+    }
+
+    /// The attention weights of `layer`'s query head `head` from the last successful step,
+    /// `[n_queries, n_positions]`: the step's last tokens (up to the capture's
+    /// `max_queries`) over every position then held; each row sums to 1 and is 0 where the
+    /// query does not look. Fails when the pair is not captured or no step has been since
+    /// the capture was chosen (or since a rewind before it, a reset or a loaded state).
+    pub fn attention(&self, layer: usize, head: usize) -> Result<AttentionRows<'_>> {
+        self.ws
+            .capture
+            .as_ref()
+            .ok_or_else(|| {
+                Error::InvalidArgument("attention capture is off for this session".into())
+            })?
+            .rows(layer, head)
+    }
+
+    /// Forgets captured rows that no longer describe the session's tokens.
+    pub(crate) fn forget_attention(&mut self) {
+        if let Some(capture) = &mut self.ws.capture {
+            capture.invalidate();
+        }
     }
 }

@@ -148,6 +148,7 @@ impl Session {
     /// the session exactly as it was.
     pub fn load_state(&mut self, bytes: &[u8]) -> Result<()> {
         let state = parse(bytes, self)?;
+        self.forget_attention();
         self.history.clear();
         let mut r = Reader {
             bytes: state.tokens,
@@ -216,6 +217,7 @@ impl Session {
             });
         }
         let p = src.prefix(n_tokens);
+        self.forget_attention();
         self.history.clear();
         self.history.extend_from_slice(&src.history[..p.n]);
         self.ws.cache.copy_prefix_from(&src.ws.cache, p.computed);

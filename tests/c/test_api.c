@@ -1610,6 +1610,58 @@ static void test_pool(void) {
   free(alone);
 }
 
+static void test_attention(void) {
+  ember_session *s = new_session(64, 2);
+  int32_t tokens[5] = {5, 17, 42, 99, 7};
+  float logits[320], w[3 * 5], single[5];
+  size_t bytes = 0, nq = 0, np = 0;
+  /* Off by default. */
+  CHECK_STATUS(ember_step(s, tokens, 5, logits), EMBER_OK);
+  CHECK_STATUS(ember_session_attention(s, 1, 0, w, 15, &nq, &np), EMBER_ERR_INVALID_ARGUMENT);
+  ember_session_reset(s);
+  int32_t layers[1] = {1}, heads[2] = {3, 0};
+  CHECK_STATUS(ember_session_capture_attention(s, layers, 1, heads, 2, 3, &bytes), EMBER_OK);
+  CHECK(bytes == 1 * 2 * 3 * 64 * sizeof(float));
+  CHECK_STATUS(ember_step(s, tokens, 5, logits), EMBER_OK);
+  /* Sizing: the sizes are written, the buffer is not. */
+  w[0] = -1.0f;
+  CHECK_STATUS(ember_session_attention(s, 1, 3, w, 2, &nq, &np), EMBER_ERR_BUFFER_TOO_SMALL);
+  CHECK(nq == 3 && np == 5 && w[0] == -1.0f);
+  CHECK_STATUS(ember_session_attention(s, 1, 3, NULL, 0, &nq, &np), EMBER_ERR_BUFFER_TOO_SMALL);
+  CHECK_STATUS(ember_session_attention(s, 1, 3, w, 15, NULL, &np), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_attention(s, 1, 3, w, 15, &nq, &np), EMBER_OK);
+  for (size_t q = 0; q < 3; q++) {
+    double sum = 0;
+    for (size_t k = 0; k < 5; k++) sum += w[q * 5 + k];
+    CHECK(fabs(sum - 1.0) < 1e-5);
+    for (size_t k = 2 + q + 1; k < 5; k++) CHECK(w[q * 5 + k] == 0.0f); /* later keys */
+  }
+  CHECK_STATUS(ember_session_attention(s, 0, 3, w, 15, &nq, &np), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_attention(s, 1, 1, w, 15, &nq, &np), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_attention(s, -1, 0, w, 15, &nq, &np), EMBER_ERR_INVALID_ARGUMENT);
+  /* A bad selection leaves the capture as it was. */
+  int32_t bad[1] = {2};
+  bytes = 7;
+  CHECK_STATUS(ember_session_capture_attention(s, bad, 1, NULL, 0, 3, &bytes), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(bytes == 7);
+  CHECK_STATUS(ember_session_capture_attention(s, NULL, 1, NULL, 0, 3, NULL), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_attention(s, 1, 0, w, 15, &nq, &np), EMBER_OK);
+  /* The last query of the prompt equals the same token stepped alone after the others. */
+  ember_session *t = new_session(64, 1);
+  CHECK_STATUS(ember_session_capture_attention(t, NULL, 0, NULL, 0, 1, &bytes), EMBER_OK);
+  CHECK(bytes == 2 * 4 * 1 * 64 * sizeof(float));
+  CHECK_STATUS(ember_step(t, tokens, 4, logits), EMBER_OK);
+  CHECK_STATUS(ember_step(t, tokens + 4, 1, logits), EMBER_OK);
+  CHECK_STATUS(ember_session_attention(t, 1, 0, single, 5, &nq, &np), EMBER_OK);
+  CHECK(nq == 1 && np == 5 && memcmp(single, w + 2 * 5, sizeof single) == 0);
+  /* Off again. */
+  CHECK_STATUS(ember_session_capture_attention(t, NULL, 0, NULL, 0, 0, &bytes), EMBER_OK);
+  CHECK(bytes == 0);
+  CHECK_STATUS(ember_session_attention(t, 1, 0, single, 5, &nq, &np), EMBER_ERR_INVALID_ARGUMENT);
+  ember_session_free(t);
+  ember_session_free(s);
+}
+
 int main(int argc, char **argv) {
   if (argc != 3) {
     fprintf(stderr, "usage: %s FIXTURE_MODEL_DIR SCRATCH_DIR\n", argv[0]);
@@ -1638,6 +1690,7 @@ int main(int argc, char **argv) {
   test_pool();
   test_busy();
   test_threads();
+  test_attention();
   ember_model_free(model);
   printf("%d passed, %d failed\n", checks - failures, failures);
   return failures == 0 ? 0 : 1;

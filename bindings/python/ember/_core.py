@@ -863,6 +863,46 @@ class Session(_Owned):
         with self._use() as h:
             _lib.ember_session_cancel(h)
 
+    def capture_attention(self, layers: Optional[Iterable[int]] = None,
+                          heads: Optional[Iterable[int]] = None, *,
+                          max_queries: int = 1) -> int:
+        """Keeps, from the following steps, the attention weights of ``layers`` and query
+        ``heads`` (None: every one) for each step's last ``max_queries`` tokens, to read with
+        ``attention``; ``max_queries=0`` turns capture off. The buffer is allocated now (steps
+        allocate nothing); returns its size in bytes."""
+        def indices(values: Optional[Iterable[int]], what: str) -> Tuple[Any, int]:
+            picked = [] if values is None else [_uint(v, what, 31) for v in values]
+            return (c_int32 * max(len(picked), 1))(*picked), len(picked)
+        (layer_ids, n_layers) = indices(layers, "layer")
+        (head_ids, n_heads) = indices(heads, "head")
+        size = c_size_t()
+        with self._use() as h:
+            _lib.ember_session_capture_attention(
+                h, layer_ids, n_layers, head_ids, n_heads,
+                _uint(max_queries, "max_queries", 64), byref(size))
+        return size.value
+
+    def attention(self, layer: int, head: int) -> Any:
+        """The attention weights of ``layer``'s query ``head`` from the last step, shape
+        ``(n_queries, n_positions)``, in a new array (numpy, else a 2-D ``memoryview``): row
+        ``i`` is the query at position ``n_positions - n_queries + i`` over every position
+        held; rows sum to 1 and keys a query does not see are 0. Raises
+        ``InvalidArgumentError`` when the pair is not captured (``capture_attention``) or no
+        step was since."""
+        n_queries, n_positions = c_size_t(), c_size_t()
+        layer, head = _uint(layer, "layer", 31), _uint(head, "head", 31)
+        with self._use() as h:
+            try:
+                _lib.ember_session_attention(h, layer, head, None, 0,
+                                             byref(n_queries), byref(n_positions))
+            except BufferTooSmallError:
+                pass
+            shape = (n_queries.value, n_positions.value)
+            buf = (c_float * (shape[0] * shape[1]))()
+            _lib.ember_session_attention(h, layer, head, buf, shape[0] * shape[1],
+                                         byref(n_queries), byref(n_positions))
+        return _float_view(buf, shape)
+
     def generate(self, prompt: Text, *, max_tokens: int = 256, sampler: Optional["Sampler"] = None,
                  stop: Union[Text, Iterable[Text]] = (), ignore_end_tokens: bool = False,
                  add_special: bool = True, parse_special: bool = False,

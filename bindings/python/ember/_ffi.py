@@ -377,6 +377,12 @@ SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
     "ember_session_n_ctx": (c_size_t, [_session_p]),
     "ember_session_tokens": (ember_status, [_session_p, _tokens, c_size_t, _size_p]),
     "ember_session_cancel": (ember_status, [_session_p]),
+    "ember_session_capture_attention": (
+        ember_status,
+        [_session_p, POINTER(c_int32), c_size_t, POINTER(c_int32), c_size_t, c_size_t, _size_p],
+    ),
+    "ember_session_attention": (
+        ember_status, [_session_p, c_int32, c_int32, _floats, c_size_t, _size_p, _size_p]),
     "ember_step": (ember_status, [_session_p, _tokens, c_size_t, _floats]),
     "ember_step_all": (ember_status, [_session_p, _tokens, c_size_t, _floats, c_size_t]),
 }
