@@ -668,7 +668,7 @@ pub unsafe extern "C" fn ember_session_capture_attention(
                 indices(slice(heads, n_heads, "heads")?, "head")?,
             )
         };
-        let selection = (max_queries > 0).then(|| AttentionSelection {
+        let selection = (max_queries > 0).then_some(AttentionSelection {
             layers,
             heads,
             max_queries,
