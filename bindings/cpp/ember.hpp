@@ -774,6 +774,39 @@ class Session : public detail::Handle<ember_session, ember_session_free> {
   /// The logits of the last token of the last successful step, fork or state load
   /// (n_vocab floats).
   const std::vector<float> &logits() const noexcept { return logits_; }
+  /// Keeps the attention weights of `layers` × query `heads` (empty = every one) for the last
+  /// `max_queries` tokens of each step (0 = capture off); returns the buffer's size in bytes.
+  /// Allocated here once; steps allocate nothing. A bad index leaves the old capture.
+  Result<size_t> try_capture_attention(const std::vector<int32_t> &layers,
+                                       const std::vector<int32_t> &heads, size_t max_queries = 1) {
+    size_t bytes = 0;
+    ember_status st = ember_session_capture_attention(get(), layers.data(), layers.size(),
+                                                      heads.data(), heads.size(), max_queries,
+                                                      &bytes);
+    if (st != EMBER_OK) return detail::failure(st);
+    return bytes;
+  }
+  /// try_attention's result: `weights[i * n_positions + j]` is how much the query at
+  /// position `n_positions - n_queries + i` attends to position `j`; each row sums to 1.
+  struct Attention {
+    size_t n_queries = 0;
+    size_t n_positions = 0;
+    std::vector<float> weights;
+  };
+  /// The attention weights of `layer`'s query head `head` from the last captured step.
+  Result<Attention> try_attention(int32_t layer, int32_t head) const {
+    Attention out;
+    ember_status st =
+        ember_session_attention(get(), layer, head, nullptr, 0, &out.n_queries, &out.n_positions);
+    if (st == EMBER_ERR_BUFFER_TOO_SMALL) {
+      out.weights.resize(out.n_queries * out.n_positions);
+      st = ember_session_attention(get(), layer, head, out.weights.data(), out.weights.size(),
+                                   &out.n_queries, &out.n_positions);
+    }
+    if (st != EMBER_OK) return detail::failure(st);
+    out.weights.resize(out.n_queries * out.n_positions);
+    return out;
+  }
 
   /// A new session holding this one's tokens and KV cache without computing them again (one
   /// shared prompt, many characters); with no params, this session's context, threads and
@@ -925,6 +958,13 @@ class Session : public detail::Handle<ember_session, ember_session_free> {
   void reset() { try_reset().value(); }
   /// try_tokens, throwing ember::Error on failure.
   std::vector<int32_t> tokens() const { return try_tokens().value(); }
+  /// try_capture_attention, throwing ember::Error on failure.
+  size_t capture_attention(const std::vector<int32_t> &layers, const std::vector<int32_t> &heads,
+                           size_t max_queries = 1) {
+    return try_capture_attention(layers, heads, max_queries).value();
+  }
+  /// try_attention, throwing ember::Error on failure.
+  Attention attention(int32_t layer, int32_t head) const { return try_attention(layer, head).value(); }
   /// try_fork, throwing ember::Error on failure.
   Session fork() const { return try_fork().value(); }
   /// try_fork with params, throwing ember::Error on failure.

@@ -5,6 +5,7 @@
 #include "ember.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -622,6 +623,29 @@ static void test_constraint(const ember::Model &model) {
   CHECK(sampler->try_constraint_state().value() == ember::ConstraintState::none);
 }
 
+static void test_attention(const ember::Model &model) {
+  ember::Session session = new_session(model, 64, 1);
+  auto bytes = session.try_capture_attention({1}, {0, 3}, 2);
+  CHECK(bytes.ok() && *bytes == 1 * 2 * 2 * 64 * sizeof(float));
+  CHECK(session.try_attention(1, 0).status() == ember::Status::invalid_argument);  // no step yet
+  CHECK(session.try_step(std::vector<int32_t>{5, 6, 7, 8, 9}).ok());
+  auto rows = session.try_attention(1, 3);
+  CHECK(rows.ok() && rows->n_queries == 2 && rows->n_positions == 5 && rows->weights.size() == 10);
+  if (rows.ok()) {
+    for (size_t i = 0; i < rows->n_queries; i++) {
+      float sum = 0;
+      for (size_t j = 0; j < rows->n_positions; j++) sum += rows->weights[i * rows->n_positions + j];
+      CHECK(std::fabs(sum - 1.0f) < 1e-5f);
+    }
+    CHECK(rows->weights[4] == 0.0f && rows->weights[9] > 0.0f);  // query 3 does not see token 4
+  }
+  CHECK(session.try_attention(0, 0).status() == ember::Status::invalid_argument);  // not captured
+  CHECK(session.try_capture_attention({99}, {}, 1).status() == ember::Status::invalid_argument);
+  CHECK(session.try_attention(1, 0).ok());  // the refused selection left the old one
+  CHECK(session.try_capture_attention({}, {}, 0).value() == 0);
+  CHECK(session.try_attention(1, 0).status() == ember::Status::invalid_argument);
+}
+
 static void test_tool_calls(const ember::Model &model) {
   // A conversation as JSON: one tool, a template that reads tools in the <tool_call> format.
   const std::string conversation = R"({"messages": [{"role": "user", "content": "Go."}],
@@ -671,6 +695,7 @@ int main(int argc, char **argv) {
   test_background_generation(model);
   test_constraint(model);
   test_tool_calls(model);
+  test_attention(model);
   test_pool(model);
   test_sampler();
   test_detokenizer(model);
