@@ -11,6 +11,8 @@
 //!
 //! - `ember tokenize MODEL (TEXT | --file FILE) [--bench]`: token ids of a text with the
 //!   model's tokenizer, or (with `--bench`) single-thread tokenization speed.
+//! - `ember attention MODEL TEXT [--token WORD] [--layer L,..] [--head H,..] [--png FILE]`:
+//!   the positions a token attends to most, per head and averaged, and a heatmap picture.
 //!
 //! Progress and timings go to stderr, results to stdout; errors are one line and exit code 1.
 
@@ -28,7 +30,9 @@ macro_rules! out {
     }};
 }
 
+mod attention;
 mod bench;
+mod heatmap;
 mod run;
 
 use std::process::ExitCode;
@@ -46,6 +50,7 @@ const USAGE: &str = "usage:
   ember bench MODEL [--threads 1,2] [--pp 512] [--tg 128] [--depth 0] [--reps 3] [--json]
               [--bandwidth] [--kv f32|f16]
   ember tokenize MODEL (TEXT | --file FILE) [--bench] [--add-special] [--parse-special]
+  ember attention MODEL TEXT [--token WORD] [--layer L,..] [--head H,..] [--top 5] [--png FILE]
 MODEL is a GGUF file or a Hugging Face model folder; --q8_0 (run, chat, bench, info,
 tokenize) quantizes F32/F16/BF16 weights to Q8_0 at load. Options of run and chat:";
 
@@ -63,6 +68,7 @@ fn main() -> ExitCode {
         Some("info") => info(rest),
         Some("bench") => bench::bench(rest),
         Some("tokenize") => tokenize(rest),
+        Some("attention") => attention::attention(rest),
         Some("-h") | Some("--help") | Some("help") => {
             println!("{}", usage());
             Ok(())
