@@ -178,3 +178,19 @@ fn bad_choices_are_clear_errors() {
     let (ok, _, stderr) = ember(&[FIXTURE, TEXT, "--head", "x"]);
     assert!(!ok && stderr.contains("--head takes indices"), "{stderr}");
 }
+
+#[test]
+fn a_word_of_several_tokens_is_queried_at_its_last() {
+    // The fixture's tokenizer spells " world" as " w" "or" "ld" (positions 3 to 5).
+    let (ok, stdout, stderr) = ember(&[FIXTURE, TEXT, "--token", "world"]);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.lines().nth(1).unwrap().starts_with("query ld(5):"),
+        "{stdout}"
+    );
+    let (ok, stdout, _) = ember(&[FIXTURE, TEXT, "--token", "this"]);
+    assert!(
+        ok && stdout.lines().nth(1).unwrap().starts_with("query s(10):"),
+        "{stdout}"
+    );
+}

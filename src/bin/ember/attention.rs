@@ -2,7 +2,8 @@
 //! [--png FILE]`: what a query token attends to, from the engine's own attention weights.
 //!
 //! The text is read in one step with every chosen layer and head captured for every token.
-//! Printed: for the query token (`--token`, default the last), the positions it attends to
+//! Printed: for the query token (`--token WORD`: the first token whose text is WORD, or the
+//! last of the tokens spelling it; default the last token), the positions it attends to
 //! most, per head of each `--layer` given and averaged over heads (with no `--layer`, each
 //! layer's average over its heads and the average over all). `--png` draws the same rows and
 //! averages as heatmaps of every query over every key.
@@ -38,6 +39,27 @@ fn indices(args: &Args, name: &str, n: usize, what: &str) -> Result<(Vec<usize>,
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((chosen, true))
+}
+
+/// The query token for `--token WORD`: the first token whose text is WORD (spaces around
+/// it aside), or else the last token of the first run of tokens that spells it.
+fn find_word(pieces: &[String], word: &str) -> Option<usize> {
+    if let Some(i) = pieces.iter().position(|p| p.trim() == word) {
+        return Some(i);
+    }
+    (0..pieces.len()).find_map(|start| {
+        let mut spelled = String::new();
+        for (end, piece) in pieces.iter().enumerate().skip(start) {
+            spelled.push_str(piece);
+            if spelled.trim() == word {
+                return Some(end);
+            }
+            if spelled.trim_start().len() >= word.len() {
+                return None;
+            }
+        }
+        None
+    })
 }
 
 /// The element-wise mean of `entries`' weights.
@@ -77,16 +99,13 @@ pub fn attention(args: &[String]) -> Result<(), String> {
     let n = tokens.len();
     let query = match args.get("token") {
         None => n - 1,
-        Some(word) => pieces
-            .iter()
-            .position(|p| p.trim() == word)
-            .ok_or_else(|| {
-                let shown: Vec<String> = pieces.iter().map(|p| format!("{p:?}")).collect();
-                format!(
-                    "no token of the text is {word:?}; its tokens: {}",
-                    shown.join(" ")
-                )
-            })?,
+        Some(word) => find_word(&pieces, word).ok_or_else(|| {
+            let shown: Vec<String> = pieces.iter().map(|p| format!("{p:?}")).collect();
+            format!(
+                "no token of the text is {word:?}; its tokens: {}",
+                shown.join(" ")
+            )
+        })?,
     };
     let c = model.config();
     let (layers, layers_given) = indices(&args, "layer", c.n_layers, "layer")?;
