@@ -1329,6 +1329,34 @@ enum ember_status ember_step(struct ember_session *session,
                              float *logits);
 
 /**
+ * Steps several sessions of one model in one forward pass, so each weight is read once for
+ * all of them (eight characters decoding together cost little more than one): session `i`
+ * appends `tokens[i][0..n_tokens[i]]` (any number; 0 when it has pending tokens, which are
+ * computed first) and, if `logits` is not NULL and `logits[i]` is not NULL, its last token's
+ * logits go to `logits[i]` (`ember_model_n_vocab` floats). Each session keeps its own cache,
+ * position and logits, bitwise equal to what stepping it alone gives; one may take a prompt
+ * while the others take a token each. The pass runs on the threads of the session with the
+ * largest context.
+ *
+ * Every input is checked before any work: a session of another model, a bad token, a full
+ * context, a session in use (`EMBER_ERR_BUSY`) or one given twice fails the whole call with
+ * that session's status, `ember_last_error` naming its index ("session 2 of the batch:
+ * ..."), and no session changes; so does a cancellation of any of them during the pass. At
+ * most 256 sessions.
+ *
+ * # Safety
+ * `sessions`, `tokens` and `n_tokens` valid for `n_sessions` elements (`tokens[i]` valid
+ * for `n_tokens[i]` tokens, or NULL with 0); `logits` NULL or valid for `n_sessions`
+ * pointers, each NULL or valid for n_vocab floats. Every array is read during the call
+ * only.
+ */
+enum ember_status ember_step_batch(struct ember_session *const *sessions,
+                                   const int32_t *const *tokens,
+                                   const size_t *n_tokens,
+                                   size_t n_sessions,
+                                   float *const *logits);
+
+/**
  * Appends `n_tokens` tokens and writes the logits of every one of them to `logits`, row by
  * row (`n_tokens * n_vocab` floats; `logits_cap` is its capacity in floats), for scoring and
  * perplexity. Pending tokens are computed first (their logits are not written). A too-small

@@ -11,6 +11,9 @@ pub const UBATCH: usize = 64;
 /// The largest micro-batch a session accepts.
 pub const MAX_UBATCH: usize = 4096;
 
+/// The most sessions one batched step takes (`Session::step_batch`, `ember_step_batch`).
+pub const MAX_BATCH: usize = 256;
+
 /// The most alternatives a generated token can carry with its log-probability
 /// (`top_logprobs`).
 pub const MAX_TOP_LOGPROBS: usize = 20;

@@ -61,6 +61,15 @@ pub enum Error {
     /// A bug inside Ember (for example a caught panic).
     #[error("internal error: {0}")]
     Internal(String),
+
+    /// What went wrong with one session of a batched step (nothing was stepped).
+    #[error("session {index} of the batch: {source}")]
+    InBatch {
+        /// The session's index in the batch.
+        index: usize,
+        /// Its error.
+        source: Box<Error>,
+    },
 }
 
 /// Shorthand for results carrying an Ember [`Error`].
@@ -99,6 +108,18 @@ impl Error {
             Error::OutOfMemory(m) => Error::OutOfMemory(m.clone()),
             Error::Busy(m) => Error::Busy(m.clone()),
             Error::Internal(m) => Error::Internal(m.clone()),
+            Error::InBatch { index, source } => Error::InBatch {
+                index: *index,
+                source: Box::new(source.duplicate()),
+            },
+        }
+    }
+
+    /// This error as that of session `index` of a batch.
+    pub fn in_batch(self, index: usize) -> Self {
+        Error::InBatch {
+            index,
+            source: Box::new(self),
         }
     }
 

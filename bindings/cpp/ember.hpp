@@ -858,6 +858,27 @@ class Session : public detail::Handle<ember_session, ember_session_free> {
   }
   /// Appends tokens (see above).
   Result<void> try_step(const std::vector<int32_t> &tokens) { return try_step(tokens.data(), tokens.size()); }
+  /// Steps several sessions of one model in one forward pass (each weight read once for all):
+  /// `sessions[i]` appends `tokens[i]` (empty when it has pending tokens); each one's last
+  /// logits are then in its logits(), bitwise what stepping it alone gives. An error names the
+  /// session's index in Error::message and steps none of them.
+  static Result<void> try_step_batch(const std::vector<Session *> &sessions,
+                                     const std::vector<std::vector<int32_t>> &tokens) {
+    if (sessions.size() != tokens.size())
+      return ErrorInfo{Status::invalid_argument, "as many token lists as sessions are needed"};
+    std::vector<ember_session *> handles;
+    std::vector<const int32_t *> lists;
+    std::vector<size_t> counts;
+    std::vector<float *> outs;
+    for (size_t i = 0; i < sessions.size(); i++) {
+      handles.push_back(sessions[i]->get());
+      lists.push_back(tokens[i].data());
+      counts.push_back(tokens[i].size());
+      outs.push_back(sessions[i]->logits_.data());
+    }
+    return detail::check(
+        ember_step_batch(handles.data(), lists.data(), counts.data(), handles.size(), outs.data()));
+  }
   /// Appends tokens and returns the logits of every one, row by row (n × n_vocab).
   Result<std::vector<float>> try_step_all(const std::vector<int32_t> &tokens) {
     std::vector<float> all(tokens.size() * logits_.size());
@@ -949,6 +970,11 @@ class Session : public detail::Handle<ember_session, ember_session_free> {
   const std::vector<float> &step(int32_t token) {
     try_step(&token, 1).value();
     return logits_;
+  }
+  /// try_step_batch, throwing ember::Error on failure.
+  static void step_batch(const std::vector<Session *> &sessions,
+                         const std::vector<std::vector<int32_t>> &tokens) {
+    try_step_batch(sessions, tokens).value();
   }
   /// try_step_all, throwing ember::Error on failure.
   std::vector<float> step_all(const std::vector<int32_t> &tokens) { return try_step_all(tokens).value(); }

@@ -89,6 +89,7 @@ impl ember_status {
             Error::OutOfMemory(_) => ember_status::EMBER_ERR_OUT_OF_MEMORY,
             Error::Busy(_) => ember_status::EMBER_ERR_BUSY,
             Error::Internal(_) => ember_status::EMBER_ERR_INTERNAL,
+            Error::InBatch { source, .. } => ember_status::of(source),
         }
     }
 }

@@ -798,6 +798,134 @@ pub unsafe extern "C" fn ember_step(
     })
 }
 
+/// Runs `body` with exclusive access to every session of `handles` (each distinct; a busy
+/// one fails at once, naming its index), `taken` holding those already entered.
+fn with_sessions<R>(
+    handles: &[&ember_session],
+    taken: &mut Vec<*mut Session>,
+    body: &mut dyn FnMut(&mut [&mut Session]) -> Result<R>,
+) -> Result<R> {
+    let Some((first, rest)) = handles.split_first() else {
+        // SAFETY: each pointer comes from a `with` scope still running further up this call
+        // stack, so its access is exclusive and the session alive; the handles are distinct
+        // (the caller checked), so no two references alias.
+        let mut sessions: Vec<&mut Session> = taken.iter().map(|&p| unsafe { &mut *p }).collect();
+        return body(&mut sessions);
+    };
+    let index = taken.len();
+    first
+        .session
+        .with(|s| {
+            taken.push(s as *mut Session);
+            let result = with_sessions(rest, taken, body);
+            taken.pop();
+            result
+        })
+        .map_err(|e| match e {
+            Error::Busy(_) => e.in_batch(index),
+            e => e,
+        })
+}
+
+/// Steps several sessions of one model in one forward pass, so each weight is read once for
+/// all of them (eight characters decoding together cost little more than one): session `i`
+/// appends `tokens[i][0..n_tokens[i]]` (any number; 0 when it has pending tokens, which are
+/// computed first) and, if `logits` is not NULL and `logits[i]` is not NULL, its last token's
+/// logits go to `logits[i]` (`ember_model_n_vocab` floats). Each session keeps its own cache,
+/// position and logits, bitwise equal to what stepping it alone gives; one may take a prompt
+/// while the others take a token each. The pass runs on the threads of the session with the
+/// largest context.
+///
+/// Every input is checked before any work: a session of another model, a bad token, a full
+/// context, a session in use (`EMBER_ERR_BUSY`) or one given twice fails the whole call with
+/// that session's status, `ember_last_error` naming its index ("session 2 of the batch:
+/// ..."), and no session changes; so does a cancellation of any of them during the pass. At
+/// most 256 sessions.
+///
+/// # Safety
+/// `sessions`, `tokens` and `n_tokens` valid for `n_sessions` elements (`tokens[i]` valid
+/// for `n_tokens[i]` tokens, or NULL with 0); `logits` NULL or valid for `n_sessions`
+/// pointers, each NULL or valid for n_vocab floats. Every array is read during the call
+/// only.
+#[no_mangle]
+pub unsafe extern "C" fn ember_step_batch(
+    sessions: *const *mut ember_session,
+    tokens: *const *const i32,
+    n_tokens: *const usize,
+    n_sessions: usize,
+    logits: *const *mut f32,
+) -> ember_status {
+    run(|| {
+        if n_sessions > crate::defaults::MAX_BATCH {
+            return Err(Error::InvalidArgument(format!(
+                "a batch of {n_sessions} sessions (at most {})",
+                crate::defaults::MAX_BATCH
+            )));
+        }
+        // SAFETY: caller's contract for the arrays.
+        let (handles, lists, counts) = unsafe {
+            (
+                slice(sessions, n_sessions, "sessions")?,
+                slice(tokens, n_sessions, "tokens")?,
+                slice(n_tokens, n_sessions, "n_tokens")?,
+            )
+        };
+        let outputs: &[*mut f32] = if logits.is_null() {
+            &[]
+        } else {
+            // SAFETY: non-NULL, so valid for n_sessions pointers (caller's contract).
+            unsafe { slice(logits, n_sessions, "logits")? }
+        };
+        let mut order: Vec<(usize, usize)> = handles
+            .iter()
+            .enumerate()
+            .map(|(i, &h)| (h as usize, i))
+            .collect();
+        order.sort_unstable();
+        if let Some(pair) = order.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(
+                Error::InvalidArgument(format!("the same session as index {}", pair[0].1))
+                    .in_batch(pair[1].1),
+            );
+        }
+        let token_lists = lists
+            .iter()
+            .zip(counts)
+            .enumerate()
+            .map(|(i, (&list, &n))| {
+                // SAFETY: caller's contract for tokens[i].
+                unsafe { slice(list, n, "tokens[i]") }
+                    .and_then(token_ids)
+                    .map_err(|e| e.in_batch(i))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let handles = handles
+            .iter()
+            .enumerate()
+            .map(|(i, &h)| {
+                // SAFETY: caller's contract: each a live session.
+                unsafe { borrow(h, "session") }.map_err(|e| e.in_batch(i))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let lists: Vec<&[u32]> = token_lists.iter().map(|t| t.as_slice()).collect();
+        with_sessions(
+            &handles,
+            &mut Vec::with_capacity(n_sessions),
+            &mut |sessions| {
+                Session::step_batch(sessions, &lists)?;
+                for (s, &out) in sessions.iter().zip(outputs) {
+                    if !out.is_null() {
+                        let l = s.logits();
+                        // SAFETY: out holds n_vocab floats (caller's contract).
+                        unsafe { std::ptr::copy_nonoverlapping(l.as_ptr(), out, l.len()) };
+                    }
+                }
+                Ok(())
+            },
+        )
+    })
+}
+
 /// Appends `n_tokens` tokens and writes the logits of every one of them to `logits`, row by
 /// row (`n_tokens * n_vocab` floats; `logits_cap` is its capacity in floats), for scoring and
 /// perplexity. Pending tokens are computed first (their logits are not written). A too-small

@@ -269,20 +269,56 @@ pub(crate) struct Workspace {
 
 /// Which logits a forward pass must produce.
 pub(crate) enum LogitsWanted<'a> {
-    /// Only the last token's, into the scratch's `logits`.
+    /// Only the last token's, into the scratch's `logits` (one sequence).
     Last,
-    /// Every token's but the first `skip`, `[n_tokens - skip, vocab]`, into `out`.
+    /// Every token's but the first `skip`, `[n_tokens - skip, vocab]`, into `out` (one
+    /// sequence).
     All {
         /// Receives the rows.
         out: &'a mut [f32],
         /// Leading tokens whose logits are not wanted.
         skip: usize,
     },
+    /// The last token's of each sequence, `[n_sequences, vocab]`, into `out`.
+    LastOfEach {
+        /// Receives the rows.
+        out: &'a mut [f32],
+    },
 }
 
 /// Called at every layer boundary of a forward pass with the number of tokens completed so
 /// far; returns true to stop the pass with [`Error::Cancelled`].
 pub(crate) type Progress<'a> = &'a (dyn Fn(usize) -> bool + Sync);
+
+/// One sequence of a forward pass: its cache, its attention capture, and the tokens it adds
+/// at positions `pos0..`. Several sequences go through the pass together (their tokens as
+/// the rows of the same micro-batches), each attending over its own cache.
+pub(crate) struct Sequence<'a> {
+    pub(crate) cache: &'a mut KvCache,
+    pub(crate) capture: &'a mut Option<AttentionCapture>,
+    pub(crate) tokens: &'a [u32],
+    pub(crate) pos0: usize,
+}
+
+/// The part of a sequence whose tokens are `start..start + len` of the pass that falls in the
+/// micro-batch of tokens `chunk_start..chunk_start + n`: `(first row, rows, first token's
+/// index in the sequence)`.
+fn span(start: usize, len: usize, chunk_start: usize, n: usize) -> Option<(usize, usize, usize)> {
+    let (lo, hi) = (start.max(chunk_start), (start + len).min(chunk_start + n));
+    (lo < hi).then(|| (lo - chunk_start, hi - lo, lo - start))
+}
+
+/// The sequence and position of token `index` of the pass (sequences laid end to end).
+fn locate(sequences: &[Sequence<'_>], index: usize) -> (usize, usize) {
+    let mut start = 0;
+    for (i, seq) in sequences.iter().enumerate() {
+        if index < start + seq.tokens.len() {
+            return (i, seq.pos0 + index - start);
+        }
+        start += seq.tokens.len();
+    }
+    unreachable!("token {index} is beyond the pass's {start} tokens")
+}
 
 impl Model {
     /// Runs `tokens` (at positions `pos0..`) through the model, appending their keys and
@@ -295,22 +331,43 @@ impl Model {
         tokens: &[u32],
         pos0: usize,
         progress: Progress<'_>,
-        mut wanted: LogitsWanted<'_>,
+        wanted: LogitsWanted<'_>,
     ) -> Result<()> {
         let Workspace {
             cache,
             scratch,
             capture,
         } = ws;
+        let mut sequence = [Sequence {
+            cache,
+            capture,
+            tokens,
+            pos0,
+        }];
+        self.forward_sequences(par, scratch, &mut sequence, progress, wanted)
+    }
+
+    /// Runs several sequences through the model in the same micro-batches of `scratch`
+    /// (whose context must be at least each sequence's, and whose `par` it was sized for):
+    /// every weight is read once per micro-batch, whatever the number of sequences. Each
+    /// row's result is what the sequence would get alone (the kernels' rows are independent).
+    pub(crate) fn forward_sequences(
+        &self,
+        par: Par,
+        scratch: &mut ForwardScratch,
+        sequences: &mut [Sequence<'_>],
+        progress: Progress<'_>,
+        mut wanted: LogitsWanted<'_>,
+    ) -> Result<()> {
         let vocab = self.config.vocab_size;
+        let h = self.config.hidden_size;
         let ubatch = scratch.ubatch;
-        for (chunk_index, chunk) in tokens.chunks(ubatch).enumerate() {
-            let first = chunk_index * ubatch;
+        let total: usize = sequences.iter().map(|s| s.tokens.len()).sum();
+        for first in (0..total).step_by(ubatch) {
+            let n = ubatch.min(total - first);
             // Every layer boundary reports the tokens of the chunks before this one as done.
             let at_layer = || progress(first);
-            self.forward_chunk(par, cache, scratch, capture, chunk, pos0 + first, &at_layer)?;
-            let n = chunk.len();
-            let h = self.config.hidden_size;
+            self.forward_chunk(par, scratch, sequences, first, n, &at_layer)?;
             match &mut wanted {
                 LogitsWanted::All { out, skip } => {
                     // Rows of this chunk that are wanted: tokens first.max(skip)..first + n.
@@ -335,13 +392,13 @@ impl Model {
                         &mut scratch.act,
                     );
                     self.finish_logits(par, out);
-                    if first + n == tokens.len() {
+                    if first + n == total {
                         scratch
                             .logits
                             .copy_from_slice(&out[(n - from - 1) * vocab..]);
                     }
                 }
-                LogitsWanted::Last if first + n == tokens.len() => {
+                LogitsWanted::Last if first + n == total => {
                     let last = &scratch.x[(n - 1) * h..n * h];
                     self.final_norm.apply(last, &mut scratch.xn[..h]);
                     kernels::matmul_with(
@@ -355,6 +412,37 @@ impl Model {
                     self.finish_logits(par, &mut scratch.logits);
                 }
                 LogitsWanted::Last => {}
+                LogitsWanted::LastOfEach { out } => {
+                    // The sequences whose last token is in this chunk (consecutive ones),
+                    // their last rows normalised into rows 0.. of `xn`, then one product.
+                    let (mut start, mut ending) = (0, None::<(usize, usize)>);
+                    for (i, seq) in sequences.iter().enumerate() {
+                        let last = start + seq.tokens.len() - 1;
+                        start += seq.tokens.len();
+                        if !(first..first + n).contains(&last) {
+                            continue;
+                        }
+                        let (i0, m) = ending.unwrap_or((i, 0));
+                        let row = last - first;
+                        self.final_norm.apply(
+                            &scratch.x[row * h..(row + 1) * h],
+                            &mut scratch.xn[m * h..(m + 1) * h],
+                        );
+                        ending = Some((i0, m + 1));
+                    }
+                    if let Some((i0, m)) = ending {
+                        let out = &mut out[i0 * vocab..(i0 + m) * vocab];
+                        kernels::matmul_with(
+                            par,
+                            &self.lm_head,
+                            &scratch.xn[..m * h],
+                            m,
+                            out,
+                            &mut scratch.act,
+                        );
+                        self.finish_logits(par, out);
+                    }
+                }
             }
         }
         Ok(())
@@ -377,30 +465,31 @@ impl Model {
         });
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// One micro-batch: tokens `first..first + n` of the sequences laid end to end.
     fn forward_chunk(
         &self,
         par: Par,
-        cache: &mut KvCache,
         s: &mut ForwardScratch,
-        capture: &mut Option<AttentionCapture>,
-        tokens: &[u32],
-        pos0: usize,
+        sequences: &mut [Sequence<'_>],
+        first: usize,
+        n: usize,
         stop: &dyn Fn() -> bool,
     ) -> Result<()> {
         let c = &self.config;
-        let (h, n) = (c.hidden_size, tokens.len());
+        let h = c.hidden_size;
         let (q_dim, kv_dim, inter) = (c.q_dim(), c.kv_dim(), c.intermediate_size);
 
         // Embeddings (plus learned positions for GPT-2).
-        for (t, &token) in tokens.iter().enumerate() {
+        for t in 0..n {
+            let (i, pos) = locate(sequences, first + t);
+            let token = sequences[i].tokens[pos - sequences[i].pos0];
             let row = &mut s.x[t * h..(t + 1) * h];
             kernels::to_f32(self.embed.elements(), token as usize * h, row);
             if c.embedding_scale != 1.0 {
                 row.iter_mut().for_each(|v| *v *= c.embedding_scale);
             }
             if let Some(positions) = &self.positions {
-                kernels::to_f32(positions.elements(), (pos0 + t) * h, &mut s.xn[..h]);
+                kernels::to_f32(positions.elements(), pos * h, &mut s.xn[..h]);
                 for (a, b) in row.iter_mut().zip(&s.xn[..h]) {
                     *a += b;
                 }
@@ -429,32 +518,45 @@ impl Model {
             }
             if kind.rope {
                 let table = &s.ropes[usize::from(kind.local_rope).min(s.ropes.len() - 1)];
+                let seqs = &*sequences;
                 let rotate = |t: usize, row: &mut [f32]| {
-                    table.rotate(row, c.head_dim, pos0 + t, c.rope_interleaved)
+                    let (_, pos) = locate(seqs, first + t);
+                    table.rotate(row, c.head_dim, pos, c.rope_interleaved)
                 };
                 par.for_rows(&mut s.q[..n * q_dim], q_dim, rotate);
                 par.for_rows(&mut s.k[..n * kv_dim], kv_dim, rotate);
             }
-            for t in 0..n {
-                cache.store(
+            // Each sequence stores its keys and values, then attends over its own cache.
+            let mut start = 0;
+            for seq in sequences.iter_mut() {
+                let len = seq.tokens.len();
+                let Some((row0, m, offset)) = span(start, len, first, n) else {
+                    start += len;
+                    continue;
+                };
+                start += len;
+                let pos0 = seq.pos0 + offset;
+                for t in row0..row0 + m {
+                    seq.cache.store(
+                        layer,
+                        pos0 + t - row0,
+                        &s.k[t * kv_dim..(t + 1) * kv_dim],
+                        &s.v[t * kv_dim..(t + 1) * kv_dim],
+                    );
+                }
+                attention(
+                    par,
+                    c,
+                    kind,
+                    seq.cache,
                     layer,
-                    pos0 + t,
-                    &s.k[t * kv_dim..(t + 1) * kv_dim],
-                    &s.v[t * kv_dim..(t + 1) * kv_dim],
+                    &s.q[row0 * q_dim..(row0 + m) * q_dim],
+                    pos0,
+                    &mut s.scores,
+                    &mut s.att[row0 * q_dim..(row0 + m) * q_dim],
+                    seq.capture.as_mut().and_then(|c| c.layer_writer(layer)),
                 );
             }
-            attention(
-                par,
-                c,
-                kind,
-                cache,
-                layer,
-                &s.q[..n * q_dim],
-                pos0,
-                &mut s.scores,
-                &mut s.att[..n * q_dim],
-                capture.as_mut().and_then(|c| c.layer_writer(layer)),
-            );
             block.o.forward(par, &s.att, n, &mut s.out, &mut s.act);
             add_residual(par, c, &block.post_attn_norm, s, n);
 

@@ -39,7 +39,7 @@ pub use config::{
     Activation, Architecture, LayerKind, Llama3RopeScaling, ModelConfig, Rope, RopeScaling,
 };
 pub(crate) use forward::{
-    rope_signature, AttentionCapture, ForwardScratch, KvCache, LogitsWanted, Workspace,
+    rope_signature, AttentionCapture, ForwardScratch, KvCache, LogitsWanted, Sequence, Workspace,
 };
 pub use kv_cache::KvType;
 pub use probe::ModelInfo;

@@ -9,6 +9,7 @@
 //! `state.rs` saves and restores a session's tokens and cache, and copies them between
 //! sessions (fork).
 
+mod batch;
 mod state;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -435,7 +436,7 @@ impl Session {
     fn run(&mut self, tokens: &[u32], wanted: LogitsWanted<'_>) -> Result<()> {
         let wanted_kind = match wanted {
             LogitsWanted::Last => WantedKind::Last,
-            LogitsWanted::All { .. } => WantedKind::All,
+            LogitsWanted::All { .. } | LogitsWanted::LastOfEach { .. } => WantedKind::All,
         };
         self.check_tokens(tokens)?;
         if self.n_pending() + tokens.len() == 0 {
@@ -476,33 +477,39 @@ impl Session {
         drop(call);
         match result {
             Ok(()) => {
-                let n = (self.history.len() - self.computed) as u64;
-                self.computed = self.history.len();
-                if let Some(capture) = &mut self.ws.capture {
-                    capture.finish_step();
-                }
-                self.logits_current = matches!(wanted_kind, WantedKind::Last);
-                if outermost {
-                    let seconds = started.elapsed().as_secs_f64();
-                    self.record_perf(if n == 1 {
-                        PerfCounts {
-                            generated_tokens: 1,
-                            generation_seconds: seconds,
-                            ..Default::default()
-                        }
-                    } else {
-                        PerfCounts {
-                            prompt_tokens: n,
-                            prompt_seconds: seconds,
-                            ..Default::default()
-                        }
-                    });
-                }
+                let seconds = started.elapsed().as_secs_f64();
+                self.step_succeeded(seconds, outermost, matches!(wanted_kind, WantedKind::Last));
             }
             Err(_) => self.history.truncate(before),
         }
         self.shared.set_position(self.history.len());
         result
+    }
+
+    /// Marks every held token computed after a step that took `seconds`, and records its
+    /// work (when it was a call of its own, not a step of a generation).
+    fn step_succeeded(&mut self, seconds: f64, outermost: bool, logits_current: bool) {
+        let n = (self.history.len() - self.computed) as u64;
+        self.computed = self.history.len();
+        if let Some(capture) = &mut self.ws.capture {
+            capture.finish_step();
+        }
+        self.logits_current = logits_current;
+        if outermost {
+            self.record_perf(if n == 1 {
+                PerfCounts {
+                    generated_tokens: 1,
+                    generation_seconds: seconds,
+                    ..Default::default()
+                }
+            } else {
+                PerfCounts {
+                    prompt_tokens: n,
+                    prompt_seconds: seconds,
+                    ..Default::default()
+                }
+            });
+        }
     }
 
     /// Appends `tokens` and returns the logits of the last token the session then holds

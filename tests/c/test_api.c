@@ -1662,6 +1662,51 @@ static void test_attention(void) {
   ember_session_free(s);
 }
 
+static void test_step_batch(void) {
+  ember_session *a = new_session(64, 2), *b = new_session(64, 1), *c = new_session(8, 1);
+  int32_t prompt[4] = {5, 17, 42, 99}, one[1] = {7}, bad[1] = {1 << 20};
+  static float la[320], lb[320], alone[320];
+  /* a takes a prompt while b takes one token; b's logits are skipped. */
+  ember_session *sessions[2] = {a, b};
+  const int32_t *tokens[2] = {prompt, one};
+  size_t counts[2] = {4, 1};
+  float *outs[2] = {la, NULL};
+  CHECK_STATUS(ember_step_batch(sessions, tokens, counts, 2, outs), EMBER_OK);
+  CHECK(ember_session_position(a) == 4 && ember_session_position(b) == 1);
+  ember_session *t = new_session(64, 1);
+  CHECK_STATUS(ember_step(t, prompt, 4, alone), EMBER_OK);
+  CHECK(memcmp(la, alone, sizeof la) == 0); /* bitwise what stepping it alone gives */
+  ember_session_reset(t);
+  CHECK_STATUS(ember_step(t, one, 1, alone), EMBER_OK);
+  CHECK_STATUS(ember_session_logits(b, lb, 320), EMBER_OK);
+  CHECK(memcmp(lb, alone, sizeof lb) == 0);
+  /* No logits at all; b decodes while a does too. */
+  const int32_t *next[2] = {one, one};
+  size_t ones[2] = {1, 1};
+  CHECK_STATUS(ember_step_batch(sessions, next, ones, 2, NULL), EMBER_OK);
+  CHECK(ember_session_position(a) == 5 && ember_session_position(b) == 2);
+  /* Errors name the session and step nobody. */
+  const int32_t *with_bad[2] = {one, bad};
+  CHECK_STATUS(ember_step_batch(sessions, with_bad, ones, 2, outs), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(ember_last_error(), "session 1 of the batch") != NULL);
+  ember_session *full[2] = {a, c};
+  int32_t nine[9] = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+  const int32_t *too_many[2] = {one, nine};
+  size_t n9[2] = {1, 9};
+  CHECK_STATUS(ember_step_batch(full, too_many, n9, 2, outs), EMBER_ERR_CONTEXT_FULL);
+  ember_session *twice[2] = {a, a};
+  CHECK_STATUS(ember_step_batch(twice, next, ones, 2, outs), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(ember_last_error(), "same session as index 0") != NULL);
+  CHECK_STATUS(ember_step_batch(sessions, NULL, ones, 2, outs), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_step_batch(sessions, next, ones, 0, outs), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(ember_session_position(a) == 5 && ember_session_position(b) == 2 &&
+        ember_session_position(c) == 0);
+  ember_session_free(t);
+  ember_session_free(c);
+  ember_session_free(b);
+  ember_session_free(a);
+}
+
 int main(int argc, char **argv) {
   if (argc != 3) {
     fprintf(stderr, "usage: %s FIXTURE_MODEL_DIR SCRATCH_DIR\n", argv[0]);
@@ -1691,6 +1736,7 @@ int main(int argc, char **argv) {
   test_busy();
   test_threads();
   test_attention();
+  test_step_batch();
   ember_model_free(model);
   printf("%d passed, %d failed\n", checks - failures, failures);
   return failures == 0 ? 0 : 1;

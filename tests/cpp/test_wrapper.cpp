@@ -646,6 +646,19 @@ static void test_attention(const ember::Model &model) {
   CHECK(session.try_attention(1, 0).status() == ember::Status::invalid_argument);
 }
 
+static void test_step_batch(const ember::Model &model) {
+  ember::Session a = new_session(model, 64, 2), b = new_session(model, 64, 1), alone = new_session(model, 64, 1);
+  CHECK(ember::Session::try_step_batch({&a, &b}, {{5, 6, 7}, {9}}).ok());
+  CHECK(a.position() == 3 && b.position() == 1);
+  CHECK(alone.try_step(std::vector<int32_t>{5, 6, 7}).ok() && alone.logits() == a.logits());
+  CHECK(alone.try_reset().ok() && alone.try_step(std::vector<int32_t>{9}).ok() && alone.logits() == b.logits());
+  auto bad = ember::Session::try_step_batch({&a, &b}, {{5}, {1 << 20}});
+  CHECK(bad.status() == ember::Status::invalid_argument);
+  CHECK(!bad.ok() && bad.error().message.find("session 1 of the batch") != std::string::npos);
+  CHECK(ember::Session::try_step_batch({&a}, {{5}, {6}}).status() == ember::Status::invalid_argument);
+  CHECK(a.position() == 3 && b.position() == 1);
+}
+
 static void test_tool_calls(const ember::Model &model) {
   // A conversation as JSON: one tool, a template that reads tools in the <tool_call> format.
   const std::string conversation = R"({"messages": [{"role": "user", "content": "Go."}],
@@ -696,6 +709,7 @@ int main(int argc, char **argv) {
   test_constraint(model);
   test_tool_calls(model);
   test_attention(model);
+  test_step_batch(model);
   test_pool(model);
   test_sampler();
   test_detokenizer(model);

@@ -32,6 +32,7 @@ from ._core import (
     probe,
     set_log_callback,
     status_name,
+    step_batch,
     version,
 )
 from ._ffi import ABI_VERSION, LIBRARY_PATH
@@ -91,5 +92,6 @@ __all__ = [
     "probe",
     "set_log_callback",
     "status_name",
+    "step_batch",
     "version",
 ]

@@ -385,6 +385,9 @@ SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
         ember_status, [_session_p, c_int32, c_int32, _floats, c_size_t, _size_p, _size_p]),
     "ember_step": (ember_status, [_session_p, _tokens, c_size_t, _floats]),
     "ember_step_all": (ember_status, [_session_p, _tokens, c_size_t, _floats, c_size_t]),
+    "ember_step_batch": (
+        ember_status,
+        [POINTER(_session_p), POINTER(_tokens), _size_p, c_size_t, POINTER(_floats)]),
 }
 
 
