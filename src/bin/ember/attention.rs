@@ -1,12 +1,13 @@
 //! `ember attention MODEL TEXT [--token WORD] [--layer L,..] [--head H,..] [--top 5]
 //! [--png FILE]`: what a query token attends to, from the engine's own attention weights.
 //!
-//! The text is read in one step with every chosen layer and head captured for every token.
-//! Printed: for the query token (`--token WORD`: the first token whose text is WORD, or the
-//! last of the tokens spelling it; default the last token), the positions it attends to
-//! most, per head of each `--layer` given and averaged over heads (with no `--layer`, each
-//! layer's average over its heads and the average over all). `--png` draws the same rows and
-//! averages as heatmaps of every query over every key.
+//! The text is read in one step with the chosen layers and heads captured. Printed: for the
+//! query token (`--token WORD`: the first token whose text is WORD, or the last of the
+//! tokens spelling it; default the last token), the positions it attends to most. With
+//! `--layer`, each chosen head of those layers and their mean per layer; with `--head` alone,
+//! those heads of every layer; with neither, each layer's mean over its heads. With more than
+//! one layer, also the mean over all of them. `--png` draws the same rows and means as
+//! heatmaps of every query over every key.
 
 use ember::{AttentionSelection, Session, SessionOptions};
 
@@ -15,35 +16,50 @@ use crate::{load, Args};
 
 /// Largest capture buffer the command allocates.
 const MAX_CAPTURE_BYTES: usize = 2 << 30;
+/// The title of the mean over every chosen layer and head.
+const ALL_TITLE: &str = "mean of all";
 
-/// One printed line and picture panel: a head, or an average of several.
+/// One printed line and picture panel: a head, or a mean of several.
 struct Entry {
     title: String,
-    /// `[n, n]`: every query's weights over every key (0 where it does not look).
+    /// `[rows, n]`: the weights of queries `first_row..first_row + rows` over every key (0
+    /// where the query does not look). Every query with `--png`, else only the one asked about.
     weights: Vec<f32>,
-    /// The layer, when all of the entry's heads are in one (its sliding window applies).
-    layer: Option<usize>,
+    /// The sliding window of the entry's keys: a key is hidden from a query when it is hidden
+    /// in every layer the entry covers (so a mean over layers with and without one has none).
+    window: Option<usize>,
 }
 
-/// Indices from `--name 1,2,5` (default: every one of `0..n`).
+/// Whether query `q` sees key `k` through a sliding window of `window` positions.
+fn visible(q: usize, k: usize, window: Option<usize>) -> bool {
+    k <= q && window.map_or(true, |w| q < k + w)
+}
+
+/// Indices from `--name 1,2,5`, each once, in the order given (default: every one of `0..n`).
 fn indices(args: &Args, name: &str, n: usize, what: &str) -> Result<(Vec<usize>, bool), String> {
-    let Some(list) = args.get(name) else {
+    let Some(list) = args.value(name)? else {
         return Ok(((0..n).collect(), false));
     };
-    let chosen = list
-        .split(',')
-        .map(|v| match v.trim().parse::<usize>() {
-            Ok(i) if i < n => Ok(i),
-            Ok(i) => Err(format!("--{name} {i}: the model has {n} {what}s (0..{n})")),
-            Err(_) => Err(format!("--{name} takes indices such as 0,3, not {v:?}")),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut seen = vec![false; n];
+    let mut chosen = Vec::new();
+    for v in list.split(',') {
+        match v.trim().parse::<usize>() {
+            Ok(i) if i < n => {
+                if !std::mem::replace(&mut seen[i], true) {
+                    chosen.push(i);
+                }
+            }
+            Ok(i) => return Err(format!("--{name} {i}: the model has {n} {what}s (0..{n})")),
+            Err(_) => return Err(format!("--{name} takes indices such as 0,3, not {v:?}")),
+        }
+    }
     Ok((chosen, true))
 }
 
 /// The query token for `--token WORD`: the first token whose text is WORD (spaces around
 /// it aside), or else the last token of the first run of tokens that spells it.
 fn find_word(pieces: &[String], word: &str) -> Option<usize> {
+    let word = word.trim();
     if let Some(i) = pieces.iter().position(|p| p.trim() == word) {
         return Some(i);
     }
@@ -63,7 +79,7 @@ fn find_word(pieces: &[String], word: &str) -> Option<usize> {
 }
 
 /// The element-wise mean of `entries`' weights.
-fn mean(title: String, entries: &[Entry], layer: Option<usize>) -> Entry {
+fn mean(title: String, entries: &[Entry], window: Option<usize>) -> Entry {
     let mut weights = vec![0f32; entries[0].weights.len()];
     for e in entries {
         for (m, w) in weights.iter_mut().zip(&e.weights) {
@@ -73,7 +89,7 @@ fn mean(title: String, entries: &[Entry], layer: Option<usize>) -> Entry {
     Entry {
         title,
         weights,
-        layer,
+        window,
     }
 }
 
@@ -84,6 +100,7 @@ pub fn attention(args: &[String]) -> Result<(), String> {
         .positional
         .get(1)
         .ok_or_else(|| format!("missing TEXT\n{}", crate::usage()))?;
+    let png = args.value("png")?;
     let (model, _) = load(args.model()?, &args)?;
     let tokenizer = model.tokenizer().map_err(|e| e.to_string())?;
     let tokens = tokenizer
@@ -97,12 +114,13 @@ pub fn attention(args: &[String]) -> Result<(), String> {
         .map(|&t| tokenizer.decode(&[t]).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
     let n = tokens.len();
-    let query = match args.get("token") {
+    let query = match args.value("token")? {
         None => n - 1,
         Some(word) => find_word(&pieces, word).ok_or_else(|| {
             let shown: Vec<String> = pieces.iter().map(|p| format!("{p:?}")).collect();
             format!(
-                "no token of the text is {word:?}; its tokens: {}",
+                "no token of the text is {:?}; its tokens: {}",
+                word.trim(),
                 shown.join(" ")
             )
         })?,
@@ -112,10 +130,48 @@ pub fn attention(args: &[String]) -> Result<(), String> {
     let (heads, heads_given) = indices(&args, "head", c.n_heads, "head")?;
     let top = args.number("top", 5)?.max(1);
 
+    // What is shown, decided once for the lines, the panels and the picture's size.
+    let show_heads = layers_given || heads_given;
+    let show_layer_means = !show_heads || heads.len() > 1;
+    let show_all = layers.len() > 1;
+    let n_entries = layers.len() * (usize::from(show_heads) * heads.len())
+        + layers.len() * usize::from(show_layer_means)
+        + usize::from(show_all);
+    let labels: Vec<String> = pieces.iter().map(|p| heatmap::label(p)).collect();
+    let head_title = |layer: usize, head: usize| format!("layer {layer} head {head}");
+    let layer_title = |layer: usize| format!("layer {layer} mean");
+    let layout = match png {
+        None => None,
+        Some(_) => {
+            // Titles grow with their indices: the largest ones give the widest.
+            let (last_layer, last_head) = (layers.iter().max(), heads.iter().max());
+            let title_chars = [
+                last_layer
+                    .zip(last_head)
+                    .filter(|_| show_heads)
+                    .map_or(0, |(&l, &h)| head_title(l, h).len()),
+                last_layer.map_or(0, |&l| layer_title(l).len()),
+                ALL_TITLE.len(),
+            ];
+            let label_chars = labels.iter().map(|l| l.chars().count()).max();
+            let layout = Layout::new(
+                n,
+                n_entries,
+                label_chars.unwrap_or(1),
+                title_chars.into_iter().max().unwrap_or(1),
+            );
+            layout.check_size()?;
+            Some(layout)
+        }
+    };
+
+    // Without a picture only the query's row is needed: capture from it on.
+    let first_row = if png.is_some() { 0 } else { query };
+    let rows = n - first_row;
     let selection = AttentionSelection {
         layers: layers.clone(),
         heads: heads.clone(),
-        max_queries: n,
+        max_queries: rows,
     };
     let bytes =
         Session::attention_capture_bytes(&model, n, &selection).map_err(|e| e.to_string())?;
@@ -140,54 +196,73 @@ pub fn attention(args: &[String]) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     session.step(&tokens).map_err(|e| e.to_string())?;
 
-    // Per head of each chosen layer, then the averages the options ask for.
-    let mut entries = Vec::new();
-    let mut layer_means = Vec::new();
+    // Per head of each chosen layer, then the means the options ask for.
+    let kept = if png.is_some() { rows } else { 1 };
+    let all_window = layers
+        .iter()
+        .map(|&l| c.layers[l].sliding_window)
+        .collect::<Option<Vec<usize>>>()
+        .and_then(|w| w.into_iter().max());
+    let mut all = vec![0f32; kept * n];
+    let mut entries = Vec::with_capacity(n_entries);
     for &layer in &layers {
-        let mut per_head = Vec::new();
+        let window = c.layers[layer].sliding_window;
+        let mut per_head = Vec::with_capacity(heads.len());
         for &head in &heads {
-            let rows = session.attention(layer, head).map_err(|e| e.to_string())?;
-            let mut weights = vec![0f32; n * n];
-            rows.copy_to(&mut weights);
+            let captured = session.attention(layer, head).map_err(|e| e.to_string())?;
+            let mut weights = vec![0f32; kept * n];
+            for (r, dst) in weights.chunks_exact_mut(n).enumerate() {
+                dst.copy_from_slice(captured.row(r));
+            }
             per_head.push(Entry {
-                title: format!("layer {layer} head {head}"),
+                title: head_title(layer, head),
                 weights,
-                layer: Some(layer),
+                window,
             });
         }
-        let layer_mean = mean(format!("layer {layer} mean"), &per_head, Some(layer));
-        if layers_given || heads_given {
+        let layer_mean = mean(layer_title(layer), &per_head, window);
+        for (a, w) in all.iter_mut().zip(&layer_mean.weights) {
+            *a += w / layers.len() as f32;
+        }
+        if show_heads {
             entries.extend(per_head);
         }
-        if !(layers_given || heads_given) || heads.len() > 1 {
-            entries.push(Entry {
-                title: layer_mean.title.clone(),
-                weights: layer_mean.weights.clone(),
-                layer: Some(layer),
-            });
+        if show_layer_means {
+            entries.push(layer_mean);
         }
-        layer_means.push(layer_mean);
     }
-    if layers.len() > 1 {
+    if show_all {
         // Every layer has as many chosen heads, so this is the mean over all of them.
-        entries.push(mean("mean of all".into(), &layer_means, None));
+        entries.push(Entry {
+            title: ALL_TITLE.into(),
+            weights: all,
+            window: all_window,
+        });
     }
+    debug_assert_eq!(entries.len(), n_entries);
 
     let label = |i: usize| match pieces[i].trim() {
         "" => format!("{:?}({i})", pieces[i]),
         word => format!("{word}({i})"),
     };
+    let plural = |k: usize| if k == 1 { "" } else { "s" };
     out!(
-        "{n} tokens: {}",
+        "{n} token{}: {}",
+        plural(n),
         (0..n).map(label).collect::<Vec<_>>().join(" ")
     );
+    let shown = top.min(query + 1);
     out!(
-        "query {}: the {top} positions it attends to most (weights sum to 1 over positions 0..={query})",
-        label(query)
+        "query {}: the {shown} position{} it attends to most (its weights sum to 1 over the \
+         positions it sees, of 0..={query})",
+        label(query),
+        plural(shown)
     );
     for e in &entries {
-        let row = &e.weights[query * n..query * n + query + 1];
-        let mut order: Vec<usize> = (0..row.len()).collect();
+        let row = &e.weights[(query - first_row) * n..][..n];
+        let mut order: Vec<usize> = (0..=query)
+            .filter(|&k| visible(query, k, e.window))
+            .collect();
         order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
         let best: Vec<String> = order
             .iter()
@@ -197,17 +272,15 @@ pub fn attention(args: &[String]) -> Result<(), String> {
         out!("{:<20} {}", e.title, best.join("  "));
     }
 
-    if let Some(path) = args.get("png") {
+    if let (Some(path), Some(layout)) = (png, layout) {
         let panels: Vec<Panel> = entries
             .into_iter()
             .map(|e| {
-                let window = e.layer.and_then(|l| c.layers[l].sliding_window);
                 let mut weights = e.weights;
                 // Keys a query does not see are drawn apart from weights of 0.
                 for q in 0..n {
                     for k in 0..n {
-                        let outside = window.is_some_and(|w| q >= k + w);
-                        if k > q || outside {
+                        if !visible(q, k, e.window) {
                             weights[q * n + k] = -1.0;
                         }
                     }
@@ -218,9 +291,6 @@ pub fn attention(args: &[String]) -> Result<(), String> {
                 }
             })
             .collect();
-        let labels: Vec<String> = pieces.iter().map(|p| heatmap::label(p)).collect();
-        let label_chars = labels.iter().map(|l| l.chars().count()).max().unwrap_or(1);
-        let layout = Layout::new(n, panels.len(), label_chars);
         heatmap::write_png(path, &layout, &labels, &panels, query)?;
         let (w, h) = layout.size();
         eprintln!("[wrote {path}: {} panels, {w}x{h} pixels]", panels.len());

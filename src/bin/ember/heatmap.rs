@@ -43,11 +43,14 @@ pub struct Layout {
     pub columns: usize,
     /// Pixels of the label margins (left of and above each panel's grid).
     label_px: usize,
+    /// Pixels of the widest title.
+    title_px: usize,
 }
 
 impl Layout {
-    /// The layout for labels of at most `label_chars` characters.
-    pub fn new(n_tokens: usize, n_panels: usize, label_chars: usize) -> Layout {
+    /// The layout for labels of at most `label_chars` characters and titles of at most
+    /// `title_chars`.
+    pub fn new(n_tokens: usize, n_panels: usize, label_chars: usize, title_chars: usize) -> Layout {
         // A roughly square grid of panels.
         let columns = (1..=n_panels.max(1))
             .find(|c| c * c >= n_panels)
@@ -57,12 +60,29 @@ impl Layout {
             n_panels,
             columns,
             label_px: label_chars.clamp(1, LABEL_CHARS) * GLYPH + 4,
+            title_px: title_chars * GLYPH,
         }
     }
 
+    /// A panel's width (at least its title's) and height.
     fn panel_size(&self) -> (usize, usize) {
         let grid = self.n_tokens * CELL;
-        (self.label_px + grid, TITLE_PX + self.label_px + grid)
+        (
+            (self.label_px + grid).max(self.title_px),
+            TITLE_PX + self.label_px + grid,
+        )
+    }
+
+    /// An error when the picture would have more than [`MAX_PIXELS`] pixels.
+    pub fn check_size(&self) -> Result<(), String> {
+        let (width, height) = self.size();
+        match width.checked_mul(height) {
+            Some(pixels) if pixels <= MAX_PIXELS => Ok(()),
+            _ => Err(format!(
+                "the picture would be {width}x{height} pixels (at most {MAX_PIXELS}): choose \
+                 fewer layers or heads (--layer, --head) or a shorter text"
+            )),
+        }
     }
 
     /// The picture's width and height in pixels.
@@ -83,6 +103,13 @@ impl Layout {
             GAP + col * (pw + GAP) + self.label_px,
             GAP + row * (ph + GAP) + TITLE_PX + self.label_px,
         )
+    }
+
+    /// The top-left pixel of panel `panel`'s title: the panel's left edge (panels are at
+    /// least as wide as their titles).
+    pub fn title_origin(&self, panel: usize) -> (usize, usize) {
+        let (x, y) = self.grid_origin(panel);
+        (x - self.label_px, y - self.label_px - TITLE_PX + 2)
     }
 
     /// The centre pixel of the cell of query `query` and key `key` in panel `panel` (what
@@ -132,9 +159,16 @@ struct Canvas {
 }
 
 impl Canvas {
+    /// Colours one pixel; pixels outside the canvas (a title longer than its panel) are
+    /// clipped instead of wrapping onto the next row or past the end.
     fn set(&mut self, x: usize, y: usize, rgb: [u8; 3]) {
+        if x >= self.width {
+            return;
+        }
         let i = (y * self.width + x) * 3;
-        self.pixels[i..i + 3].copy_from_slice(&rgb);
+        if let Some(pixel) = self.pixels.get_mut(i..i + 3) {
+            pixel.copy_from_slice(&rgb);
+        }
     }
 
     fn glyph(c: char) -> [u8; 8] {
@@ -183,7 +217,8 @@ pub fn render(layout: &Layout, labels: &[String], panels: &[Panel], highlight: u
     let n = labels.len();
     for (p, panel) in panels.iter().enumerate() {
         let (gx, gy) = layout.grid_origin(p);
-        canvas.text(gx, gy - layout.label_px - TITLE_PX + 2, &panel.title, TEXT);
+        let (tx, ty) = layout.title_origin(p);
+        canvas.text(tx, ty, &panel.title, TEXT);
         for (i, text) in labels.iter().enumerate() {
             let rgb = if i == highlight { HIGHLIGHT } else { TEXT };
             let offset = (CELL - GLYPH) / 2;
@@ -216,13 +251,8 @@ pub fn write_png(
     panels: &[Panel],
     highlight: usize,
 ) -> Result<(), String> {
+    layout.check_size()?;
     let (width, height) = layout.size();
-    if width * height > MAX_PIXELS {
-        return Err(format!(
-            "the picture would be {width}x{height} pixels (at most {MAX_PIXELS}): choose fewer \
-             layers or heads (--layer, --head) or a shorter text"
-        ));
-    }
     let pixels = render(layout, labels, panels, highlight);
     let file = std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?;
     let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);

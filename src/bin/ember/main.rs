@@ -11,8 +11,8 @@
 //!
 //! - `ember tokenize MODEL (TEXT | --file FILE) [--bench]`: token ids of a text with the
 //!   model's tokenizer, or (with `--bench`) single-thread tokenization speed.
-//! - `ember attention MODEL TEXT [--token WORD] [--layer L,..] [--head H,..] [--png FILE]`:
-//!   the positions a token attends to most, per head and averaged, and a heatmap picture.
+//! - `ember attention MODEL TEXT [--token WORD] [--layer L,..] [--head H,..] [--top 5]
+//!   [--png FILE]`: the positions a token attends to most, per head and averaged, and a heatmap picture.
 //!
 //! Progress and timings go to stderr, results to stdout; errors are one line and exit code 1.
 
@@ -127,6 +127,16 @@ impl Args {
             .rev()
             .find(|(n, _)| n == name)
             .and_then(|(_, v)| v.as_deref())
+    }
+
+    /// The value of an option, or an error when it is given without one (last on the line,
+    /// or followed by another option).
+    fn value(&self, name: &str) -> Result<Option<&str>, String> {
+        match self.options.iter().rev().find(|(n, _)| n == name) {
+            None => Ok(None),
+            Some((_, Some(v))) if !v.starts_with("--") => Ok(Some(v)),
+            Some(_) => Err(format!("--{name} needs a value")),
+        }
     }
 
     fn flag(&self, name: &str) -> bool {
