@@ -234,6 +234,22 @@ typedef enum ember_constraint_kind {
 } ember_constraint_kind;
 
 /**
+ * How `ember_session_embed` pools the final hidden states of its tokens (an `int32_t` there,
+ * so that any value a caller writes is defined; unknown ones are
+ * `EMBER_ERR_INVALID_ARGUMENT`).
+ */
+typedef enum ember_pooling {
+  /**
+   * The last token's state: with causal attention, the only one that has seen them all.
+   */
+  EMBER_POOLING_LAST = 0,
+  /**
+   * The mean of every token's state.
+   */
+  EMBER_POOLING_MEAN = 1,
+} ember_pooling;
+
+/**
  * An incremental detokenizer: feed tokens one by one, get only complete UTF-8 text. Used by
  * one call at a time (a concurrent call fails with `EMBER_ERR_BUSY`).
  */
@@ -809,6 +825,15 @@ void ember_model_free(struct ember_model *model);
 size_t ember_model_n_vocab(const struct ember_model *model);
 
 /**
+ * Width of the model's final hidden state: the length of an embedding
+ * (`ember_session_embed`). 0 if `model` is NULL.
+ *
+ * # Safety
+ * `model` must be NULL or a live model.
+ */
+size_t ember_model_n_embd(const struct ember_model *model);
+
+/**
  * The longest context the model supports (its trained context). 0 if `model` is NULL.
  *
  * # Safety
@@ -1355,6 +1380,33 @@ enum ember_status ember_step_batch(struct ember_session *const *sessions,
                                    const size_t *n_tokens,
                                    size_t n_sessions,
                                    float *const *logits);
+
+/**
+ * Appends `n_tokens` tokens (at least 1) and writes their embedding to `out`: the final
+ * hidden state after the final norm (`ember_model_n_embd` floats) of the last token
+ * (`EMBER_POOLING_LAST`) or the mean over the tokens (`EMBER_POOLING_MEAN`); with
+ * `normalize`, scaled to unit length, so that a dot product of two is their cosine
+ * similarity. Tokens a generation left pending are computed first but not pooled; every
+ * earlier token conditions the states, so `ember_session_reset` first to embed a text on its
+ * own. No logits are computed (a following `ember_sample` needs a step first).
+ *
+ * `*n_out` receives `ember_model_n_embd` once the session is entered (not when it is busy); when `cap` is
+ * smaller the status is `EMBER_ERR_BUFFER_TOO_SMALL` before any work (call with `cap` 0 to
+ * size the buffer). `out` is written only on success; on any failure the session is
+ * unchanged.
+ *
+ * # Safety
+ * `session` a live session; `tokens` valid for `n_tokens` tokens; `out` valid for writing
+ * `cap` floats (or NULL with `cap` 0); `n_out` valid for writing.
+ */
+enum ember_status ember_session_embed(struct ember_session *session,
+                                      const int32_t *tokens,
+                                      size_t n_tokens,
+                                      int32_t pooling,
+                                      bool normalize,
+                                      float *out,
+                                      size_t cap,
+                                      size_t *n_out);
 
 /**
  * Appends `n_tokens` tokens and writes the logits of every one of them to `logits`, row by

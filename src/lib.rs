@@ -51,7 +51,9 @@ pub use generate::{
     chat, chat_conversation, generate, GenerateOptions, Generation, Generator, Piece, StopReason,
 };
 pub use model::{Architecture, ModelConfig};
-pub use model::{AttentionRows, AttentionSelection, KvType, LoadOptions, Model, ModelInfo};
+pub use model::{
+    AttentionRows, AttentionSelection, KvType, LoadOptions, Model, ModelInfo, Pooling,
+};
 pub use sampler::{Sampler, SamplerOptions};
 pub use session::{CancelHandle, Perf, PerfCounts, Session, SessionOptions};
 pub use threading::ThreadPool;

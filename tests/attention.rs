@@ -1,39 +1,20 @@
 //! Attention capture against transformers' `output_attentions=True` (eager attention), on the
 //! tiny fixture of every architecture: `scripts/make_attention_reference.py` wrote the weights.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ember::{AttentionSelection, Error, KvType, Model, Session, SessionOptions};
 use safetensors::SafeTensors;
 
+mod common;
+use common::{fixture as folder, ARCH_FIXTURES as FOLDERS};
+
 /// Largest absolute difference accepted against transformers' weights (F32 on both sides).
 const TOLERANCE: f32 = 1e-5;
-
-/// Fixture folders under tests/fixtures.
-const FOLDERS: &[&str] = &[
-    "llama",
-    "qwen2",
-    "gpt2",
-    "arch/gemma2",
-    "arch/gemma3",
-    "arch/granite",
-    "arch/llama32",
-    "arch/mistral",
-    "arch/phi3",
-    "arch/qwen3",
-    "arch/smollm3",
-];
 
 /// Context of the sessions: more than the 40 tokens of the largest fixtures, and more than
 /// Phi-3's original context of 32, so its long RoPE factors apply as in transformers.
 const N_CTX: usize = 64;
-
-fn folder(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 /// The fixture's tokens and transformers' weights `[layers, heads, T, T]`.
 struct Reference {

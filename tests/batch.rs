@@ -2,24 +2,15 @@
 //! gets stepped alone, whatever else is in the batch, on every architecture and weight type;
 //! an error in one session's input is reported for it and steps nobody.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ember::{AttentionSelection, Error, KvType, Model, Session, SessionOptions};
 
-/// Every architecture's fixture and every GGUF weight type the fixtures hold.
-const MODELS: &[&str] = &[
-    "llama",
-    "qwen2",
-    "gpt2",
-    "arch/gemma2",
-    "arch/gemma3",
-    "arch/granite",
-    "arch/llama32",
-    "arch/mistral",
-    "arch/phi3",
-    "arch/qwen3",
-    "arch/smollm3",
+mod common;
+use common::{fixture as path, ARCH_FIXTURES};
+
+/// Every GGUF weight type the fixtures hold (with [`ARCH_FIXTURES`], every architecture).
+const GGUF_MODELS: &[&str] = &[
     "gguf/llama.Q4_0.gguf",
     "gguf/llama.Q4_1.gguf",
     "gguf/llama.Q8_0.gguf",
@@ -33,12 +24,6 @@ const MODELS: &[&str] = &[
     "kquant/IQ4_NL.gguf",
     "kquant/IQ4_XS.gguf",
 ];
-
-fn path(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 fn session(model: &Arc<Model>, n_ctx: usize, threads: usize, ubatch: usize) -> Session {
     let options = SessionOptions {
@@ -127,7 +112,7 @@ fn check_batch_equals_alone(model: &Arc<Model>, threads: usize, ubatch: usize, n
 
 #[test]
 fn a_batch_gives_each_session_its_logits_alone_bit_for_bit() {
-    for name in MODELS {
+    for name in ARCH_FIXTURES.iter().chain(GGUF_MODELS) {
         let model = Arc::new(Model::load(path(name)).unwrap());
         for (threads, ubatch) in [(1, 64), (2, 4), (3, 1)] {
             check_batch_equals_alone(&model, threads, ubatch, name);

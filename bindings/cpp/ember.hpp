@@ -433,6 +433,8 @@ class Model : public detail::Handle<ember_model, ember_model_free> {
 
   /// Vocabulary size: the length of a logits vector.
   size_t n_vocab() const noexcept { return ember_model_n_vocab(get()); }
+  /// Width of the final hidden state: the length of an embedding (Session::try_embed).
+  size_t n_embd() const noexcept { return ember_model_n_embd(get()); }
   /// The context the model was trained for.
   size_t n_ctx_train() const noexcept { return ember_model_n_ctx_train(get()); }
   /// Beginning-of-sequence token, or -1.
@@ -808,6 +810,22 @@ class Session : public detail::Handle<ember_session, ember_session_free> {
     return out;
   }
 
+  /// Appends tokens and returns their embedding (the model's n_embd floats): the final hidden
+  /// state after the final norm of the last token (EMBER_POOLING_LAST) or the mean over the
+  /// tokens (EMBER_POOLING_MEAN), unit length with `normalize`. Earlier tokens condition it:
+  /// try_reset first to embed a text on its own. No logits are computed.
+  Result<std::vector<float>> try_embed(const std::vector<int32_t> &tokens,
+                                       ember_pooling pooling = EMBER_POOLING_MEAN,
+                                       bool normalize = true) {
+    size_t n = 0;
+    ember_session_embed(get(), tokens.data(), tokens.size(), pooling, normalize, nullptr, 0, &n);
+    std::vector<float> out(n);
+    ember_status st = ember_session_embed(get(), tokens.data(), tokens.size(), pooling, normalize,
+                                          out.data(), out.size(), &n);
+    if (st != EMBER_OK) return detail::failure(st);
+    return out;
+  }
+
   /// A new session holding this one's tokens and KV cache without computing them again (one
   /// shared prompt, many characters); with no params, this session's context, threads and
   /// batch size.
@@ -991,6 +1009,11 @@ class Session : public detail::Handle<ember_session, ember_session_free> {
   }
   /// try_attention, throwing ember::Error on failure.
   Attention attention(int32_t layer, int32_t head) const { return try_attention(layer, head).value(); }
+  /// try_embed, throwing ember::Error on failure.
+  std::vector<float> embed(const std::vector<int32_t> &tokens,
+                           ember_pooling pooling = EMBER_POOLING_MEAN, bool normalize = true) {
+    return try_embed(tokens, pooling, normalize).value();
+  }
   /// try_fork, throwing ember::Error on failure.
   Session fork() const { return try_fork().value(); }
   /// try_fork with params, throwing ember::Error on failure.

@@ -339,6 +339,17 @@ pub unsafe extern "C" fn ember_model_n_vocab(model: *const ember_model) -> usize
     run_value(0, || Ok(unsafe { borrow(model, "model") }?.model.n_vocab()))
 }
 
+/// Width of the model's final hidden state: the length of an embedding
+/// (`ember_session_embed`). 0 if `model` is NULL.
+///
+/// # Safety
+/// `model` must be NULL or a live model.
+#[no_mangle]
+pub unsafe extern "C" fn ember_model_n_embd(model: *const ember_model) -> usize {
+    // SAFETY: caller's contract.
+    run_value(0, || Ok(unsafe { borrow(model, "model") }?.model.n_embd()))
+}
+
 /// The longest context the model supports (its trained context). 0 if `model` is NULL.
 ///
 /// # Safety

@@ -7,7 +7,7 @@ use super::{
     write_params, Exclusive,
 };
 use crate::error::{Error, Result};
-use crate::model::{AttentionSelection, KvType};
+use crate::model::{AttentionSelection, KvType, Pooling};
 use crate::session::{CancelHandle, Session, SessionOptions, SessionShared};
 use crate::threading::ThreadPool;
 
@@ -923,6 +923,81 @@ pub unsafe extern "C" fn ember_step_batch(
                 Ok(())
             },
         )
+    })
+}
+
+/// How `ember_session_embed` pools the final hidden states of its tokens (an `int32_t` there,
+/// so that any value a caller writes is defined; unknown ones are
+/// `EMBER_ERR_INVALID_ARGUMENT`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ember_pooling {
+    /// The last token's state: with causal attention, the only one that has seen them all.
+    EMBER_POOLING_LAST = 0,
+    /// The mean of every token's state.
+    EMBER_POOLING_MEAN = 1,
+}
+
+/// Appends `n_tokens` tokens (at least 1) and writes their embedding to `out`: the final
+/// hidden state after the final norm (`ember_model_n_embd` floats) of the last token
+/// (`EMBER_POOLING_LAST`) or the mean over the tokens (`EMBER_POOLING_MEAN`); with
+/// `normalize`, scaled to unit length, so that a dot product of two is their cosine
+/// similarity. Tokens a generation left pending are computed first but not pooled; every
+/// earlier token conditions the states, so `ember_session_reset` first to embed a text on its
+/// own. No logits are computed (a following `ember_sample` needs a step first).
+///
+/// `*n_out` receives `ember_model_n_embd` once the session is entered (not when it is busy); when `cap` is
+/// smaller the status is `EMBER_ERR_BUFFER_TOO_SMALL` before any work (call with `cap` 0 to
+/// size the buffer). `out` is written only on success; on any failure the session is
+/// unchanged.
+///
+/// # Safety
+/// `session` a live session; `tokens` valid for `n_tokens` tokens; `out` valid for writing
+/// `cap` floats (or NULL with `cap` 0); `n_out` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn ember_session_embed(
+    session: *mut ember_session,
+    tokens: *const i32,
+    n_tokens: usize,
+    pooling: i32,
+    normalize: bool,
+    out: *mut f32,
+    cap: usize,
+    n_out: *mut usize,
+) -> ember_status {
+    run(|| {
+        if n_out.is_null() {
+            return Err(Error::InvalidArgument("n_out must not be NULL".into()));
+        }
+        let pooling = match pooling {
+            p if p == ember_pooling::EMBER_POOLING_LAST as i32 => Pooling::Last,
+            p if p == ember_pooling::EMBER_POOLING_MEAN as i32 => Pooling::Mean,
+            p => {
+                return Err(Error::InvalidArgument(format!(
+                    "pooling {p} (must be EMBER_POOLING_LAST or EMBER_POOLING_MEAN)"
+                )))
+            }
+        };
+        // SAFETY: caller's contract.
+        let tokens = token_ids(unsafe { slice(tokens, n_tokens, "tokens") }?)?;
+        // SAFETY: caller's contract.
+        unsafe {
+            with_session(session, |s| {
+                let n_embd = s.model().n_embd();
+                // SAFETY: checked non-NULL; validity is the caller's contract.
+                n_out.write(n_embd);
+                if cap < n_embd {
+                    return Err(Error::BufferTooSmall { needed: n_embd });
+                }
+                if out.is_null() {
+                    return Err(Error::InvalidArgument("out is NULL".into()));
+                }
+                // SAFETY: out holds cap >= n_embd floats (caller's contract); `embed` writes
+                // it only on success.
+                let out = std::slice::from_raw_parts_mut(out, n_embd);
+                s.embed(&tokens, pooling, normalize, out)
+            })
+        }
     })
 }
 

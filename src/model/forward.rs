@@ -39,6 +39,8 @@ pub(crate) struct ForwardScratch {
     act: QuantActs,
     /// `[vocab]` logits of the last position computed.
     pub(crate) logits: Vec<f32>,
+    /// `[hidden]` the pooled final hidden state of the last pass that asked for one.
+    pub(crate) embedding: Vec<f32>,
 }
 
 impl ForwardScratch {
@@ -73,6 +75,7 @@ impl ForwardScratch {
             scores: try_zeroed_f32(n_threads.max(1) * n_ctx, "attention scores")?,
             ropes,
             logits: try_zeroed_f32(config.vocab_size, "logits")?,
+            embedding: try_zeroed_f32(h, "embedding")?,
         })
     }
 
@@ -94,7 +97,7 @@ impl ForwardScratch {
         let rope: usize = scratch_ropes(config)
             .map(|r| 2 * n_ctx * (r.dims / 2))
             .sum();
-        let floats = ubatch * per_token + n_threads.max(1) * n_ctx + rope + config.vocab_size;
+        let floats = ubatch * per_token + n_threads.max(1) * n_ctx + rope + config.vocab_size + h;
         floats * std::mem::size_of::<f32>()
             + QuantActs::bytes_for(act_blocks(config, ubatch, quantized))
     }
@@ -113,6 +116,7 @@ impl ForwardScratch {
             &self.ff_b,
             &self.scores,
             &self.logits,
+            &self.embedding,
         ];
         let floats: usize = vecs.iter().map(|v| v.capacity()).sum::<usize>()
             + self
@@ -267,6 +271,15 @@ pub(crate) struct Workspace {
     pub(crate) capture: Option<AttentionCapture>,
 }
 
+/// How an embedding pools the final hidden states of its tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    /// The last token's state: with causal attention, the only one that has seen them all.
+    Last,
+    /// The mean of every token's state.
+    Mean,
+}
+
 /// Which logits a forward pass must produce.
 pub(crate) enum LogitsWanted<'a> {
     /// Only the last token's, into the scratch's `logits` (one sequence).
@@ -284,6 +297,14 @@ pub(crate) enum LogitsWanted<'a> {
         /// Receives the rows.
         out: &'a mut [f32],
     },
+    /// No logits: the final hidden state (after the final norm) of the last token, into the
+    /// scratch's `embedding` (one sequence). A variant without fields, as are the next: a
+    /// field read before the variant is known would be an unset byte for every other kind,
+    /// which valgrind reports.
+    LastHidden,
+    /// No logits: the mean of the final hidden states of every token of the pass, into the
+    /// scratch's `embedding` (one sequence).
+    MeanHidden,
 }
 
 /// Called at every layer boundary of a forward pass with the number of tokens completed so
@@ -441,6 +462,28 @@ impl Model {
                             &mut scratch.act,
                         );
                         self.finish_logits(par, out);
+                    }
+                }
+                LogitsWanted::LastHidden => {
+                    if first + n == total {
+                        let last = &scratch.x[(n - 1) * h..n * h];
+                        self.final_norm.apply(last, &mut scratch.embedding);
+                    }
+                }
+                LogitsWanted::MeanHidden => {
+                    if first == 0 {
+                        scratch.embedding.fill(0.0);
+                    }
+                    // A sum in token order, divided once at the end.
+                    for t in 0..n {
+                        let xn = &mut scratch.xn[t * h..(t + 1) * h];
+                        self.final_norm.apply(&scratch.x[t * h..(t + 1) * h], xn);
+                        let sum = scratch.embedding.iter_mut().zip(xn.iter());
+                        sum.for_each(|(o, v)| *o += v);
+                    }
+                    if first + n == total {
+                        let count = total as f32;
+                        scratch.embedding.iter_mut().for_each(|o| *o /= count);
                     }
                 }
             }

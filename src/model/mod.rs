@@ -38,6 +38,7 @@ pub use capture::{AttentionRows, AttentionSelection};
 pub use config::{
     Activation, Architecture, LayerKind, Llama3RopeScaling, ModelConfig, Rope, RopeScaling,
 };
+pub use forward::Pooling;
 pub(crate) use forward::{
     rope_signature, AttentionCapture, ForwardScratch, KvCache, LogitsWanted, Sequence, Workspace,
 };
@@ -382,6 +383,11 @@ impl Model {
     /// Vocabulary size (length of a logits vector).
     pub fn n_vocab(&self) -> usize {
         self.config.vocab_size
+    }
+
+    /// Width of the final hidden state: the length of an embedding ([`crate::Session::embed`]).
+    pub fn n_embd(&self) -> usize {
+        self.config.hidden_size
     }
 
     /// A one-line description of the weights' dtypes, e.g. `"BF16"`.

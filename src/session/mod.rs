@@ -10,6 +10,7 @@
 //! sessions (fork).
 
 mod batch;
+mod embed;
 mod state;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -436,7 +437,10 @@ impl Session {
     fn run(&mut self, tokens: &[u32], wanted: LogitsWanted<'_>) -> Result<()> {
         let wanted_kind = match wanted {
             LogitsWanted::Last => WantedKind::Last,
-            LogitsWanted::All { .. } | LogitsWanted::LastOfEach { .. } => WantedKind::All,
+            LogitsWanted::All { .. }
+            | LogitsWanted::LastOfEach { .. }
+            | LogitsWanted::LastHidden
+            | LogitsWanted::MeanHidden => WantedKind::All,
         };
         self.check_tokens(tokens)?;
         if self.n_pending() + tokens.len() == 0 {

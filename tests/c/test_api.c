@@ -1707,6 +1707,47 @@ static void test_step_batch(void) {
   ember_session_free(a);
 }
 
+static void test_embed(void) {
+  size_t n_embd = ember_model_n_embd(model), n = 0;
+  CHECK(n_embd > 0 && n_embd <= 256 && ember_model_n_embd(NULL) == 0);
+  ember_session *s = new_session(8, 1);
+  int32_t text[3] = {5, 17, 42}, nine[9] = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+  static float first[256], again[256], out[256];
+  /* Sized with cap 0: nothing computed, the width reported. */
+  CHECK_STATUS(ember_session_embed(s, text, 3, EMBER_POOLING_MEAN, true, NULL, 0, &n),
+               EMBER_ERR_BUFFER_TOO_SMALL);
+  CHECK(n == n_embd && ember_session_position(s) == 0);
+  CHECK_STATUS(ember_session_embed(s, text, 3, EMBER_POOLING_MEAN, true, first, 256, &n),
+               EMBER_OK);
+  double norm = 0;
+  for (size_t i = 0; i < n_embd; i++) norm += (double)first[i] * first[i];
+  CHECK(fabs(norm - 1.0) < 1e-5 && ember_session_position(s) == 3);
+  /* The same text on its own again: bitwise the same; the last token's state differs. */
+  ember_session_reset(s);
+  CHECK_STATUS(ember_session_embed(s, text, 3, EMBER_POOLING_MEAN, true, again, 256, &n),
+               EMBER_OK);
+  CHECK(memcmp(first, again, n_embd * sizeof(float)) == 0);
+  ember_session_reset(s);
+  CHECK_STATUS(ember_session_embed(s, text, 3, EMBER_POOLING_LAST, false, again, 256, &n),
+               EMBER_OK);
+  CHECK(memcmp(first, again, n_embd * sizeof(float)) != 0);
+  /* Failures leave the buffer and the session as they were. */
+  memset(out, 0, sizeof out);
+  CHECK_STATUS(ember_session_embed(s, text, 3, 7, true, out, 256, &n), EMBER_ERR_INVALID_ARGUMENT);
+  CHECK(strstr(ember_last_error(), "pooling 7") != NULL);
+  CHECK_STATUS(ember_session_embed(s, nine, 9, EMBER_POOLING_LAST, true, out, 256, &n),
+               EMBER_ERR_CONTEXT_FULL);
+  CHECK_STATUS(ember_session_embed(s, text, 0, EMBER_POOLING_LAST, true, out, 256, &n),
+               EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_embed(s, text, 3, EMBER_POOLING_LAST, true, out, 256, NULL),
+               EMBER_ERR_INVALID_ARGUMENT);
+  CHECK_STATUS(ember_session_embed(NULL, text, 3, EMBER_POOLING_LAST, true, out, 256, &n),
+               EMBER_ERR_INVALID_ARGUMENT);
+  for (size_t i = 0; i < 256; i++) CHECK(out[i] == 0.0f);
+  CHECK(ember_session_position(s) == 3);
+  ember_session_free(s);
+}
+
 int main(int argc, char **argv) {
   if (argc != 3) {
     fprintf(stderr, "usage: %s FIXTURE_MODEL_DIR SCRATCH_DIR\n", argv[0]);
@@ -1737,6 +1778,7 @@ int main(int argc, char **argv) {
   test_threads();
   test_attention();
   test_step_batch();
+  test_embed();
   ember_model_free(model);
   printf("%d passed, %d failed\n", checks - failures, failures);
   return failures == 0 ? 0 : 1;

@@ -6,6 +6,29 @@ use std::path::{Path, PathBuf};
 use ember::Tokenizer;
 use serde_json::Value;
 
+/// The fixture folder of every architecture under tests/fixtures (safetensors with
+/// transformers' references beside them).
+pub const ARCH_FIXTURES: &[&str] = &[
+    "llama",
+    "qwen2",
+    "gpt2",
+    "arch/gemma2",
+    "arch/gemma3",
+    "arch/granite",
+    "arch/llama32",
+    "arch/mistral",
+    "arch/phi3",
+    "arch/qwen3",
+    "arch/smollm3",
+];
+
+/// `tests/fixtures/NAME`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
 /// `tests/fixtures/tokenizers`: the corpus, Hugging Face's reference ids and tokenizers.
 pub fn tokenizer_fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizers")

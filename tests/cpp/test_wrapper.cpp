@@ -646,6 +646,24 @@ static void test_attention(const ember::Model &model) {
   CHECK(session.try_attention(1, 0).status() == ember::Status::invalid_argument);
 }
 
+static void test_embed(const ember::Model &model) {
+  ember::Session s = new_session(model, 8, 1);
+  auto unit = s.try_embed({5, 17, 42});
+  CHECK(unit.ok() && unit.value().size() == model.n_embd() && model.n_embd() > 0);
+  double norm = 0;
+  for (float v : unit.value()) norm += double(v) * v;
+  CHECK(norm > 0.99999 && norm < 1.00001);
+  CHECK(s.try_reset().ok());
+  auto again = s.try_embed({5, 17, 42});
+  CHECK(again.ok() && again.value() == unit.value());
+  auto last = s.try_embed({1}, EMBER_POOLING_LAST, false);
+  CHECK(last.ok() && s.position() == 4);
+  auto full = s.try_embed(std::vector<int32_t>(5, 1));
+  CHECK(!full.ok() && full.status() == ember::Status::context_full && s.position() == 4);
+  auto bad = s.try_embed({1}, static_cast<ember_pooling>(9));
+  CHECK(!bad.ok() && bad.status() == ember::Status::invalid_argument);
+}
+
 static void test_step_batch(const ember::Model &model) {
   ember::Session a = new_session(model, 64, 2), b = new_session(model, 64, 1), alone = new_session(model, 64, 1);
   CHECK(ember::Session::try_step_batch({&a, &b}, {{5, 6, 7}, {9}}).ok());
@@ -710,6 +728,7 @@ int main(int argc, char **argv) {
   test_tool_calls(model);
   test_attention(model);
   test_step_batch(model);
+  test_embed(model);
   test_pool(model);
   test_sampler();
   test_detokenizer(model);

@@ -478,6 +478,12 @@ class Model(_Owned):
             return int(_lib.ember_model_n_vocab(h))
 
     @property
+    def n_embd(self) -> int:
+        """Width of the final hidden state: the length of an embedding (``Session.embed``)."""
+        with self._use() as h:
+            return int(_lib.ember_model_n_embd(h))
+
+    @property
     def n_ctx_train(self) -> int:
         """The longest context the model was trained for."""
         with self._use() as h:
@@ -768,6 +774,26 @@ class Session(_Owned):
         with self._use() as h:
             _lib.ember_step(h, tokens, len(tokens), self._logits)
         return self._logits_view
+
+    def embed(self, ids: Iterable[int], *, pooling: str = "mean",
+              normalize: bool = True) -> Any:
+        """Appends tokens and returns their embedding, ``n_embd`` float32 in a new array
+        (numpy, else a ``memoryview``): the final hidden state after the final norm of the
+        last token (``pooling="last"``) or the mean over the tokens (``"mean"``), scaled to
+        unit length unless ``normalize=False`` (so a dot product is the cosine similarity).
+        Earlier tokens condition it: ``reset()`` first to embed a text on its own. No logits
+        are computed (step before sampling)."""
+        codes = {"last": 0, "mean": 1}
+        if pooling not in codes:
+            raise ValueError(f"pooling must be 'last' or 'mean', not {pooling!r}")
+        tokens = _tokens(ids)
+        n = c_size_t()
+        size = self.model.n_embd
+        buf = (c_float * size)()
+        with self._use() as h:
+            _lib.ember_session_embed(h, tokens, len(tokens), codes[pooling], bool(normalize),
+                                     buf, size, byref(n))
+        return _float_view(buf, (size,))
 
     def step_all(self, ids: Iterable[int]) -> Logits:
         """Appends tokens and returns the logits of every one of them, shape

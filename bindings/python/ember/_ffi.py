@@ -320,6 +320,7 @@ SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
     "ember_model_free": (None, [_model_p]),
     "ember_model_probe": (ember_status, [c_char_p, c_size_t, POINTER(ember_model_info)]),
     "ember_model_n_vocab": (c_size_t, [_model_p]),
+    "ember_model_n_embd": (c_size_t, [_model_p]),
     "ember_model_n_ctx_train": (c_size_t, [_model_p]),
     "ember_model_token_bos": (c_int32, [_model_p]),
     "ember_model_token_eos": (c_int32, [_model_p]),
@@ -383,6 +384,9 @@ SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
     ),
     "ember_session_attention": (
         ember_status, [_session_p, c_int32, c_int32, _floats, c_size_t, _size_p, _size_p]),
+    "ember_session_embed": (
+        ember_status,
+        [_session_p, _tokens, c_size_t, c_int32, c_bool, _floats, c_size_t, _size_p]),
     "ember_step": (ember_status, [_session_p, _tokens, c_size_t, _floats]),
     "ember_step_all": (ember_status, [_session_p, _tokens, c_size_t, _floats, c_size_t]),
     "ember_step_batch": (

@@ -36,6 +36,23 @@ def test_generate_example_sampling():
     assert result.stdout == "Once upon a time" + text + "\n"
 
 
+def test_npc_memory_example_ranks_by_cosine_similarity():
+    result = run("npc_memory.py", LLAMA, "Where is the sword?", "--threads", 1)
+    assert result.returncode == 0, result.stderr
+    sys.path.insert(0, str(EXAMPLES))
+    from npc_memory import MEMORIES, TEMPLATE
+
+    with ember.Model(LLAMA) as model, model.session() as session:
+        def embed(text):
+            session.reset()
+            return list(session.embed(model.tokenize(TEMPLATE.format(text)), pooling="last"))
+
+        question = embed("Where is the sword?")
+        scores = sorted(((sum(a * b for a, b in zip(question, embed(m))), m) for m in MEMORIES),
+                        reverse=True)
+    assert result.stdout == "".join(f"{s:.3f}  {m}\n" for s, m in scores)
+
+
 def expected_chat(lines, max_tokens, system=None):
     """What chat.py should print: each reply of a conversation kept in one session."""
     start = [("system", system)] if system else []
