@@ -7,8 +7,23 @@ use std::sync::Arc;
 
 use ember::{AttentionSelection, Model, Session, SessionOptions};
 
-/// The width, height and RGB pixels of the PNG at `path`, which it removes.
-fn decode(path: &std::path::Path) -> (usize, usize, Vec<u8>) {
+/// A decoded 8-bit RGB picture.
+struct Picture {
+    width: usize,
+    height: usize,
+    pixels: Vec<u8>,
+}
+
+impl Picture {
+    /// The colour at `(x, y)`.
+    fn pixel(&self, x: usize, y: usize) -> [u8; 3] {
+        let i = (y * self.width + x) * 3;
+        [self.pixels[i], self.pixels[i + 1], self.pixels[i + 2]]
+    }
+}
+
+/// The PNG at `path`, which it removes.
+fn decode(path: &std::path::Path) -> Picture {
     let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
     let mut reader = decoder.read_info().unwrap();
     let mut pixels = vec![0u8; reader.output_buffer_size().unwrap()];
@@ -16,7 +31,11 @@ fn decode(path: &std::path::Path) -> (usize, usize, Vec<u8>) {
     std::fs::remove_file(path).unwrap();
     assert_eq!(info.color_type, png::ColorType::Rgb);
     assert_eq!(info.bit_depth, png::BitDepth::Eight);
-    (info.width as usize, info.height as usize, pixels)
+    Picture {
+        width: info.width as usize,
+        height: info.height as usize,
+        pixels,
+    }
 }
 
 /// A path for a picture, unique to the test process and `name`.
@@ -125,23 +144,19 @@ fn the_heatmap_shows_the_weights_the_library_captures() {
         path.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
-    let (width, height, pixels) = decode(&path);
+    let picture = decode(&path);
 
     // Every head and the layer's mean.
     let label_chars = labels.iter().map(|l| l.chars().count()).max().unwrap();
     let title_chars = format!("layer 1 head {}", heads.len() - 1).len();
     let layout = heatmap::Layout::new(n, heads.len() + 1, label_chars, title_chars);
-    assert_eq!((width, height), layout.size());
-    let pixel = |x: usize, y: usize| -> [u8; 3] {
-        let i = (y * width + x) * 3;
-        [pixels[i], pixels[i + 1], pixels[i + 2]]
-    };
+    assert_eq!((picture.width, picture.height), layout.size());
     for (p, weights) in heads.iter().enumerate() {
         let mut seen = Vec::new();
         for q in 0..n {
             for k in 0..n {
                 let (x, y) = layout.cell_centre(p, q, k);
-                let rgb = pixel(x, y);
+                let rgb = picture.pixel(x, y);
                 if k > q {
                     assert_eq!(rgb, heatmap::MASKED, "panel {p} ({q}, {k})");
                 } else {
@@ -289,10 +304,10 @@ fn panels_are_as_wide_as_their_titles() {
         path.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
-    let (width, height, pixels) = decode(&path);
+    let picture = decode(&path);
     let layout = heatmap::Layout::new(1, 5, 1, "layer 1 head 0".len());
-    assert_eq!((width, height), layout.size());
-    assert!(width > heatmap::Layout::new(1, 5, 1, 0).size().0);
+    assert_eq!((picture.width, picture.height), layout.size());
+    assert!(picture.width > heatmap::Layout::new(1, 5, 1, 0).size().0);
     // Each title's last glyph (the head's digit, "mean"'s 'n') is drawn whole, not clipped:
     // dark pixels in its 8 columns.
     for (panel, chars) in [14, 14, 14, 14, "layer 1 mean".len()]
@@ -302,7 +317,7 @@ fn panels_are_as_wide_as_their_titles() {
         let (left, top) = layout.title_origin(panel);
         let dark = (left + (chars - 1) * 8..left + chars * 8)
             .flat_map(|x| (top..top + 8).map(move |y| (x, y)))
-            .filter(|&(x, y)| pixels[(y * width + x) * 3] == 0)
+            .filter(|&(x, y)| picture.pixel(x, y)[0] == 0)
             .count();
         assert!(
             dark > 4,
@@ -335,7 +350,7 @@ fn check_sliding_window(fixture: &str, masked: [bool; 3]) {
         path.to_str().unwrap(),
     ]);
     assert!(ok, "{stderr}");
-    let (width, _, pixels) = decode(&path);
+    let picture = decode(&path);
     let mut mean = vec![0f32; n * n];
     for (m, (a, b)) in mean.iter_mut().zip(layer0[0].iter().zip(&layer1[0])) {
         *m = a / 2.0 + b / 2.0;
@@ -355,8 +370,7 @@ fn check_sliding_window(fixture: &str, masked: [bool; 3]) {
         for q in 0..n {
             for k in 0..=q {
                 let (x, y) = layout.cell_centre(p, q, k);
-                let i = (y * width + x) * 3;
-                let rgb = [pixels[i], pixels[i + 1], pixels[i + 2]];
+                let rgb = picture.pixel(x, y);
                 if hidden && q >= k + WINDOW {
                     assert_eq!(rgb, heatmap::MASKED, "{fixture} panel {p} ({q}, {k})");
                     assert_eq!(w[q * n + k], 0.0);

@@ -946,10 +946,10 @@ pub enum ember_pooling {
 /// earlier token conditions the states, so `ember_session_reset` first to embed a text on its
 /// own. No logits are computed (a following `ember_sample` needs a step first).
 ///
-/// `*n_out` receives `ember_model_n_embd` once the session is entered (not when it is busy); when `cap` is
-/// smaller the status is `EMBER_ERR_BUFFER_TOO_SMALL` before any work (call with `cap` 0 to
-/// size the buffer). `out` is written only on success; on any failure the session is
-/// unchanged.
+/// `*n_out` receives `ember_model_n_embd` once the session is entered (not when it is
+/// busy); when `cap` is smaller the status is `EMBER_ERR_BUFFER_TOO_SMALL` before any work
+/// (call with `cap` 0 to size the buffer). `out` is written only on success; on any failure
+/// the session holds the same tokens as before (pending ones may have been computed).
 ///
 /// # Safety
 /// `session` a live session; `tokens` valid for `n_tokens` tokens; `out` valid for writing

@@ -32,8 +32,9 @@ impl Session {
             return Err(Error::InvalidArgument("no tokens to embed".into()));
         }
         if self.n_pending() > 0 {
-            // Computed by a step of their own, so that the pass pools `tokens` alone.
-            self.run(&[], LogitsWanted::Last)?;
+            // Computed by a pass of their own (no logits needed), so that the next pools
+            // `tokens` alone.
+            self.run(&[], LogitsWanted::LastHidden)?;
         }
         let wanted = match pooling {
             Pooling::Last => LogitsWanted::LastHidden,

@@ -12,7 +12,8 @@
 //! - `ember tokenize MODEL (TEXT | --file FILE) [--bench]`: token ids of a text with the
 //!   model's tokenizer, or (with `--bench`) single-thread tokenization speed.
 //! - `ember attention MODEL TEXT [--token WORD] [--layer L,..] [--head H,..] [--top 5]
-//!   [--png FILE]`: the positions a token attends to most, per head and averaged, and a heatmap picture.
+//!   [--png FILE]`: the positions a token attends to most, per head and averaged, and a
+//!   heatmap picture.
 //!
 //! Progress and timings go to stderr, results to stdout; errors are one line and exit code 1.
 
