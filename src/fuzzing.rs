@@ -389,7 +389,7 @@ pub fn c_api(data: &[u8]) {
         for _ in 0..48 {
             let Some(op) = c.byte() else { break };
             let before = ember_session_position(session);
-            match op % 21 {
+            match op % 22 {
                 0 => {
                     let t = c.text();
                     let cap = c.small(64);
@@ -739,6 +739,35 @@ pub fn c_api(data: &[u8]) {
                         }
                         let _ = ember_session_logits(session, logits.as_mut_ptr(), 320);
                         ember_session_free(fork);
+                    }
+                }
+                21 => {
+                    // An embedding: any pooling value, any capacity.
+                    let tokens = c.tokens(6);
+                    let pooling = c.small(3) as i32;
+                    let normalize = c.flag();
+                    let cap = c.small(ember_model_n_embd(model) + 2);
+                    let mut n_out = usize::MAX;
+                    let status = ember_session_embed(
+                        session,
+                        tokens.as_ptr(),
+                        tokens.len(),
+                        pooling,
+                        normalize,
+                        logits.as_mut_ptr(),
+                        cap,
+                        &mut n_out,
+                    );
+                    let after = ember_session_position(session);
+                    if status == ember_status::EMBER_OK {
+                        assert!(
+                            after >= before + tokens.len(),
+                            "an embedding appended nothing"
+                        );
+                        assert_eq!(n_out, ember_model_n_embd(model));
+                        assert!(logits[..n_out].iter().all(|v| v.is_finite()));
+                    } else {
+                        assert_eq!(after, before, "a failed embedding moved the session");
                     }
                 }
                 _ => {

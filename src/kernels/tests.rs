@@ -451,11 +451,24 @@ fn quantized_matmul_is_the_exact_product_of_dequantized_weights_and_activations(
 
 #[test]
 fn quantized_decode_and_batched_products_agree() {
-    // The decode path (eight rows per vector) and the batched path (eight tokens per vector,
-    // single outputs for leftover tokens) are different code: the same token must give the
-    // same values.
-    for dtype in quantized_types() {
-        let (n_out, k, n_tok) = (30, 512, 11);
+    // The decode path (eight rows per vector, one token), the few-token path (eight rows per
+    // vector, groups of 4, 2 and 1 token), the batched path (eight tokens per vector) and
+    // the single outputs for leftover rows are different code: the same token must give the
+    // same values, whatever the number of tokens beside it.
+    let k = 512;
+    for (dtype, &(n_out, n_tok)) in quantized_types().into_iter().flat_map(|d| {
+        [
+            (30, 11),
+            (40, 7),
+            (24, 6),
+            (17, 5),
+            (16, 3),
+            (9, 2),
+            (33, 15),
+        ]
+        .iter()
+        .map(move |s| (d, s))
+    }) {
         let (w, _) = tensor(&values(n_out * k, 5), dtype, vec![n_out, k]);
         let x = values(n_tok * k, 6);
         for isa in isas() {
@@ -476,7 +489,11 @@ fn quantized_decode_and_batched_products_agree() {
                 matmul_isa(isa, Par::sequential(), &w, xt, 1, &mut single, &mut act);
                 let batched = &batched[t * n_out..(t + 1) * n_out];
                 // Every path accumulates in the same order: bit for bit.
-                assert_eq!(batched, &single[..], "{dtype:?} {isa:?} token {t}");
+                assert_eq!(
+                    batched,
+                    &single[..],
+                    "{dtype:?} {isa:?} {n_out}x{n_tok} token {t}"
+                );
             }
         }
     }

@@ -6,8 +6,9 @@
 //! `maddubs` (pairs of byte products summed to 16 bits) and one `madd` against the halves'
 //! integer multipliers (to eight 32-bit sums). The eight sums of eight products are reduced
 //! together into one vector of exact integer totals, whose lanes are eight weight rows
-//! (single-token products) or eight tokens (prompts). Every path, including the one for
-//! leftover rows and tokens, then accumulates each output the same way,
+//! (products over fewer than eight tokens: one token's decode, a few sessions stepped
+//! together, a prompt's last tokens) or eight tokens (prompts, larger batches). Every path,
+//! including the one for leftover rows, then accumulates each output the same way,
 //! `acc = fma(scale·dx, total, acc)` and `acc = fma(offset·dx, osum, acc)` per block, so a
 //! result does not depend on the tile or the thread that computed it: decode and prompt
 //! products agree bit for bit, and with the portable kernel.
@@ -220,8 +221,15 @@ unsafe fn total_i32(v: __m256i) -> i32 {
 unsafe fn sum_lanes8(p: [__m256i; 8]) -> __m256i {
     // SAFETY: register-only AVX2 operations.
     unsafe {
-        let q0 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[0], p[1]), _mm256_hadd_epi32(p[2], p[3]));
-        let q1 = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
+        // Interleave-and-add instead of `hadd` (integer sums are exact in any order).
+        let pair = |a: __m256i, b: __m256i| {
+            _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b))
+        };
+        let quad = |ab: __m256i, cd: __m256i| {
+            _mm256_add_epi32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd))
+        };
+        let q0 = quad(pair(p[0], p[1]), pair(p[2], p[3]));
+        let q1 = quad(pair(p[4], p[5]), pair(p[6], p[7]));
         // q0 = [p0..p3 of the low 128 bits | p0..p3 of the high], q1 likewise for p4..p7.
         let lo = _mm256_permute2x128_si256::<0x20>(q0, q1);
         let hi = _mm256_permute2x128_si256::<0x31>(q0, q1);
@@ -292,25 +300,30 @@ impl RowFactors {
     }
 }
 
-/// Rows `r0..r0 + 8` × one token: the lanes of the accumulator are the rows. Weights are
-/// prefetched `PREFETCH_TILES` tiles ahead, since single-token products wait on memory.
+/// Rows `r0..r0 + 8` × `T` tokens `t0..t0 + T` (`T` is 1, 2 or 4): the lanes of each
+/// token's accumulator are the rows, so a block's weight values are read once for all `T`
+/// tokens. Weights are prefetched `PREFETCH_TILES` tiles ahead, since products over few
+/// tokens wait on memory.
 ///
 /// # Safety
-/// AVX2, FMA and F16C must be available; the rows must be in range and owned by the calling
-/// task.
+/// AVX2, FMA and F16C must be available; the rows and tokens must be in range and the rows
+/// owned by the calling task.
 #[inline(always)]
-unsafe fn tile_rows8<F: Format>(g: &QuantGemm<'_>, r0: usize) {
+unsafe fn tile_rows8<F: Format, const T: usize>(g: &QuantGemm<'_>, r0: usize, t0: usize) {
     let mut w = [std::ptr::null::<u8>(); 8];
     for (i, p) in w.iter_mut().enumerate() {
         *p = g.w_row(r0 + i).as_ptr();
     }
-    let x = g.x_row(0);
+    let mut x = [&[][..]; T];
+    for (k, xk) in x.iter_mut().enumerate() {
+        *xk = g.x_row(t0 + k);
+    }
     let n_super = g.row_bytes / F::BYTES;
     let mut f = RowFactors::default();
-    // SAFETY: the pointers stay inside rows r0..r0 + 8 and token 0's blocks (checked by the
+    // SAFETY: the pointers stay inside rows r0..r0 + 8 and the tokens' blocks (checked by the
     // slices above); prefetches may point anywhere; the outputs belong to this task.
     unsafe {
-        let mut acc = _mm256_setzero_ps();
+        let mut acc = [_mm256_setzero_ps(); T];
         let ahead = w[0].wrapping_add(PREFETCH_TILES * 8 * g.row_bytes);
         let step = 8 * F::BYTES;
         for sb in 0..n_super {
@@ -325,42 +338,73 @@ unsafe fn tile_rows8<F: Format>(g: &QuantGemm<'_>, r0: usize) {
                 f.set(i, &factors(F::DTYPE, block), F::BLOCKS);
             }
             for j in 0..F::BLOCKS {
-                let xb = &x[sb * F::BLOCKS + j];
-                let xq = _mm256_loadu_si256(xb.qs.as_ptr().cast());
-                let mut p = [_mm256_setzero_si256(); 8];
-                for (i, pi) in p.iter_mut().enumerate() {
-                    let wq = F::values(w[i].add(sb * F::BYTES), j);
-                    let muls = if F::HALF_MULS {
-                        half_muls(f.mul[j][i])
-                    } else {
-                        _mm256_set1_epi16(1)
-                    };
-                    *pi = block_dot::<F>(wq, xq, muls);
+                let mut wq = [_mm256_setzero_si256(); 8];
+                for (i, wqi) in wq.iter_mut().enumerate() {
+                    *wqi = F::values(w[i].add(sb * F::BYTES), j);
                 }
-                let totals = _mm256_cvtepi32_ps(sum_lanes8(p));
-                let xd = _mm256_set1_ps(xb.d);
-                let scale = _mm256_mul_ps(_mm256_loadu_ps(f.scale[j].as_ptr()), xd);
-                acc = _mm256_fmadd_ps(scale, totals, acc);
-                if F::HAS_OFFSET {
-                    let (lo, hi) = (xb.half_sums[0] as i32, xb.half_sums[1] as i32);
-                    let osum = if F::HALF_OFFSETS {
-                        let mut osum = [0i32; 8];
-                        for (i, o) in osum.iter_mut().enumerate() {
-                            *o = offset_sum::<F>(f.omul[j][i], lo, hi);
-                        }
-                        _mm256_cvtepi32_ps(_mm256_loadu_si256(osum.as_ptr().cast()))
-                    } else {
-                        _mm256_set1_ps((lo + hi) as f32)
-                    };
-                    let offset = _mm256_mul_ps(_mm256_loadu_ps(f.offset[j].as_ptr()), xd);
-                    acc = _mm256_fmadd_ps(offset, osum, acc);
+                let scale_w = _mm256_loadu_ps(f.scale[j].as_ptr());
+                let offset_w = _mm256_loadu_ps(f.offset[j].as_ptr());
+                for (k, xk) in x.iter().enumerate() {
+                    let xb = &xk[sb * F::BLOCKS + j];
+                    let xq = _mm256_loadu_si256(xb.qs.as_ptr().cast());
+                    let mut p = [_mm256_setzero_si256(); 8];
+                    for (i, pi) in p.iter_mut().enumerate() {
+                        let muls = if F::HALF_MULS {
+                            half_muls(f.mul[j][i])
+                        } else {
+                            _mm256_set1_epi16(1)
+                        };
+                        *pi = block_dot::<F>(wq[i], xq, muls);
+                    }
+                    let totals = _mm256_cvtepi32_ps(sum_lanes8(p));
+                    let xd = _mm256_set1_ps(xb.d);
+                    acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(scale_w, xd), totals, acc[k]);
+                    if F::HAS_OFFSET {
+                        let (lo, hi) = (xb.half_sums[0] as i32, xb.half_sums[1] as i32);
+                        let osum = if F::HALF_OFFSETS {
+                            let mut osum = [0i32; 8];
+                            for (i, o) in osum.iter_mut().enumerate() {
+                                *o = offset_sum::<F>(f.omul[j][i], lo, hi);
+                            }
+                            _mm256_cvtepi32_ps(_mm256_loadu_si256(osum.as_ptr().cast()))
+                        } else {
+                            _mm256_set1_ps((lo + hi) as f32)
+                        };
+                        acc[k] = _mm256_fmadd_ps(_mm256_mul_ps(offset_w, xd), osum, acc[k]);
+                    }
                 }
             }
         }
-        let mut lanes = [0.0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-        for (i, v) in lanes.iter().enumerate() {
-            g.y.write(r0 + i, *v);
+        for (k, a) in acc.iter().enumerate() {
+            let mut lanes = [0.0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+            for (i, v) in lanes.iter().enumerate() {
+                g.y.write((t0 + k) * g.n_out + r0 + i, *v);
+            }
+        }
+    }
+}
+
+/// Rows `r0..r0 + 8` × tokens `tokens` (fewer than eight): groups of 4, 2 and 1 token, the
+/// rows staying in the L1 cache between groups.
+///
+/// # Safety
+/// As [`tile_rows8`].
+#[inline(always)]
+unsafe fn tile_rows8_few<F: Format>(g: &QuantGemm<'_>, r0: usize, tokens: Range<usize>) {
+    let mut t = tokens.start;
+    // SAFETY: forwarded from the caller; every group lies inside `tokens`.
+    unsafe {
+        if tokens.end - t >= 4 {
+            tile_rows8::<F, 4>(g, r0, t);
+            t += 4;
+        }
+        if tokens.end - t >= 2 {
+            tile_rows8::<F, 2>(g, r0, t);
+            t += 2;
+        }
+        if tokens.end - t == 1 {
+            tile_rows8::<F, 1>(g, r0, t);
         }
     }
 }
@@ -459,34 +503,26 @@ unsafe fn rows_of<F: Format>(g: &QuantGemm<'_>, rows: Range<usize>) {
     // SAFETY: (every call below) the features are enabled on this function, rows come from
     // the caller's range and tokens from 0..n_tok.
     unsafe {
-        if g.n_tok == 1 {
-            let mut r = rows.start;
-            while r + 8 <= rows.end {
-                tile_rows8::<F>(g, r);
-                r += 8;
-            }
-            for r in r..rows.end {
-                single::<F>(g, r, 0);
-            }
-            return;
-        }
         let whole = g.n_tok / 8 * 8;
         let mut r = rows.start;
-        while r < rows.end {
-            let n = if r + 2 <= rows.end { 2 } else { 1 };
+        // Tiles of eight rows: eight tokens at a time, then the tokens left over.
+        while r + 8 <= rows.end {
+            for rr in (r..r + 8).step_by(2) {
+                for t in (0..whole).step_by(8) {
+                    tile_tokens8::<F, 2>(g, rr, t);
+                }
+            }
+            tile_rows8_few::<F>(g, r, whole..g.n_tok);
+            r += 8;
+        }
+        // The rows left over.
+        for r in r..rows.end {
             for t in (0..whole).step_by(8) {
-                if n == 2 {
-                    tile_tokens8::<F, 2>(g, r, t);
-                } else {
-                    tile_tokens8::<F, 1>(g, r, t);
-                }
+                tile_tokens8::<F, 1>(g, r, t);
             }
-            for rr in r..r + n {
-                for t in whole..g.n_tok {
-                    single::<F>(g, rr, t);
-                }
+            for t in whole..g.n_tok {
+                single::<F>(g, r, t);
             }
-            r += n;
         }
     }
 }
