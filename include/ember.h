@@ -435,7 +435,8 @@ typedef struct ember_session_params {
    * A thread pool shared with other sessions (`ember_pool_new`), or NULL (the default)
    * for a pool of the session's own with `n_threads` threads. With a pool, `n_threads` is
    * ignored: the session computes on the pool's threads, taking turns with the other
-   * sessions using it (one step at a time), so eight NPCs need one pool, not eight. The
+   * sessions using it (one step at a time; generations running at once step together,
+   * `ember_pool_combined_steps`), so eight NPCs need one pool, not eight. The
    * session keeps the pool alive; the pool is read only during the call that made the
    * session.
    */
@@ -1082,6 +1083,20 @@ enum ember_status ember_pool_new(const struct ember_pool_params *params, struct 
  * `pool` must be NULL or a live pool.
  */
 size_t ember_pool_n_threads(const struct ember_pool *pool);
+
+/**
+ * Writes the forward passes the generations on `pool` have run to `*passes` and the
+ * generation steps (one session's next token each) they computed to `*steps`: generations
+ * running at once on one pool (`ember_generation_start`, or `ember_generate` from several
+ * threads) step together, `steps / passes` sessions per pass. Outputs are written only on
+ * success.
+ *
+ * # Safety
+ * `pool` a live pool; `passes` and `steps` valid for writing.
+ */
+enum ember_status ember_pool_combined_steps(const struct ember_pool *pool,
+                                            uint64_t *passes,
+                                            uint64_t *steps);
 
 /**
  * Frees a pool (NULL is ignored). Sessions made with it keep working: its threads are

@@ -9,6 +9,11 @@ cache). Reported: aggregate generated tokens/s (N * 64 / time of the 64 steps), 
 runs, alternating the engines so both see the same machine load; the ratio to llama.cpp; and
 Ember's speed-up over its own single sequence.
 
+"ember gen" is the same N sequences as generations: N `Session.generate` streams (background
+generation handles, greedy, 64 tokens) on sessions of one pool, read in turn as a game loop
+would; they step together on the pool by themselves. Reported: generated tokens/s from the
+moment every stream has its first token to the end, and the pool's sessions per pass.
+
 Needs: pip install llama-cpp-python numpy (CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TOOLS=OFF"),
 and `cargo build --release`. Weights: the GGUF files of scripts/bench_vs_llamacpp.py.
 Usage: python3 scripts/bench_batch.py [--dtypes q4_1,q8_0] [--threads 2] [--sessions 1,2,4,8,16]
@@ -47,6 +52,27 @@ def run_ember(model, pool, n):
         for _ in range(STEPS):
             logits = ember.step_batch(sessions, [int(np.argmax(l)) for l in logits])
         return n * STEPS / (time.perf_counter() - start)
+    finally:
+        for s in sessions:
+            s.close()
+
+
+def run_generations(model, pool, n):
+    """Aggregate tokens/s of n background generations on `pool`, and sessions per pass."""
+    sessions = [model.session(n_ctx=PROMPT + STEPS + 16, pool=pool) for _ in range(n)]
+    before = pool.combined_steps
+    try:
+        streams = [s.generate(f"Character {i} says:", max_tokens=STEPS, ignore_end_tokens=True)
+                   for i, s in enumerate(sessions)]
+        for stream in streams:
+            next(stream)
+        start, live = time.perf_counter(), list(streams)
+        while live:
+            live = [s for s in live if next(s, None) is not None]
+        seconds = time.perf_counter() - start
+        tokens = sum(s.n_tokens for s in streams) - n  # the first token of each came before
+        passes, steps = (a - b for a, b in zip(pool.combined_steps, before))
+        return tokens / seconds, steps / max(passes, 1)
     finally:
         for s in sessions:
             s.close()
@@ -109,7 +135,7 @@ def main():
     args = parser.parse_args()
     counts = [int(n) for n in args.sessions.split(",")]
     print(f"{'type':6} {'thr':>3} {'N':>3} {'ember tok/s':>11} {'llama.cpp':>10} {'ratio':>6} "
-          f"{'x ember N=1':>11}")
+          f"{'x ember N=1':>11} {'ember gen':>9} {'per pass':>8}")
     for dtype in args.dtypes.split(","):
         path = gguf_for(dtype)
         for threads in [int(t) for t in args.threads.split(",")]:
@@ -119,13 +145,18 @@ def main():
                 peer.run(1)
                 single = None
                 for n in counts:
-                    ours = theirs = 0.0
+                    ours = theirs = gen = 0.0
+                    per_pass = 0.0
                     for _ in range(args.reps):
                         ours = max(ours, run_ember(model, pool, n))
                         theirs = max(theirs, peer.run(n))
+                        speed, shared = run_generations(model, pool, n)
+                        if speed > gen:
+                            gen, per_pass = speed, shared
                     single = single or ours
                     print(f"{dtype:6} {threads:>3} {n:>3} {ours:>11.1f} {theirs:>10.1f} "
-                          f"{ours / theirs:>6.2f} {ours / single:>11.2f}", flush=True)
+                          f"{ours / theirs:>6.2f} {ours / single:>11.2f} {gen:>9.1f} "
+                          f"{per_pass:>8.2f}", flush=True)
 
 
 if __name__ == "__main__":

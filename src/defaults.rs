@@ -11,6 +11,12 @@ pub const UBATCH: usize = 64;
 /// The largest micro-batch a session accepts.
 pub const MAX_UBATCH: usize = 4096;
 
+/// How long a generation's next forward pass waits for the other sessions generating on its
+/// thread pool to come back from sampling, so that they share the pass
+/// (`crate::session::together`). Sampling takes well under this; a session that stops
+/// generating is not waited for, nor one its host has paused past one such wait.
+pub const STEP_GATHER: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// The most sessions one batched step takes (`Session::step_batch`, `ember_step_batch`).
 pub const MAX_BATCH: usize = 256;
 

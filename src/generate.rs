@@ -149,6 +149,8 @@ pub struct Generator<'s> {
 
 impl Drop for Generator<'_> {
     fn drop(&mut self) {
+        // The other generations on the pool no longer wait for this one's steps.
+        self.session.pool().clone().steps.leave(self.session);
         if self.tool_constraint {
             self.sampler.set_constraint(None);
         }
@@ -187,6 +189,8 @@ impl<'s> Generator<'s> {
                 // A new output (an empty prompt continues the last one).
                 sampler.restart_constraint();
             }
+            // Its steps now share passes with the other generations on the pool.
+            session.pool().clone().steps.join(session);
         }
         Ok(Generator {
             session,
@@ -272,7 +276,7 @@ impl<'s> Generator<'s> {
             } else if self.call.cancelled() {
                 self.reason = Some(StopReason::Cancelled);
             } else {
-                match self.session.step(&[]) {
+                match self.session.step_together() {
                     Err(Error::Cancelled) => self.reason = Some(StopReason::Cancelled),
                     Err(e) => {
                         self.stop(StopReason::Cancelled);
@@ -283,6 +287,8 @@ impl<'s> Generator<'s> {
             }
         }
         if self.reason.is_some() {
+            // The other generations on the pool no longer wait for this one's steps.
+            self.session.pool().clone().steps.leave(self.session);
             return self.flush();
         }
         let tokenizer = self.model.tokenizer()?;

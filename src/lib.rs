@@ -55,7 +55,7 @@ pub use model::{
     AttentionRows, AttentionSelection, KvType, LoadOptions, Model, ModelInfo, Pooling,
 };
 pub use sampler::{Sampler, SamplerOptions};
-pub use session::{CancelHandle, Perf, PerfCounts, Session, SessionOptions};
+pub use session::{CancelHandle, CombinedSteps, Perf, PerfCounts, Session, SessionOptions};
 pub use threading::ThreadPool;
 pub use tokenizer::{ChatMessage, Conversation, StreamDecoder, Tokenizer};
 pub use tools::{ToolChoice, ToolFormat};

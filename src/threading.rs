@@ -30,6 +30,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::session::together::StepQueue;
+use crate::session::CombinedSteps;
 
 /// How long an idle worker spins, waiting for the next loop, before it sleeps.
 const SPIN: Duration = Duration::from_micros(100);
@@ -181,6 +183,8 @@ pub struct ThreadPool {
     threads: Vec<JoinHandle<()>>,
     n_threads: usize,
     turns: Turns,
+    /// The generation steps of the sessions on this pool, combined into shared passes.
+    pub(crate) steps: StepQueue,
 }
 
 impl std::fmt::Debug for ThreadPool {
@@ -216,6 +220,7 @@ impl ThreadPool {
             threads: Vec::with_capacity(n_threads - 1),
             n_threads,
             turns: Turns::default(),
+            steps: StepQueue::default(),
         };
         if n_threads == 1 {
             return Ok(pool);
@@ -252,6 +257,12 @@ impl ThreadPool {
     /// The number of threads loops are spread over.
     pub fn n_threads(&self) -> usize {
         self.n_threads
+    }
+
+    /// The forward passes the generations on this pool have run, and the generation steps
+    /// they carried: generations running at once on one pool step together.
+    pub fn combined_steps(&self) -> CombinedSteps {
+        self.steps.counts()
     }
 
     /// Runs `f` with the [`Par`] through which kernels split work on this pool. Callers

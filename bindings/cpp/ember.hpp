@@ -709,7 +709,8 @@ struct TextSink {
 }  // namespace detail
 
 /// Worker threads several sessions share: set `SessionParams::pool` to `pool.get()` (the
-/// sessions keep the pool alive; their steps take turns on its threads).
+/// sessions keep the pool alive; their steps take turns on its threads, and generations
+/// running at once on it step together).
 class Pool : public detail::Handle<ember_pool, ember_pool_free> {
  public:
   /// An empty pool (as after a move).
@@ -726,6 +727,14 @@ class Pool : public detail::Handle<ember_pool, ember_pool_free> {
   }
   /// The threads each step uses.
   size_t n_threads() const noexcept { return ember_pool_n_threads(get()); }
+  /// The forward passes the generations on this pool have run (`first`) and the generation
+  /// steps they carried (`second`): generations running at once on one pool step together.
+  Result<std::pair<uint64_t, uint64_t>> try_combined_steps() const {
+    uint64_t passes = 0, steps = 0;
+    ember_status st = ember_pool_combined_steps(get(), &passes, &steps);
+    if (st != EMBER_OK) return detail::failure(st);
+    return std::make_pair(passes, steps);
+  }
 
  private:
   explicit Pool(ember_pool *handle) noexcept : Handle(handle) {}

@@ -52,7 +52,8 @@ pub struct ember_session_params {
     /// A thread pool shared with other sessions (`ember_pool_new`), or NULL (the default)
     /// for a pool of the session's own with `n_threads` threads. With a pool, `n_threads` is
     /// ignored: the session computes on the pool's threads, taking turns with the other
-    /// sessions using it (one step at a time), so eight NPCs need one pool, not eight. The
+    /// sessions using it (one step at a time; generations running at once step together,
+    /// `ember_pool_combined_steps`), so eight NPCs need one pool, not eight. The
     /// session keeps the pool alive; the pool is read only during the call that made the
     /// session.
     pub pool: *const ember_pool,
@@ -164,6 +165,35 @@ pub unsafe extern "C" fn ember_pool_new(
 pub unsafe extern "C" fn ember_pool_n_threads(pool: *const ember_pool) -> usize {
     // SAFETY: caller's contract.
     run_value(0, || Ok(unsafe { borrow(pool, "pool") }?.pool.n_threads()))
+}
+
+/// Writes the forward passes the generations on `pool` have run to `*passes` and the
+/// generation steps (one session's next token each) they computed to `*steps`: generations
+/// running at once on one pool (`ember_generation_start`, or `ember_generate` from several
+/// threads) step together, `steps / passes` sessions per pass. Outputs are written only on
+/// success.
+///
+/// # Safety
+/// `pool` a live pool; `passes` and `steps` valid for writing.
+#[no_mangle]
+pub unsafe extern "C" fn ember_pool_combined_steps(
+    pool: *const ember_pool,
+    passes: *mut u64,
+    steps: *mut u64,
+) -> ember_status {
+    run(|| {
+        if passes.is_null() || steps.is_null() {
+            return Err(Error::InvalidArgument("passes or steps is NULL".into()));
+        }
+        // SAFETY: caller's contract.
+        let counts = unsafe { borrow(pool, "pool") }?.pool.combined_steps();
+        // SAFETY: checked non-NULL; the caller's contract.
+        unsafe {
+            passes.write(counts.passes);
+            steps.write(counts.steps);
+        }
+        Ok(())
+    })
 }
 
 /// Frees a pool (NULL is ignored). Sessions made with it keep working: its threads are

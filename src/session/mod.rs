@@ -12,6 +12,9 @@
 mod batch;
 mod embed;
 mod state;
+pub(crate) mod together;
+
+pub use together::CombinedSteps;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -261,7 +264,8 @@ impl Session {
     }
 
     /// Creates a session that runs its steps on `pool` (which several sessions may share;
-    /// their steps then take turns); `options.n_threads` is not used (the pool's count is).
+    /// their steps then take turns, and generations running at once step together:
+    /// `together.rs`); `options.n_threads` is not used (the pool's count is).
     pub fn with_pool(
         model: Arc<Model>,
         pool: Arc<ThreadPool>,
@@ -525,6 +529,13 @@ impl Session {
     pub fn step(&mut self, tokens: &[u32]) -> Result<&[f32]> {
         self.run(tokens, LogitsWanted::Last)?;
         Ok(&self.ws.scratch.logits)
+    }
+
+    /// Computes the pending tokens as `step(&[])` does, in one pass with the other
+    /// generations waiting on this session's pool (`together.rs`): a generation's step.
+    pub(crate) fn step_together(&mut self) -> Result<()> {
+        let pool = self.pool.clone();
+        pool.steps.step(self)
     }
 
     /// Appends `tokens` and writes the logits of every one of them into `out`

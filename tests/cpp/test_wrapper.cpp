@@ -541,6 +541,22 @@ static void test_pool(const ember::Model &model) {
   std::vector<int32_t> ids = {1, 40, 41, 42};
   CHECK(a->try_step(ids).ok() && b->try_step(ids).ok() && own.try_step(ids).ok());
   CHECK(a->logits() == own.logits() && b->logits() == own.logits());
+  // Generations at once on the pool: their steps are counted (plain steps are not).
+  auto counts = pool->try_combined_steps();
+  CHECK(counts.ok() && counts->first == 0 && counts->second == 0);
+  CHECK(!ember::Pool().try_combined_steps().ok());
+  auto sa = ember::Sampler::try_create();  // a sampler serves one generation at a time
+  auto sb = ember::Sampler::try_create();
+  CHECK(sa.ok() && sb.ok() && a->try_reset().ok() && b->try_reset().ok());
+  if (!sa.ok() || !sb.ok()) return;
+  auto ga = a->try_start("Once upon a time", *sa, exactly(10));
+  auto gb = b->try_start("Once upon a time", *sb, exactly(10));
+  CHECK(ga.ok() && gb.ok());
+  if (!ga.ok() || !gb.ok()) return;
+  CHECK(ga->finish().ok() && gb->finish().ok());
+  counts = pool->try_combined_steps();
+  CHECK(counts.ok() && counts->second == 2 * 9 && counts->first > 0 &&
+        counts->first <= counts->second);
 }
 
 static void test_background_generation(const ember::Model &model) {

@@ -642,8 +642,10 @@ class Model(_Owned):
 
 class Pool(_Owned):
     """Worker threads that several sessions share (``Session(..., pool=pool)``): eight NPCs
-    on one pool of ``threads`` threads instead of eight pools; their steps take turns. The
-    threads sleep when idle and stop once the pool and every session using it are closed."""
+    on one pool of ``threads`` threads instead of eight pools; their steps take turns, and
+    generations running at once on it (``Session.start``, or ``generate`` from several
+    threads) step together in shared forward passes. The threads sleep when idle and stop
+    once the pool and every session using it are closed."""
 
     _free = _lib.ember_pool_free
     _kind = "pool"
@@ -661,6 +663,15 @@ class Pool(_Owned):
         """The number of threads each step uses."""
         with self._use() as h:
             return int(_lib.ember_pool_n_threads(h))
+
+    @property
+    def combined_steps(self) -> Tuple[int, int]:
+        """``(passes, steps)``: the forward passes the generations on this pool have run and
+        the generation steps (one session's next token each) they carried."""
+        passes, steps = ctypes.c_uint64(), ctypes.c_uint64()
+        with self._use() as h:
+            _lib.ember_pool_combined_steps(h, byref(passes), byref(steps))
+        return int(passes.value), int(steps.value)
 
 
 def _kv_type(kv_type: KvTypeLike) -> KvType:

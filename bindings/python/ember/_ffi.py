@@ -360,6 +360,7 @@ SIGNATURES: Dict[str, Tuple[Any, List[Any]]] = {
     "ember_pool_params_default": (ember_status, [c_size_t, POINTER(ember_pool_params)]),
     "ember_pool_new": (ember_status, [POINTER(ember_pool_params), POINTER(_pool_p)]),
     "ember_pool_n_threads": (c_size_t, [_pool_p]),
+    "ember_pool_combined_steps": (ember_status, [_pool_p, POINTER(c_uint64), POINTER(c_uint64)]),
     "ember_pool_free": (None, [_pool_p]),
     "ember_session_memory_estimate": (
         ember_status, [_model_p, POINTER(ember_session_params), _size_p]),

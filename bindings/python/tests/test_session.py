@@ -263,3 +263,34 @@ def test_sessions_share_a_pool(llama):
     npcs[0].step(5)
     for s in npcs:
         s.close()
+
+
+def test_generations_on_a_pool_step_together(llama):
+    pool = ember.Pool(threads=2)
+    prompts = ["the robot", "a", "once upon a time", "hello"]
+
+    def sampler(i):
+        return ember.Sampler(temperature=0.0 if i == 0 else 1.0, seed=5 + i)
+
+    def run(session, i):
+        return session.generate(prompts[i], max_tokens=24, sampler=sampler(i),
+                                ignore_end_tokens=True)
+
+    alone = ["".join(run(llama.session(n_ctx=64, threads=2), i)) for i in range(4)]
+    npcs = [llama.session(n_ctx=64, pool=pool) for _ in range(4)]
+    streams = [run(npcs[i], i) for i in range(4)]
+    texts = [[] for _ in range(4)]
+    live = set(range(4))
+    while live:  # the game loop: a piece from each character in turn
+        for i in sorted(live):
+            piece = next(streams[i], None)
+            if piece is None:
+                live.discard(i)
+            else:
+                texts[i].append(piece)
+    assert ["".join(t) for t in texts] == alone
+    passes, steps = pool.combined_steps
+    assert steps == 4 * 23 and passes < steps
+    for s in npcs:
+        s.close()
+    pool.close()
