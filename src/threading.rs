@@ -80,14 +80,20 @@ struct Shared {
     shutdown: AtomicBool,
     lock: Mutex<()>,
     wake: Condvar,
+    /// Tests: workers sleep a moment after each wake-up.
+    #[cfg(test)]
+    pause_after_wake: AtomicBool,
 }
 
 impl Shared {
-    /// Waits until the epoch differs from `seen`; false at shutdown.
-    fn wait_for_work(&self, seen: u64) -> bool {
+    /// Waits until the epoch differs from `seen`; returns the epoch it saw, or None at
+    /// shutdown. The caller waits next for a change from the returned epoch (not from one
+    /// read later, which might already be the shutdown's and would never change again).
+    fn wait_for_work(&self, seen: u64) -> Option<u64> {
         let start = Instant::now();
         let mut spins = 0u32;
-        while self.epoch.load(SeqCst) == seen {
+        let mut now = self.epoch.load(SeqCst);
+        while now == seen {
             std::hint::spin_loop();
             spins += 1;
             if spins % 64 == 0 && start.elapsed() > SPIN {
@@ -97,10 +103,11 @@ impl Shared {
                     guard = self.wake.wait(guard).unwrap_or_else(|p| p.into_inner());
                 }
                 self.sleepers.fetch_sub(1, SeqCst);
-                break;
             }
+            now = self.epoch.load(SeqCst);
         }
-        !self.shutdown.load(SeqCst)
+        // The shutdown flag is set before its epoch: seeing that epoch means seeing the flag.
+        (!self.shutdown.load(SeqCst)).then_some(now)
     }
 
     /// The loop each rayon thread runs from the pool's creation to its drop.
@@ -108,10 +115,15 @@ impl Shared {
         self.started.fetch_add(1, SeqCst);
         let mut seen = 0;
         loop {
-            if !self.wait_for_work(seen) {
+            let Some(epoch) = self.wait_for_work(seen) else {
                 return;
+            };
+            seen = epoch;
+            #[cfg(test)]
+            if self.pause_after_wake.load(SeqCst) {
+                // Where a busy machine may preempt a worker: the job can end meanwhile.
+                std::thread::sleep(Duration::from_millis(50));
             }
-            seen = self.epoch.load(SeqCst);
             self.in_job.fetch_add(1, SeqCst);
             let job = self.job.load(SeqCst);
             // SAFETY: a non-NULL job pointer stays valid while `in_job` counts this worker:
@@ -213,6 +225,8 @@ impl ThreadPool {
             shutdown: AtomicBool::new(false),
             lock: Mutex::new(()),
             wake: Condvar::new(),
+            #[cfg(test)]
+            pause_after_wake: AtomicBool::new(false),
         });
         let mut pool = ThreadPool {
             shared,
@@ -574,5 +588,31 @@ mod tests {
         });
         assert!(seen.iter().all(|h| h.load(SeqCst) == 1));
         assert_eq!(scratch.iter().step_by(2).sum::<usize>(), 23);
+    }
+
+    #[test]
+    fn a_worker_woken_for_a_job_that_ended_still_sees_the_shutdown() {
+        // The worker wakes for a loop the caller finishes alone, and the pool is dropped
+        // before the worker looks at it (as when a loaded machine preempts it there). The
+        // drop used to wait forever: the worker then waited for the epoch after shutdown's.
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let pool = ThreadPool::new(2).unwrap();
+            pool.shared.pause_after_wake.store(true, SeqCst);
+            let mut buf = vec![0.0f32; 4];
+            // Tasks long enough for the worker to wake during the loop.
+            pool.install(|par| {
+                par.for_rows(&mut buf, 1, |r, row| {
+                    std::thread::sleep(Duration::from_millis(5));
+                    row[0] = r as f32
+                })
+            });
+            drop(pool);
+            let _ = done.send(buf);
+        });
+        let buf = finished
+            .recv_timeout(Duration::from_secs(20))
+            .expect("dropping the pool hangs");
+        assert_eq!(buf, [0.0, 1.0, 2.0, 3.0]);
     }
 }

@@ -197,3 +197,54 @@ fn a_paused_generation_holds_the_others_up_once_not_at_every_pass() {
     assert_eq!((pieces, held.finish().reason), alone(&m, 0));
     assert_eq!(pool.combined_steps().missed, 1);
 }
+
+#[test]
+fn one_thread_alternating_generations_does_not_wait_for_itself() {
+    let m = model("llama");
+    let pool = Arc::new(ThreadPool::new(2).unwrap());
+    let on_pool = || Session::with_pool(m.clone(), pool.clone(), &options()).unwrap();
+    let (mut a, mut b) = (on_pool(), on_pool());
+    let ((prompt_a, options_a), (prompt_b, options_b)) = (job(&m, 0), job(&m, 2));
+    let (mut sampler_a, mut sampler_b) = (sampler(0), sampler(2));
+    let mut ga = Generator::new(&mut a, &mut sampler_a, &prompt_a, &options_a).unwrap();
+    let mut gb = Generator::new(&mut b, &mut sampler_b, &prompt_b, &options_b).unwrap();
+    // A game loop pulling both characters' pieces in turn on one thread.
+    let (mut pieces_a, mut pieces_b) = (Vec::new(), Vec::new());
+    let (mut live_a, mut live_b) = (true, true);
+    while live_a || live_b {
+        for (g, pieces, live) in [
+            (&mut ga, &mut pieces_a, &mut live_a),
+            (&mut gb, &mut pieces_b, &mut live_b),
+        ] {
+            if *live {
+                match g.next_piece().unwrap() {
+                    Some(Piece { token, text, .. }) => pieces.push((token, text)),
+                    None => *live = false,
+                }
+            }
+        }
+    }
+    assert_eq!((pieces_a, ga.finish().reason), alone(&m, 0));
+    assert_eq!((pieces_b, gb.finish().reason), alone(&m, 2));
+    let counts = pool.combined_steps();
+    assert_eq!(
+        (counts.missed, counts.passes),
+        (0, counts.steps),
+        "{counts:?}"
+    );
+}
+
+#[test]
+fn a_generation_of_another_model_is_not_waited_for() {
+    let (llama, gpt2) = (model("llama"), model("gpt2"));
+    let jobs = vec![(llama.clone(), 0, None), (gpt2.clone(), 1, None)];
+    let (got, pool) = together(&jobs);
+    assert_eq!(got[0], alone(&llama, 0));
+    assert_eq!(got[1], alone(&gpt2, 1));
+    let counts = pool.combined_steps();
+    assert_eq!(
+        (counts.missed, counts.passes),
+        (0, counts.steps),
+        "{counts:?}"
+    );
+}

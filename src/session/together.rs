@@ -7,6 +7,7 @@
 //! would get alone (a batched step gives each session exactly its own step's logits).
 //!
 //! A round is gathered briefly: every session generating on the pool ([`StepQueue::join`])
+//! that could share the pass (same model and RoPE factors) and is driven by another thread
 //! is expected (it may be sampling its next token), and the pass waits for those not yet
 //! waiting up to [`crate::defaults::STEP_GATHER`]. One that misses that wait (its host paused
 //! it, or reads its pieces slowly) is no longer expected until it next asks for a step, so a
@@ -14,16 +15,31 @@
 //! generating leaves ([`StepQueue::leave`]).
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::ThreadId;
 use std::time::Instant;
 
 use super::Session;
 use crate::error::{Error, Result};
 use crate::model::rope_signature;
 
+/// Which sessions can share a pass: the model's address and the RoPE factors of the
+/// session's context length ([`rope_signature`]).
+type Class = (usize, u64);
+
+/// The class of `session`.
+fn class_of(session: &Session) -> Class {
+    (
+        Arc::as_ptr(&session.model) as usize,
+        rope_signature(&session.model.config, session.n_ctx()),
+    )
+}
+
 /// A session waiting for its next pass.
 struct Waiting {
     /// Which session this is (its address, stable while its generation waits).
     key: usize,
+    /// Which sessions it can share a pass with.
+    class: Class,
     /// The session, exclusively borrowed by the waiting thread, which does not touch it
     /// until `outcome` is set.
     session: *mut Session,
@@ -33,14 +49,26 @@ struct Waiting {
     taken: bool,
 }
 
+/// A session generating on the pool.
+struct Member {
+    /// Its address.
+    key: usize,
+    /// Which sessions it can share a pass with.
+    class: Class,
+    /// The thread that last asked for its step: a pass led by that thread does not wait for
+    /// it (one thread alternating between generations steps one at a time).
+    thread: ThreadId,
+    /// Whether a pass waits for it: false once it missed a pass's wait, until it asks for a
+    /// step again.
+    expected: bool,
+}
+
 #[derive(Default)]
 struct QueueState {
     waiting: Vec<Waiting>,
     /// A thread is gathering or running a pass.
     pass_under_way: bool,
-    /// The sessions generating on the pool (their addresses), and whether a pass waits for
-    /// them (false once one missed a pass's wait, until it asks for a step again).
-    members: Vec<(usize, bool)>,
+    members: Vec<Member>,
     counts: CombinedSteps,
 }
 
@@ -48,6 +76,13 @@ struct QueueState {
 // each pointer's owner is blocked in `StepQueue::step` waiting for the outcome (see there);
 // `Session` itself is `Send`.
 unsafe impl Send for QueueState {}
+
+impl QueueState {
+    /// Whether session `key` waits for a pass and none has taken it.
+    fn is_waiting(&self, key: usize) -> bool {
+        (self.waiting.iter()).any(|w| w.key == key && !w.taken && w.outcome.is_none())
+    }
+}
 
 /// Passes run by a pool's generations and the generation steps they carried
 /// ([`crate::ThreadPool::combined_steps`]): `steps / passes` sessions per pass on average.
@@ -82,9 +117,15 @@ impl StepQueue {
     /// `session` starts generating: passes wait briefly for its steps.
     pub(crate) fn join(&self, session: &Session) {
         let key = session as *const Session as usize;
+        let class = class_of(session);
         let mut state = self.lock();
-        if !state.members.iter().any(|&(k, _)| k == key) {
-            state.members.push((key, true));
+        if !state.members.iter().any(|m| m.key == key) {
+            state.members.push(Member {
+                key,
+                class,
+                thread: std::thread::current().id(),
+                expected: true,
+            });
         }
     }
 
@@ -92,7 +133,7 @@ impl StepQueue {
     pub(crate) fn leave(&self, session: &Session) {
         let key = session as *const Session as usize;
         let mut state = self.lock();
-        if let Some(i) = state.members.iter().position(|&(k, _)| k == key) {
+        if let Some(i) = state.members.iter().position(|m| m.key == key) {
             state.members.swap_remove(i);
             drop(state);
             self.changed.notify_all();
@@ -103,15 +144,19 @@ impl StepQueue {
     /// together with the other sessions of its model waiting on this pool.
     pub(crate) fn step(&self, session: &mut Session) -> Result<()> {
         let key = session as *mut Session as usize;
+        let class = class_of(session);
+        let me = std::thread::current().id();
         let mut state = self.lock();
         state.waiting.push(Waiting {
             key,
+            class,
             session,
             outcome: None,
             taken: false,
         });
-        if let Some(member) = state.members.iter_mut().find(|(k, _)| *k == key) {
-            member.1 = true;
+        if let Some(member) = state.members.iter_mut().find(|m| m.key == key) {
+            member.expected = true;
+            member.thread = me;
         }
         self.changed.notify_all();
         loop {
@@ -129,8 +174,8 @@ impl StepQueue {
                 continue;
             }
             state.pass_under_way = true;
-            state = self.gather(state);
-            let batch = take_batch(&mut state, key);
+            state = self.gather(state, class, me);
+            let batch = take_batch(&mut state, key, class);
             drop(state);
             // SAFETY: every pointer in `batch` belongs to a thread blocked in this function
             // until its `outcome` is set below (only this thread took them: `taken`), and the
@@ -157,31 +202,37 @@ impl StepQueue {
         }
     }
 
-    /// Waits (up to [`crate::defaults::STEP_GATHER`]) until every generating session waits
-    /// for its step, so that the sessions generating together share one pass.
-    fn gather<'a>(&'a self, mut state: MutexGuard<'a, QueueState>) -> MutexGuard<'a, QueueState> {
+    /// Waits (up to [`crate::defaults::STEP_GATHER`]) until every generating session of
+    /// `class` waits for its step, so that the sessions generating together share one pass.
+    /// Sessions whose last step was asked for by `leader` (this thread) are not waited for.
+    fn gather<'a>(
+        &'a self,
+        mut state: MutexGuard<'a, QueueState>,
+        class: Class,
+        leader: ThreadId,
+    ) -> MutexGuard<'a, QueueState> {
         let deadline = Instant::now() + crate::defaults::STEP_GATHER;
-        let waiting = |state: &QueueState, key: usize| {
-            state
-                .waiting
-                .iter()
-                .any(|w| w.key == key && !w.taken && w.outcome.is_none())
-        };
+        let awaited = |m: &Member| m.class == class && m.thread != leader && m.expected;
         let ready = |state: &QueueState| {
-            let arrived = |&(k, expected): &(usize, bool)| !expected || waiting(state, k);
-            state.members.iter().all(arrived) || state.waiting.len() >= crate::defaults::MAX_BATCH
+            let full = (state.waiting.iter())
+                .filter(|w| w.class == class && !w.taken && w.outcome.is_none())
+                .count()
+                >= crate::defaults::MAX_BATCH;
+            full || (state.members.iter())
+                .filter(|m| awaited(m))
+                .all(|m| state.is_waiting(m.key))
         };
         while !ready(&state) {
             let now = Instant::now();
             if now >= deadline {
                 // Those still missing are not waited for again until they ask for a step.
                 let missing: Vec<usize> = (state.members.iter())
-                    .filter(|&&(k, _)| !waiting(&state, k))
-                    .map(|&(k, _)| k)
+                    .filter(|m| awaited(m) && !state.is_waiting(m.key))
+                    .map(|m| m.key)
                     .collect();
                 for member in state.members.iter_mut() {
-                    if missing.contains(&member.0) {
-                        member.1 = false;
+                    if missing.contains(&member.key) {
+                        member.expected = false;
                     }
                 }
                 state.counts.missed += 1;
@@ -197,35 +248,21 @@ impl StepQueue {
     }
 }
 
-/// Marks and returns the waiting sessions that can share a pass with the session `leader`:
-/// those of its model whose RoPE factors agree (at most [`crate::defaults::MAX_BATCH`]).
-fn take_batch(state: &mut QueueState, leader: usize) -> Vec<(usize, *mut Session)> {
-    let first = state
-        .waiting
-        .iter()
-        .find(|w| w.key == leader)
-        .map(|w| w.session)
-        .expect("the leader is waiting");
-    // SAFETY: only shared reads of fields a waiting session's owner does not change while
-    // it waits (the model and the context length); see `StepQueue::step`.
-    let (model, signature) = unsafe {
-        let s = &*first;
-        (s.model.clone(), rope_signature(&s.model.config, s.n_ctx()))
-    };
+/// Marks and returns the session `leader` and the waiting sessions of its `class` (at most
+/// [`crate::defaults::MAX_BATCH`] in all), the leader first.
+fn take_batch(state: &mut QueueState, leader: usize, class: Class) -> Vec<(usize, *mut Session)> {
     let mut batch = Vec::new();
+    for w in state.waiting.iter_mut() {
+        if w.key == leader {
+            w.taken = true;
+            batch.insert(0, (w.key, w.session));
+        }
+    }
     for w in state.waiting.iter_mut() {
         if batch.len() == crate::defaults::MAX_BATCH {
             break;
         }
-        if w.taken || w.outcome.is_some() {
-            continue;
-        }
-        // SAFETY: as above.
-        let fits = unsafe {
-            let s = &*w.session;
-            Arc::ptr_eq(&s.model, &model) && rope_signature(&s.model.config, s.n_ctx()) == signature
-        };
-        if fits || w.key == leader {
+        if !w.taken && w.outcome.is_none() && w.class == class {
             w.taken = true;
             batch.push((w.key, w.session));
         }
@@ -235,7 +272,7 @@ fn take_batch(state: &mut QueueState, leader: usize) -> Vec<(usize, *mut Session
 
 /// Steps every session's pending tokens in one pass; returns each one's outcome. A session
 /// whose input fails, or whose call is cancelled, gets its error and the others are stepped
-/// again without it.
+/// again without it; when the pass fails as a whole, each session is stepped alone.
 fn run_pass(sessions: &mut [&mut Session]) -> Vec<Result<()>> {
     let mut outcomes: Vec<Option<Result<()>>> = (0..sessions.len()).map(|_| None).collect();
     let mut due: Vec<usize> = (0..sessions.len()).collect();
@@ -260,19 +297,22 @@ fn run_pass(sessions: &mut [&mut Session]) -> Vec<Result<()>> {
                 break;
             }
             Err(Error::InBatch { index, source }) if due.len() > 1 => vec![(due[index], *source)],
-            Err(Error::Cancelled) if due.len() > 1 => {
-                let cancelled: Vec<(usize, Error)> = due
-                    .iter()
+            Err(Error::Cancelled)
+                if due.len() > 1 && due.iter().any(|&i| sessions[i].call().cancelled()) =>
+            {
+                (due.iter())
                     .filter(|&&i| sessions[i].call().cancelled())
                     .map(|&i| (i, Error::Cancelled))
-                    .collect();
-                if cancelled.is_empty() {
-                    due.iter().map(|&i| (i, Error::Cancelled)).collect()
-                } else {
-                    cancelled
-                }
+                    .collect()
             }
-            Err(e) => due.iter().map(|&i| (i, e.duplicate())).collect(),
+            Err(e) if due.len() == 1 => vec![(due[0], e)],
+            Err(_) => {
+                // A failure of the pass as a whole (memory for the batch, say): each alone.
+                for &i in &due {
+                    outcomes[i] = Some(sessions[i].step(&[]).map(|_| ()));
+                }
+                break;
+            }
         };
         for (i, e) in failed {
             due.retain(|&d| d != i);
